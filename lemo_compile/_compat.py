@@ -1,0 +1,58 @@
+"""Every touchpoint with private or version-dependent torch APIs, in one place (STYLE 17)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger("lemo_compile")
+
+
+def register_torch_log() -> None:
+    """Let TORCH_LOGS="+lemo_compile" set our loggers' level."""
+    try:
+        from torch._logging._internal import register_log
+        register_log("lemo_compile", ["lemo_compile"])
+    except Exception:  # pragma: no cover - API moved
+        log.debug("could not register lemo_compile with torch._logging")
+
+
+def aot_eager(fw_pass, bw_pass):
+    """AOT autograd whose forward/backward ATen graphs run eagerly after our passes."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        fw_pass(gm)
+        return make_boxed_func(gm.forward)
+
+    def bw(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        bw_pass(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=fw, bw_compiler=bw)
+
+
+def compile_fx(gm, example_inputs, config_patches: dict):
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+    return _compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def custom_graph_pass_base():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    return CustomGraphPass
+
+
+def hash_for_files(paths: tuple[str, ...], extra: str) -> bytes:
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+    return get_hash_for_files(paths, extra)
+
+
+def trace_structured(name: str, payload_fn) -> None:
+    try:
+        torch._logging.trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
+                                        payload_fn=payload_fn)
+    except Exception:  # pragma: no cover
+        log.debug("trace_structured unavailable")

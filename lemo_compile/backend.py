@@ -1,0 +1,158 @@
+"""The `lemo` torch.compile backend.
+
+    Dynamo FX graph ─► passes.detect ─► passes.sparsify ─► inner compiler ("inductor" or "eager")
+
+Registered through the `torch_dynamo_backends` entry point (`lemo = lemo_compile.backend:lemo_backend`),
+so `torch.compile(model, backend="lemo")` works without importing lemo_compile first. Nothing here
+registers the name at import time (a second registration raises "duplicate name").
+
+AOT-level passes run from one composite `CustomGraphPass` per Inductor slot whose `uuid()` hashes
+lemo's source files and the options, so Inductor's and AOT autograd's caches can never reuse a graph
+compiled with other lemo code or options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import itertools
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import _compat, config as _config
+from . import ops as _ops  # noqa: F401  (registers the lemo:: ops)
+from .config import Inner, LemoConfig
+
+log = logging.getLogger(__name__)
+_compat.register_torch_log()
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass
+class CompileRecord:
+    """What lemo did to one Dynamo graph."""
+
+    graph_id: int
+    config: LemoConfig
+    detect: Any = None  # passes.detect.DetectResult
+    sparsify: Any = None  # passes.sparsify.SparsifyResult
+    left_alone: str | None = None  # why nothing was rewritten
+    before: str = ""  # readable graph before the rewrite
+    after: str = ""  # ... and after
+    aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
+
+    @property
+    def rewritten(self) -> bool:
+        return bool(self.sparsify and self.sparsify.layers)
+
+
+RECORDS: list[CompileRecord] = []
+
+
+def records() -> list[CompileRecord]:
+    return list(RECORDS)
+
+
+def clear_records() -> None:
+    RECORDS.clear()
+
+
+def _source_files() -> tuple[str, ...]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = glob.glob(os.path.join(here, "*.py"))
+    for sub in ("passes", "kernels"):
+        files += glob.glob(os.path.join(here, sub, "*.py"))
+        files += glob.glob(os.path.join(os.path.dirname(here), sub, "*.py"))
+    return tuple(sorted(set(files)))
+
+
+class AotPasses(_compat.custom_graph_pass_base()):
+    """The composite AOT-level pass (one object per Inductor slot: torch 2.11 takes no lists).
+
+    It runs lemo's post-grad passes on each forward/backward graph. None rewrite yet (fused kernels
+    and peak cutting are separate issues); it records which graphs it saw so tests can prove the
+    pass runs whenever the options change."""
+
+    def __init__(self, cfg: LemoConfig, record: CompileRecord | None = None):
+        self.cfg = cfg
+        self.record = record
+
+    def __call__(self, graph: fx.Graph) -> None:
+        is_bw = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        if self.record is not None:
+            self.record.aot_graphs.append("backward" if is_bw else "forward")
+        log.debug("lemo AOT pass on %s graph (%d nodes)", "backward" if is_bw else "forward", len(graph.nodes))
+
+    def uuid(self) -> bytes:
+        return _compat.hash_for_files(_source_files(), extra=self.cfg.to_json())
+
+
+def lemo_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
+                 mode: str | None = None, **kwargs: Any):
+    """torch.compile backend entry point. `options` are LemoConfig fields (or {"config": LemoConfig})."""
+    cfg = _config.resolve(options)
+    return compile_graph(gm, example_inputs, cfg)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
+    from .passes.detect import detect
+    from .passes.sparsify import sparsify
+
+    rec = CompileRecord(graph_id=next(_ids), config=cfg)
+    RECORDS.append(rec)
+    if cfg.enabled:
+        rec.before = gm.print_readable(print_output=False)
+        rec.detect = detect(gm)
+        if rec.detect.layers:
+            rec.sparsify = sparsify(gm, rec.detect, cfg)
+        if rec.rewritten:
+            rec.after = gm.print_readable(print_output=False)
+            log.info("lemo: graph %d: %d sparse layers rewritten (attn=%s, mlp=%s), %d dense, %d skipped",
+                     rec.graph_id, len(rec.sparsify.layers), cfg.attn_mode.value, cfg.mlp_mode.value,
+                     rec.sparsify.counters["dense_layers"], len(rec.sparsify.skips))
+        else:
+            skips = (rec.detect.skips + (rec.sparsify.skips if rec.sparsify else []))
+            if rec.sparsify is not None and not rec.sparsify.skips:
+                rec.left_alone = "every detected decoder layer is dense under the configuration"
+            else:
+                rec.left_alone = "; ".join(str(s) for s in skips[:3]) or "nothing to rewrite"
+            log.info("lemo: left graph %d alone (%s); compiling it as %s would", rec.graph_id,
+                     rec.left_alone, cfg.inner.value)
+        _compat.trace_structured("lemo_compile_record", lambda: _record_text(rec))
+    else:
+        rec.left_alone = "rewrites disabled (LemoConfig.enabled=False)"
+        log.info("lemo: rewrites disabled; compiling graph %d as %s would", rec.graph_id, cfg.inner.value)
+    return _inner(gm, example_inputs, cfg, rec)
+
+
+def _record_text(rec: CompileRecord) -> str:
+    from .inspect import format_record
+    return format_record(rec)
+
+
+def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: CompileRecord):
+    passes = AotPasses(cfg, rec)
+    if cfg.inner is Inner.EAGER:
+        return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph))(gm, example_inputs)
+    return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes})
+
+
+def make_backend(cfg: LemoConfig | None = None, **options: Any):
+    """A backend callable bound to a config: torch.compile(model, backend=make_backend(LemoConfig(...)))."""
+    base = cfg if cfg is not None else _config.get_default()
+    bound = base.replace(**options) if options else base
+
+    def lemo(gm: fx.GraphModule, example_inputs: list, **kwargs: Any):
+        opts = kwargs.get("options")
+        return compile_graph(gm, example_inputs, bound.replace(**opts) if opts else bound)
+
+    lemo.reset = clear_records  # torch._dynamo.reset() calls backend.reset()
+    return lemo
+
+
+lemo_backend.reset = clear_records

@@ -1,0 +1,198 @@
+"""Configuration of the lemo backend.
+
+`LemoConfig` is a frozen, validated, hashable dataclass (it feeds compile-cache keys). A process-wide
+default can be replaced with `set_default()` or temporarily with `patch()`, the convention of
+`torch._inductor.config`; `torch.compile(..., options={...})` overrides single fields per compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+from fractions import Fraction
+from typing import Any, Iterator
+
+
+class AttnMode(str, enum.Enum):
+    TOKENS = "tokens"  # kept tokens only, as queries and as keys/values (the paper's semantics)
+    KEYS = "keys"  # every token a query, keys/values restricted to the kept blocks
+    BACKWARD = "backward"  # dense forward, backward over kept queries x kept keys only
+
+
+class MlpMode(str, enum.Enum):
+    BACKWARD = "backward"  # dense forward, only kept rows keep activations and get MLP gradient
+    TOKENS = "tokens"  # MLP runs on kept rows only (ablation; bad fidelity)
+    DENSE = "dense"  # MLP unchanged
+
+
+class Inner(str, enum.Enum):
+    INDUCTOR = "inductor"
+    EAGER = "eager"  # AOT autograd with the ATen graphs run eagerly (CPU tests, debugging)
+
+
+BUILTIN_PREDICTORS = ("pooled", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LemoConfig:
+    # Master switch: False turns every rewrite off; the backend then compiles like its inner compiler.
+    enabled: bool = True
+    # Tokens per block: the unit of selection. Must be a power of two.
+    block_size: int = 64
+    # Fraction of blocks kept in every sparse layer, in (0, 1]. k = ceil(keep_ratio * num_blocks).
+    keep_ratio: float = 0.4
+    # Per-layer overrides of keep_ratio, as ((layer, ratio), ...); 1.0 makes a layer dense.
+    layer_keep_ratios: tuple[tuple[int, float], ...] = ()
+    # Layers left dense. None: the released paper code's schedule (first half and the last layer).
+    dense_layers: tuple[int, ...] | None = None
+    # Blocks every keep set contains (negative counts from the end); block 0 is the attention sink.
+    forced_blocks: tuple[int, ...] = (0,)
+    # How attention treats eliminated tokens in sparse layers (see AttnMode).
+    attn_mode: AttnMode = AttnMode.TOKENS
+    # How the MLP treats eliminated tokens in sparse layers (see MlpMode).
+    mlp_mode: MlpMode = MlpMode.BACKWARD
+    # Block scorer: "pooled" (training-free, the layer's own W_q/W_k on block means), "random"
+    # (seeded, for tests and ablations). Calibrated predictors come with the predictor issue.
+    predictor: str = "pooled"
+    # Seed of the "random" scorer.
+    seed: int = 0
+    # Which layer a single-decoder-layer graph is (per-layer compile, FSDP2); None when unknown.
+    layer_index: int | None = None
+    # Number of decoder layers of the model, for single-layer graphs (None: counted in the graph).
+    num_layers: int | None = None
+    # Compiler the rewritten graphs are handed to.
+    inner: Inner = Inner.INDUCTOR
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        fix("attn_mode", _enum("attn_mode", AttnMode, self.attn_mode))
+        fix("mlp_mode", _enum("mlp_mode", MlpMode, self.mlp_mode))
+        fix("inner", _enum("inner", Inner, self.inner))
+        for name in ("enabled",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        b = self.block_size
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b & (b - 1):
+            raise ValueError(f"LemoConfig.block_size must be a power of two (e.g. 64), got {b!r}")
+        _check_ratio("keep_ratio", self.keep_ratio)
+        pairs = tuple(tuple(p) for p in (self.layer_keep_ratios.items() if isinstance(
+            self.layer_keep_ratios, dict) else self.layer_keep_ratios))
+        for layer, ratio in pairs:
+            _check_layer("layer_keep_ratios", layer)
+            _check_ratio(f"layer_keep_ratios[{layer}]", ratio)
+        fix("layer_keep_ratios", tuple((int(l), float(r)) for l, r in pairs))
+        if self.dense_layers is not None:
+            for layer in self.dense_layers:
+                _check_layer("dense_layers", layer)
+            fix("dense_layers", tuple(int(x) for x in self.dense_layers))
+        for fb in self.forced_blocks:
+            if not isinstance(fb, int) or isinstance(fb, bool):
+                raise ValueError(f"LemoConfig.forced_blocks must be ints, got {fb!r}")
+        fix("forced_blocks", tuple(self.forced_blocks))
+        if self.predictor not in BUILTIN_PREDICTORS:
+            raise ValueError(f"LemoConfig.predictor must be one of {BUILTIN_PREDICTORS}, got {self.predictor!r} "
+                             "(calibrated predictor files are not supported yet)")
+        if self.layer_index is not None:
+            _check_layer("layer_index", self.layer_index)
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ValueError(f"LemoConfig.num_layers must be a positive int, got {self.num_layers!r}")
+
+    # -- derived ----------------------------------------------------------------------------
+    def keep_fraction(self, layer: int | None, num_layers: int | None) -> Fraction | None:
+        """Keep ratio of `layer` as an exact fraction, or None when the layer stays dense."""
+        if layer is None:
+            layer = self.layer_index
+        if num_layers is None:
+            num_layers = self.num_layers
+        if layer is None or num_layers is None:
+            return None
+        overrides = dict(self.layer_keep_ratios)
+        if layer in overrides:
+            ratio = overrides[layer]
+        elif layer in self.dense_layer_set(num_layers):
+            return None
+        else:
+            ratio = self.keep_ratio
+        if ratio >= 1.0:
+            return None
+        return Fraction(ratio).limit_denominator(4096)
+
+    def dense_layer_set(self, num_layers: int) -> frozenset[int]:
+        if self.dense_layers is not None:
+            return frozenset(self.dense_layers)
+        return frozenset(range(num_layers // 2)) | {num_layers - 1}
+
+    def replace(self, **changes: Any) -> "LemoConfig":
+        fields = {f.name for f in dataclasses.fields(self)}
+        for key in changes:
+            if key not in fields:
+                raise ValueError(
+                    f"unknown lemo option {key!r}; accepted options: {', '.join(sorted(fields))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in d.items()},
+                          sort_keys=True)
+
+
+def _enum(name: str, cls: type[enum.Enum], value: Any) -> enum.Enum:
+    try:
+        return cls(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"LemoConfig.{name} must be one of {accepted}, got {value!r}") from None
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise ValueError(f"LemoConfig.{name} must be a number in (0, 1], got {value!r}")
+
+
+def _check_layer(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"LemoConfig.{name} must hold non-negative layer indices, got {value!r}")
+
+
+_default = LemoConfig()
+
+
+def get_default() -> LemoConfig:
+    return _default
+
+
+def set_default(cfg: LemoConfig) -> None:
+    global _default
+    if not isinstance(cfg, LemoConfig):
+        raise TypeError(f"expected a LemoConfig, got {type(cfg).__name__}")
+    _default = cfg
+
+
+@contextlib.contextmanager
+def patch(**changes: Any) -> Iterator[LemoConfig]:
+    """Temporarily change the process default: `with lemo_compile.config.patch(keep_ratio=0.5): ...`."""
+    global _default
+    old = _default
+    _default = old.replace(**changes)
+    try:
+        yield _default
+    finally:
+        _default = old
+
+
+def resolve(options: dict[str, Any] | None) -> LemoConfig:
+    """The config for one compile: the process default, a LemoConfig under options["config"], and the
+    remaining `options` as field overrides. Bad keys or values raise ValueError naming them."""
+    cfg = _default
+    if not options:
+        return cfg
+    options = dict(options)
+    if "config" in options:
+        cfg = options.pop("config")
+        if not isinstance(cfg, LemoConfig):
+            raise ValueError(f"options['config'] must be a LemoConfig, got {type(cfg).__name__}")
+    return cfg.replace(**options) if options else cfg

@@ -1,0 +1,62 @@
+"""Inspection: what lemo found and did, per compiled graph (`explain()` and `lemo explain`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+def format_record(rec: Any, graphs: bool = False) -> str:
+    lines = [f"graph {rec.graph_id}: inner={rec.config.inner.value} attn_mode={rec.config.attn_mode.value} "
+             f"mlp_mode={rec.config.mlp_mode.value} keep_ratio={rec.config.keep_ratio} predictor={rec.config.predictor}"]
+    det = rec.detect
+    if det is not None:
+        s = det.summary()
+        lines.append(f"  found: {s['layers']} decoder layers, {s['attn']} attention blocks, {s['mlp']} MLP blocks, "
+                     f"{s['lora']} LoRA branches, {s['skips']} skipped")
+        sparse = {d["name"]: d for d in (rec.sparsify.layers if rec.sparsify else [])}
+        for layer in det.layers:
+            d = sparse.get(layer.name)
+            what = (f"sparse keep={d['keep']:.3g} kept_tokens={d['kept_tokens']} attn={d['attn_mode']} "
+                    f"mlp={d['mlp_mode']}") if d else "dense"
+            lines.append(f"  {layer.name:<12} {what}")
+            lines.append(f"      {layer.attn.describe()}")
+            lines.append(f"      {layer.mlp.describe()}")
+        for s in det.skips + (rec.sparsify.skips if rec.sparsify else []):
+            lines.append(f"  skipped {s}")
+    if rec.left_alone:
+        lines.append(f"  left alone: {rec.left_alone}")
+    if graphs and rec.before:
+        lines += ["  --- graph before ---", rec.before, "  --- graph after ---", rec.after or "(unchanged)"]
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Explanation:
+    records: list
+    loss: float | None = None
+
+    def __str__(self) -> str:
+        return "\n".join(format_record(r) for r in self.records) or "no graphs were compiled"
+
+    def text(self, graphs: bool = False) -> str:
+        return "\n".join(format_record(r, graphs=graphs) for r in self.records)
+
+
+def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bool = False, **kwargs: Any) -> Explanation:
+    """Compile `model` with lemo on these inputs (one forward, optional backward) and report, per graph,
+    what was found, what was rewritten, and what was skipped and why."""
+    from . import config as _config
+    from .backend import RECORDS, make_backend
+
+    cfg = config if config is not None else _config.get_default()
+    start = len(RECORDS)
+    compiled = torch.compile(model, backend=make_backend(cfg))
+    out = compiled(*args, **kwargs)
+    loss = getattr(out, "loss", None)
+    if backward and loss is not None:
+        loss.backward()
+    torch._dynamo.reset()
+    return Explanation(records=RECORDS[start:], loss=float(loss) if loss is not None else None)

@@ -1,0 +1,252 @@
+"""The `lemo::` ops and the small traced helpers that `passes.sparsify` inserts into graphs.
+
+Traced helpers (plain functions of torch ops; AOT autograd traces through them, so they work with
+symbolic sizes): keep-set computation, row gathers, mask gathers, residual scatter-add.
+
+Custom ops (opaque to the compiler, with a registered fake and autograd formula):
+- `lemo::attention_lse`     dense attention forward returning the output and the log-sum-exp
+                            (used under no-grad by the forward-exact `backward` mode).
+- `lemo::attention_kept`    identity on the dense output of kept queries; its backward is the
+                            dropped-term attention gradient over kept queries x kept keys.
+- `lemo::assert_has_tokens` raises ValueError on a batch row that is all padding.
+Their implementations here are plain PyTorch (the CPU path and the oracle of the Triton kernels).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Sequence
+
+import torch
+
+from . import predictors, selection
+
+# -------------------------------------------------------------------------------------------------
+# traced helpers
+# -------------------------------------------------------------------------------------------------
+
+
+def token_valid_from_mask(mask: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """(b, n) bool for the residual h (b, n, d): a token is real if it may attend to itself under
+    the model's 4-D mask."""
+    b, n = h.shape[0], h.shape[1]
+    if mask is None:
+        return torch.ones(b, n, dtype=torch.bool, device=h.device)
+    diag = torch.diagonal(mask[:, 0], dim1=-2, dim2=-1)
+    valid = diag if diag.dtype == torch.bool else diag == 0
+    return valid.expand(b, n)
+
+
+def keep_set(scores: torch.Tensor, token_valid: torch.Tensor, block: int, keep_num: int, keep_den: int,
+             forced: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return selection.keep_set(scores, token_valid, block, Fraction(keep_num, keep_den), forced)
+
+
+def random_block_scores(x: torch.Tensor, layer: int, seed: int, block: int) -> torch.Tensor:
+    return predictors.random_scores(layer, seed, x.shape[0], selection.num_blocks(x.shape[1], block), x.device)
+
+
+def pooled_block_scores(x: torch.Tensor, token_valid: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | None,
+                        w_k: torch.Tensor, b_k: torch.Tensor | None, num_heads: int, num_kv_heads: int,
+                        block: int) -> torch.Tensor:
+    return predictors.pooled_qk_scores(x, token_valid, w_q, b_q, w_k, b_k, num_heads, num_kv_heads, block)
+
+
+def gather_seq(t: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """Rows of `t` along `axis` at idx (b, m); t's batch dim (0) may be 1 and is broadcast to b."""
+    b, m = idx.shape
+    shape = list(t.shape)
+    shape[0] = b
+    t = t.expand(shape)
+    view = [b] + [1] * (t.dim() - 1)
+    view[axis] = m
+    out_shape = list(shape)
+    out_shape[axis] = m
+    return torch.gather(t, axis, idx.reshape(view).expand(out_shape))
+
+
+def gather_mask(mask: torch.Tensor, idx_q: torch.Tensor | None, idx_k: torch.Tensor,
+                in_range_k: torch.Tensor) -> torch.Tensor:
+    """A 4-D attention mask (B|1, H|1, nq, nk) restricted to query rows idx_q (None: all) and key
+    columns idx_k, with out-of-range keys masked."""
+    b, mk = idx_k.shape
+    heads = mask.shape[1]
+    mask = mask.expand(b, heads, mask.shape[2], mask.shape[3])
+    if idx_q is not None:
+        mask = torch.gather(mask, 2, idx_q[:, None, :, None].expand(b, heads, idx_q.shape[1], mask.shape[3]))
+    mask = torch.gather(mask, 3, idx_k[:, None, None, :].expand(b, heads, mask.shape[2], mk))
+    keep = in_range_k[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
+def positions_like(idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(b, n) original positions of every row of h."""
+    return torch.arange(h.shape[1], device=idx.device).unsqueeze(0).expand(h.shape[0], h.shape[1])
+
+
+def causal_positions_mask(q_pos: torch.Tensor, idx_k: torch.Tensor, in_range_k: torch.Tensor) -> torch.Tensor:
+    """(b, 1, nq, mk) bool: query at position q_pos sees kept key idx_k if idx_k <= q_pos."""
+    return ((idx_k[:, None, :] <= q_pos[:, :, None]) & in_range_k[:, None, :])[:, None]
+
+
+def scatter_add_rows(h: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
+    """h + rows placed at idx (b, m) along dim 1; out-of-range rows add exactly zero."""
+    rows = rows * in_range.unsqueeze(-1).to(rows.dtype)
+    return h.scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), rows.to(h.dtype))
+
+
+def straight_through_rows(dense: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
+                          in_range: torch.Tensor) -> torch.Tensor:
+    """Value: `dense` (no grad) exactly. Gradient: to `rows` only, read from the kept rows idx."""
+    delta = (rows - rows.detach()) * in_range.unsqueeze(-1).to(rows.dtype)  # exactly +0.0
+    return dense.detach().scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), delta.to(dense.dtype))
+
+
+# -------------------------------------------------------------------------------------------------
+# custom ops
+# -------------------------------------------------------------------------------------------------
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return k, v
+
+
+def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _chunks(n: int, elems_per_row: int, budget: int = 1 << 27):
+    step = max(1, min(n, budget // max(1, elems_per_row)))
+    return range(0, n, step), step
+
+
+def attention_lse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention (b, H, nq, hd) with its log-sum-exp (b, H, nq) in fp32, in query chunks."""
+    k, v = _expand_kv(q, k, v)
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    bias = _bias(mask, torch.float32)
+    starts, step = _chunks(nq, b * h * nk)
+    kf, vf = k.float(), v.float()
+    for s in starts:
+        e = min(s + step, nq)
+        sc = torch.matmul(q[:, :, s:e].float(), kf.transpose(-1, -2)) * scale
+        if bias is not None:
+            sc = sc + bias[:, :, s:e].float()
+        if is_causal:
+            qi = torch.arange(s, e, device=q.device)[:, None] + (nk - nq)
+            sc = sc.masked_fill(torch.arange(nk, device=q.device)[None, :] > qi, float("-inf"))
+        l = torch.logsumexp(sc, dim=-1)
+        p = torch.exp(sc - l.unsqueeze(-1))
+        out[:, :, s:e] = torch.matmul(p, vf).to(q.dtype)
+        lse[:, :, s:e] = l
+    return out, lse
+
+
+@torch.library.custom_op("lemo::attention_lse", mutates_args=())
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_lse_torch(q, k, v, mask, scale, is_causal)
+
+
+@attention_lse.register_fake
+def _(q, k, v, mask, scale, is_causal):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dropped-term attention gradient over kept queries x kept keys (DESIGN 2, attn_mode backward).
+
+    P_ij = exp(scale q_i.k_j + bias_ij - lse_i) with the dense lse; D_i = dO_i . O_i with the dense O;
+    dS = P (dO v^T - D); dq = scale dS k; dk = scale dS^T q; dv = P^T dO. Shapes (b, H, m, hd); k/v may
+    have fewer (GQA) heads, their gradients are summed over each group."""
+    kv_heads = k.shape[1]
+    ke, ve = _expand_kv(q, k, v)
+    b, h, m, _ = q.shape
+    bias = _bias(mask, torch.float32)
+    go, qf, kf, vf = grad_out.float(), q.float(), ke.float(), ve.float()
+    d = (go * out.float()).sum(-1)
+    dq = torch.zeros_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    starts, step = _chunks(m, b * h * ke.shape[2])
+    for s in starts:
+        e = min(s + step, m)
+        sc = torch.matmul(qf[:, :, s:e], kf.transpose(-1, -2)) * scale
+        if bias is not None:
+            sc = sc + bias[:, :, s:e]
+        p = torch.exp(sc - lse[:, :, s:e].unsqueeze(-1))
+        dv += torch.matmul(p.transpose(-1, -2), go[:, :, s:e])
+        dp = torch.matmul(go[:, :, s:e], vf.transpose(-1, -2))
+        ds = p * (dp - d[:, :, s:e].unsqueeze(-1))
+        dq[:, :, s:e] = torch.matmul(ds, kf) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qf[:, :, s:e]) * scale
+    if kv_heads != h:
+        rep = h // kv_heads
+        dk = dk.view(b, kv_heads, rep, *dk.shape[2:]).sum(2)
+        dv = dv.view(b, kv_heads, rep, *dv.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@torch.library.custom_op("lemo::attention_kept", mutates_args=())
+def attention_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return out.clone()
+
+
+@attention_kept.register_fake
+def _(q, k, v, out, lse, mask, scale):
+    return torch.empty_like(out)
+
+
+def _kept_setup(ctx, inputs, output):
+    q, k, v, out, lse, mask, scale = inputs
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.scale = scale
+
+
+def _kept_backward(ctx, grad):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = attention_kept_backward(grad.contiguous(), q, k, v, out, lse, mask, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+@torch.library.custom_op("lemo::attention_kept_backward", mutates_args=())
+def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale)
+
+
+@attention_kept_backward.register_fake
+def _(grad_out, q, k, v, out, lse, mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+attention_kept.register_autograd(_kept_backward, setup_context=_kept_setup)
+
+
+@torch.library.custom_op("lemo::assert_has_tokens", mutates_args=())
+def assert_has_tokens(token_valid: torch.Tensor) -> torch.Tensor:
+    selection.check_has_tokens(token_valid)
+    return token_valid.clone()
+
+
+@assert_has_tokens.register_fake
+def _(token_valid):
+    return torch.empty_like(token_valid)

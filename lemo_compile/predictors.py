@@ -1,0 +1,61 @@
+"""Block scorers: one informativeness score per key block, per sequence, per sparse layer.
+
+A scorer reads the layer's normalized hidden states `x` (b, n, d) — all tokens, under no-grad — and
+returns scores (b, nb). Higher means keep. Built in:
+
+- `random_scores`: a seeded integer hash of (seed, layer, sequence, block). Exact and identical on
+  every device, so graph and reference pick the same blocks; for tests and ablations.
+- `pooled_qk_scores`: training-free, from the layer's own frozen W_q, W_k applied to block means.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .selection import num_blocks
+
+_MASK31 = (1 << 31) - 1
+
+
+def random_scores(layer: int, seed: int, b: int, nb, device=None) -> torch.Tensor:
+    """(b, nb) float32 scores in [0, 1), a pure function of (seed, layer, row, block)."""
+    blk = torch.arange(nb, device=device, dtype=torch.int64)
+    row = torch.arange(b, device=device, dtype=torch.int64).unsqueeze(-1)
+    h = (blk * 2654435761 + row * 40503 + (layer + 1) * 97531 + seed * 2246822519) & _MASK31
+    for _ in range(3):  # xorshift-multiply rounds, int64 arithmetic masked to 31 bits
+        h = ((h ^ (h >> 13)) * 1274126177) & _MASK31
+        h = h ^ (h >> 16)
+    return h.to(torch.float32) / float(1 << 31)
+
+
+def block_mean(x: torch.Tensor, token_valid: torch.Tensor | None, block: int) -> torch.Tensor:
+    """(b, n, d) -> (b, nb, d): mean of each block's real tokens (zeros for an all-padding block)."""
+    b, n, d = x.shape
+    nb = num_blocks(n, block)
+    w = torch.ones(b, n, device=x.device, dtype=torch.float32) if token_valid is None else token_valid.float()
+    xp = torch.nn.functional.pad(x.float() * w.unsqueeze(-1), (0, 0, 0, nb * block - n))
+    wp = torch.nn.functional.pad(w, (0, nb * block - n))
+    s = xp.view(b, nb, block, d).sum(2)
+    c = wp.view(b, nb, block).sum(2).clamp(min=1.0)
+    return s / c.unsqueeze(-1)
+
+
+def pooled_qk_scores(x: torch.Tensor, token_valid: torch.Tensor | None, w_q: torch.Tensor, b_q: torch.Tensor | None,
+                     w_k: torch.Tensor, b_k: torch.Tensor | None, num_heads: int, num_kv_heads: int,
+                     block: int) -> torch.Tensor:
+    """Training-free scores from the layer's own projections applied to block means.
+
+    Projections are linear, so projecting the block mean equals the mean of the projected tokens:
+    q_i, k_j are the mean pre-RoPE query of block i and key of block j, per head. Key block j scores
+    sum over query blocks i >= j of the head-averaged relu(q_i . k_j) / sqrt(head_dim) (the paper's
+    positive-score column sum, at block resolution). Cost: two (nb x d) @ (d x heads*hd) GEMMs."""
+    xb = block_mean(x, token_valid, block).to(w_q.dtype)
+    b, nb, _ = xb.shape
+    q = torch.nn.functional.linear(xb, w_q, b_q).float()
+    k = torch.nn.functional.linear(xb, w_k, b_k).float()
+    hd = q.shape[-1] // num_heads
+    q = q.view(b, nb, num_heads, hd).transpose(1, 2)
+    k = k.view(b, nb, num_kv_heads, hd).transpose(1, 2).repeat_interleave(num_heads // num_kv_heads, dim=1)
+    s = torch.relu(torch.matmul(q, k.transpose(-1, -2)) * hd ** -0.5).mean(1)  # (b, nb_q, nb_k)
+    causal = torch.ones(nb, nb, device=s.device, dtype=torch.bool).tril()
+    return (s * causal).sum(-2)

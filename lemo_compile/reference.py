@@ -1,0 +1,343 @@
+"""Plain eager PyTorch reference of the sparse-layer semantics (DESIGN 2), the oracle of every test.
+
+No model source is patched. For the duration of one call, `reference_forward`
+
+- switches the model's attention implementation to `"lemo_reference"`: an attention function
+  registered with transformers' `AttentionInterface` (dense layers: exactly HF's SDPA function;
+  sparse layers: `sparse_attention`), with `sdpa_mask` registered under the same name in
+  `AttentionMaskInterface` so the model builds the same 4-D boolean masks as under `"sdpa"`
+  (causal, sliding window, padding; `None` where SDPA would use `is_causal`);
+- hooks every sparse decoder layer: `input_layernorm` (its output `x` is scored, under no-grad, and the
+  keep set chosen), `self_attn` and `mlp` (their outputs on eliminated rows are zeroed or detached).
+
+Dense layers are never touched, and with no sparse layer at all (`keep_ratio=1.0`, `enabled=False`)
+the model is called as is, so the result is bit-identical to the plain model.
+
+    out = reference_forward(model, LemoConfig(keep_ratio=0.5, attn_mode="backward"), **batch)
+    out.output.loss.backward()
+    out.keep_sets[2]  # (token_index (b, m), in_range (b, m)) of layer 2
+
+Not supported: gradient checkpointing (the recompute would run outside the call), attention dropout in
+a sparse layer, and 4-D or packed attention masks passed by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from fractions import Fraction
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import AttnMode, LemoConfig, MlpMode
+from .predictors import random_scores
+from .selection import check_has_tokens, keep_set, num_blocks
+
+ATTN_IMPLEMENTATION = "lemo_reference"
+
+# scorer(layer, x (b, n, d) normalized hidden states, token_valid (b, n) bool) -> scores (b, nb)
+Scorer = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+KeepSet = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass
+class ReferenceOutput:
+    output: Any  # the HF model output (loss, logits)
+    keep_sets: dict[int, KeepSet]  # layer -> (token_index (b, m), in_range (b, m)); sparse layers only
+
+
+def dense_forward(model: nn.Module, **model_kwargs: Any) -> Any:
+    """The plain model call, the dense baseline."""
+    return model(**model_kwargs)
+
+
+def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None = None,
+                      keep_sets: dict[int, KeepSet] | None = None, **model_kwargs: Any) -> ReferenceOutput:
+    """Run `model(**model_kwargs)` with the sparse layers of `cfg` (DESIGN 2).
+
+    scorer: block scores of a sparse layer; default: `random_scores(layer, cfg.seed, ...)` whatever
+    `cfg.predictor` says. keep_sets: layer -> (token_index, in_range) to use instead of scoring (for
+    sparse layers only). Autograd runs through the returned output after the call as usual."""
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    fractions: dict[int, Fraction] = {}
+    if cfg.enabled:
+        for i in range(num_layers):
+            keep = cfg.keep_fraction(i, num_layers)
+            if keep is not None:
+                fractions[i] = keep
+    keep_sets = dict(keep_sets or {})
+    extra = sorted(set(keep_sets) - set(fractions))
+    if extra:
+        raise ValueError(f"keep_sets given for layers {extra}, which are dense under this config "
+                         f"(sparse layers: {sorted(fractions)})")
+    if not fractions:
+        return ReferenceOutput(model(**model_kwargs), {})
+
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True and m.training:
+            raise ValueError("reference_forward does not support gradient checkpointing: its recompute runs "
+                             "after the call, without the reference's hooks; disable it for the reference")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
+        raise ValueError("reference_forward supports only a 2-D (batch, tokens) attention_mask")
+    token_valid = mask.bool() if mask is not None else None
+    if token_valid is not None:
+        check_has_tokens(token_valid)
+
+    if scorer is None:
+        def scorer(layer: int, x: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+            return random_scores(layer, cfg.seed, x.shape[0], num_blocks(x.shape[1], cfg.block_size), x.device)
+
+    run = _Run(cfg=cfg, scorer=scorer, token_valid=token_valid, given=keep_sets, fractions=fractions)
+    _register()
+    with contextlib.ExitStack() as stack:
+        for i, keep in fractions.items():
+            layer = layers[i]
+            run.attn_layer[id(layer.self_attn)] = i
+            for module, hook in ((layer.input_layernorm, run.norm_hook(i)), (layer.self_attn, run.attn_hook(i)),
+                                 (layer.mlp, run.mlp_hook(i))):
+                stack.callback(module.register_forward_hook(hook).remove)
+        stack.enter_context(_attn_implementation(model, ATTN_IMPLEMENTATION))
+        _ACTIVE.append(run)
+        stack.callback(_ACTIVE.pop)
+        output = model(**model_kwargs)
+    return ReferenceOutput(output, dict(sorted(run.keep_sets.items())))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM, PEFT-wrapped or not: the first ModuleList whose
+    entries all have `input_layernorm`, `self_attn` and `mlp`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+                hasattr(layer, a) for layer in module for a in ("input_layernorm", "self_attn", "mlp")):
+            return module
+    raise ValueError(f"no decoder layers (a ModuleList of modules with input_layernorm, self_attn and mlp) "
+                     f"found in {type(base).__name__}")
+
+
+def kept_rows(token_index: torch.Tensor, in_range: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep set -> (b, n) bool row mask of the kept tokens (clamped out-of-range entries excluded)."""
+    counts = torch.zeros(token_index.shape[0], n, dtype=torch.int32, device=token_index.device)
+    return counts.scatter_add_(1, token_index, in_range.to(torch.int32)) > 0
+
+
+def sparse_attention(mode: AttnMode | str, module: Any, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, attention_mask: torch.Tensor | None, kept: torch.Tensor,
+                     scaling: float | None = None, **kwargs: Any) -> torch.Tensor:
+    """Attention of one sparse layer, as the HF attention interface sees it.
+
+    query (b, h, n, d); key, value (b, h_kv, n, d), KV heads not repeated; attention_mask: what the
+    model passes (4-D bool (b, 1, n, n) where True = may attend, or None for plain causal); kept (b, n)
+    bool. Returns (b, n, h, d), like HF attention functions.
+
+    - tokens: query i sees key j iff both are kept and the mask allows (i, j); eliminated query rows
+      are exactly 0.
+    - keys: every query; keys restricted to kept tokens. A query with no visible key (possible only in a
+      sliding-window layer whose window holds no kept token) outputs 0.
+    - backward: forward = HF's dense SDPA output, bit for bit; gradient = the dropped-term gradient
+      over kept queries x kept keys with the dense softmax statistics (see `_backward_only`).
+    """
+    mode = AttnMode(mode)
+    b, h, n, d = query.shape
+    groups = h // key.shape[1]
+    scale = scaling if scaling is not None else d ** -0.5
+    cdtype = torch.promote_types(query.dtype, torch.float32)  # at least fp32 arithmetic
+    q = query.to(cdtype)
+    k = key.to(cdtype).repeat_interleave(groups, dim=1)  # head i uses KV head i // groups, as repeat_kv
+    v = value.to(cdtype).repeat_interleave(groups, dim=1)
+    allowed = _bool_mask(module, attention_mask, n, k.shape[2], query.device, kwargs.get("is_causal"))
+    kq, kk = kept[:, None, :, None], kept[:, None, None, :]
+    if mode is AttnMode.TOKENS:
+        out = _masked_attention(q, k, v, allowed & kq & kk, scale)
+    elif mode is AttnMode.KEYS:
+        out = _masked_attention(q, k, v, allowed & kk, scale)
+    else:
+        return _backward_only(module, query, key, value, attention_mask, q, k, v, allowed, kept, scaling,
+                              scale, **kwargs)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+# -- internals ---------------------------------------------------------------------------------------
+
+_ACTIVE: list["_Run"] = []  # the reference_forward calls in progress, innermost last
+_registered = False
+
+
+@dataclasses.dataclass
+class _Run:
+    """State of one reference_forward call, shared by its hooks and the attention function."""
+    cfg: LemoConfig
+    scorer: Scorer
+    token_valid: torch.Tensor | None
+    given: dict[int, KeepSet]
+    fractions: dict[int, Fraction]
+    attn_layer: dict[int, int] = dataclasses.field(default_factory=dict)  # id(self_attn) -> layer
+    kept: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (b, n) bool
+    keep_sets: dict[int, KeepSet] = dataclasses.field(default_factory=dict)
+
+    def norm_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, x: torch.Tensor) -> None:
+            b, n = x.shape[:2]
+            if layer in self.given:
+                token_index, in_range = self.given[layer]
+                if token_index.shape != in_range.shape or token_index.shape[0] != b:
+                    raise ValueError(f"keep_sets[{layer}] must be two (b, m) tensors with b={b}, got "
+                                     f"{tuple(token_index.shape)} and {tuple(in_range.shape)}")
+                token_index, in_range = token_index.to(x.device), in_range.to(x.device)
+            else:
+                tv = self.token_valid
+                if tv is None:
+                    tv = torch.ones(b, n, dtype=torch.bool, device=x.device)
+                with torch.no_grad():
+                    scores = self.scorer(layer, x.detach(), tv)
+                nb = num_blocks(n, self.cfg.block_size)
+                if tuple(scores.shape) != (b, nb):
+                    raise ValueError(f"scorer returned shape {tuple(scores.shape)} for layer {layer}, "
+                                     f"expected (b, nb) = {(b, nb)}")
+                token_index, in_range = keep_set(scores, tv.to(x.device), self.cfg.block_size,
+                                                 self.fractions[layer], self.cfg.forced_blocks)
+            self.keep_sets[layer] = (token_index, in_range)
+            self.kept[layer] = kept_rows(token_index, in_range, n)
+        return hook
+
+    def attn_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            mode = self.cfg.attn_mode
+            if mode is AttnMode.KEYS:
+                return None  # every row is a query: the whole output is real
+            out, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+            kept = self.kept[layer][..., None]
+            if mode is AttnMode.TOKENS:
+                # Already 0 (no o_proj bias in supported archs); made exact and gradient-free here.
+                out = torch.where(kept, out, 0.0)
+            else:
+                # Forward exact; o_proj and its adapters get gradient from kept rows only.
+                out = torch.where(kept, out, out.detach())
+            return out if rest is None else (out, *rest)
+        return hook
+
+    def mlp_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> Any:
+            mode = self.cfg.mlp_mode
+            if mode is MlpMode.DENSE:
+                return None
+            kept = self.kept[layer][..., None]
+            if mode is MlpMode.TOKENS:
+                return torch.where(kept, out, 0.0)
+            return torch.where(kept, out, out.detach())
+        return hook
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _reference_attention)
+    # Without a mask function under the same name, the model would build no mask at all.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    _registered = True
+
+
+def _sdpa(*args: Any, **kwargs: Any):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+def _reference_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs: Any):
+    """The function registered as "lemo_reference": SDPA in dense layers, `sparse_attention` in sparse ones."""
+    run = _ACTIVE[-1] if _ACTIVE else None
+    layer = run.attn_layer.get(id(module)) if run is not None else None
+    if layer is None:
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise NotImplementedError(f"attention dropout ({dropout}) in sparse layer {layer} is not supported")
+    if layer not in run.kept:
+        raise RuntimeError(f"layer {layer}'s attention ran before its input_layernorm chose a keep set")
+    return sparse_attention(run.cfg.attn_mode, module, query, key, value, attention_mask, run.kept[layer],
+                            scaling=scaling, **kwargs), None
+
+
+def _bool_mask(module: Any, attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
+               device: torch.device, is_causal: bool | None) -> torch.Tensor:
+    """(b or 1, 1, q, kv) bool, True where query i may attend key j."""
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive float mask
+    # No mask: what HF's SDPA function does then -- is_causal (upper-left aligned) for q_len > 1,
+    # no masking for a single query or a non-causal module.
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    full = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    return (full.tril() if causal and q_len > 1 else full)[None, None]
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """softmax(scale q k^T | allowed) v with all-masked rows giving 0 (and zero gradient), not NaN."""
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    return (p @ v) / torch.where(denom > 0, denom, 1.0)
+
+
+def _backward_only(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   allowed: torch.Tensor, kept: torch.Tensor, scaling: float | None, scale: float,
+                   **kwargs: Any) -> torch.Tensor:
+    """attn_mode="backward". O is HF's dense SDPA output (no grad), lse the dense log-sum-exp, and
+    P_ij = exp(S_ij - lse_i) for kept i, j (0 elsewhere). With f = P v - rowsum(P) O, the output
+    O + (f - f.detach()) equals O exactly, and its gradient is the dropped-term one:
+        dv_j = sum_i P_ij dO_i,  dS_ij = P_ij (dO_i . v_j - dO_i . O_i),
+        dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i   (i, j kept)."""
+    with torch.no_grad():
+        dense, _ = _sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+    o = dense.transpose(1, 2).to(q.dtype)  # (b, h, n, d)
+    kq = kept[:, None, :, None]
+    s = q @ k.transpose(-1, -2) * scale
+    with torch.no_grad():
+        lse = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1, keepdim=True)
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    # Mask before exp: exp(-inf) = 0 keeps masked entries (and their gradients) at exactly 0.
+    p = torch.exp(s.masked_fill(~(allowed & kq & kept[:, None, None, :]), float("-inf")) - lse)
+    f = p @ v - p.sum(-1, keepdim=True) * o
+    delta = (f - f.detach()).to(query.dtype)  # exactly 0 in value
+    out = torch.where(kq, dense.transpose(1, 2) + delta, dense.transpose(1, 2))
+    return out.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def _attn_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Set `name` as the attention implementation of every config in `model`, restore on exit."""
+    from transformers import PretrainedConfig
+
+    configs: list[Any] = []
+
+    def add(c: Any) -> None:
+        if isinstance(c, PretrainedConfig) and not any(c is x for x in configs):
+            configs.append(c)
+            for key in getattr(c, "sub_configs", {}) or {}:
+                add(getattr(c, key, None))
+
+    for m in model.modules():
+        add(getattr(m, "config", None))
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = name
+        yield
+    finally:
+        # Parents come before their sub-configs, so each sub-config's own value is restored last.
+        for c, value in zip(configs, saved):
+            c._attn_implementation = value

@@ -1,0 +1,281 @@
+"""passes.detect — find decoder layers and their attention and MLP blocks in a Dynamo FX graph.
+
+Read-only. Blocks are found by module metadata first (`nn_module_stack`, matched by the tail of the
+module path because prefixes differ across torch and PEFT versions), then confirmed by structure:
+
+    h0 ──► [attention block: input norm, q/k/v (+LoRA, biases, q/k norms), rotary, SDPA, o_proj, ...] ──► a
+    h1 = h0 + a                                   # first residual add, in the decoder-layer scope
+    h1 ──► [MLP block: post-attention norm, gate/up/down (+LoRA) or fused variants] ──► m
+    h2 = h1 + m                                   # second residual add
+
+A block is every node of the layer on a path from the residual input to the block output, so
+sandwich norms (Gemma3) and fused projections (Phi-3) need no special case. Decoder layers inside
+activation-checkpoint bodies (`tag_activation_checkpoint(wrap_body_N, ...)`) are found by recursing
+into the body graphs; a graph holding a single decoder layer (per-layer compile, FSDP2) works too.
+Anything it cannot classify becomes a SkipReason, never an exception.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .common import CantRewrite, PassResult, closure_back, is_add, is_call, same_size, shape_of, value_of
+
+SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
+# Attention implementations lemo can rewrite; others (eager matmul+softmax, flex, flash kernels
+# outside the graph) are reported and left alone.
+KNOWN_ATTENTION = "sdpa"
+
+_LAYER_TAIL = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+
+def normalize_path(path: str) -> str:
+    """Dynamo module paths -> dotted form: L['self'].__dict__['_modules']['model'].layers[0] -> self.model.layers.0"""
+    p = path.replace(".__dict__", "").replace("['_modules']", "")
+    p = re.sub(r"\['([^']*)'\]", r".\1", p)
+    p = re.sub(r"\[(\d+)\]", r".\1", p)
+    p = p.replace("L.", "", 1) if p.startswith("L.") else p
+    return p.strip(".")
+
+
+def _cls_name(cls: Any) -> str:
+    return cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    st = node.meta.get("nn_module_stack") or {}
+    return [(normalize_path(v[0]), _cls_name(v[1])) for v in st.values()]
+
+
+def _is_layer_entry(path: str, cls: str) -> bool:
+    return cls.endswith("DecoderLayer") or bool(_LAYER_TAIL.search(path))
+
+
+def layer_of(node: fx.Node) -> tuple[str, str, str] | None:
+    """(layer path, layer class, path of the node's innermost module relative to the layer)."""
+    stack = module_stack(node)
+    for i, (path, cls) in enumerate(stack):
+        if _is_layer_entry(path, cls):
+            inner = stack[-1][0]
+            rel = inner[len(path):].lstrip(".") if inner.startswith(path) else ""
+            return path, cls, rel
+    return None
+
+
+@dataclasses.dataclass
+class Block:
+    kind: str  # "attn" or "mlp"
+    residual_in: fx.Node  # h: the residual stream entering the block
+    output: fx.Node  # the block's contribution (second operand of the residual add)
+    residual_add: fx.Node  # h + output
+    nodes: list[fx.Node]  # graph order, excluding the residual add
+    externals: list[fx.Node]  # inputs from outside the block (weights, cos/sin, mask, h)
+    linears: dict[str, fx.Node]  # role (e.g. "q_proj", "q_proj.lora_A") -> linear node
+    lora: int = 0  # number of LoRA branches (A/B pairs)
+    sdpa: fx.Node | None = None
+    mask: fx.Node | None = None  # external attention mask (None: is_causal or no mask)
+
+    def describe(self) -> str:
+        roles = sorted(r for r in self.linears if ".lora_" not in r)
+        s = f"{self.kind}: {len(self.nodes)} nodes, linears {roles}, lora {self.lora}"
+        if self.kind == "attn":
+            s += ", mask " + ("4-D tensor" if self.mask is not None else "none (is_causal)")
+        return s
+
+
+@dataclasses.dataclass
+class Layer:
+    path: str
+    cls: str
+    index: int | None
+    gm: fx.GraphModule  # the graph module whose graph holds the layer's nodes
+    attn: Block | None = None
+    mlp: Block | None = None
+
+    @property
+    def name(self) -> str:
+        return f"layers.{self.index}" if self.index is not None else self.path or self.cls
+
+
+@dataclasses.dataclass
+class DetectResult(PassResult):
+    layers: list[Layer] = dataclasses.field(default_factory=list)
+    num_layers: int | None = None
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "layers": len(self.layers),
+            "attn": sum(l.attn is not None for l in self.layers),
+            "mlp": sum(l.mlp is not None for l in self.layers),
+            "lora": sum((l.attn.lora if l.attn else 0) + (l.mlp.lora if l.mlp else 0) for l in self.layers),
+            "skips": len(self.skips),
+        }
+
+
+def subgraph_modules(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule, fx.Node]]:
+    """Body graphs of higher-order ops (activation checkpoint, ...) referenced by get_attr nodes."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            sub = getattr(gm, node.target, None)
+            if isinstance(sub, fx.GraphModule):
+                out.append((node.target, sub, node))
+    return out
+
+
+def detect(gm: fx.GraphModule) -> DetectResult:
+    """Find every decoder layer of `gm` (recursing into HOP bodies) and classify its blocks."""
+    res = DetectResult("detect")
+    _detect_in(gm, res, where="")
+    idx = [l.index for l in res.layers if l.index is not None]
+    res.num_layers = max(idx) + 1 if idx else None
+    res.counters["layers"] = len(res.layers)
+    res.counters["attn_blocks"] = sum(l.attn is not None for l in res.layers)
+    res.counters["mlp_blocks"] = sum(l.mlp is not None for l in res.layers)
+    res.counters["lora_branches"] = res.summary()["lora"]
+    if not res.layers and not res.skips:
+        res.skip("no_decoder_layers", "graph", "no node belongs to a module named like a decoder layer "
+                 "(class *DecoderLayer or path layers.N)")
+    return res
+
+
+def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
+    groups: dict[str, list[fx.Node]] = collections.OrderedDict()
+    classes: dict[str, str] = {}
+    hop_layers: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        lo = layer_of(node)
+        if lo is None:
+            continue
+        path, cls, _ = lo
+        if is_call(node, torch.ops.higher_order.tag_activation_checkpoint) or node.op == "call_function" and \
+                isinstance(node.target, torch._ops.HigherOrderOperator):
+            hop_layers.add(path)
+            continue
+        groups.setdefault(path, []).append(node)
+        classes[path] = cls
+    for path, nodes in groups.items():
+        if path in hop_layers:
+            continue  # only the call of a checkpointed layer lives here; its body is a subgraph
+        m = _LAYER_TAIL.search(path)
+        layer = Layer(path=path, cls=classes[path], index=int(m.group(1)) if m else None, gm=gm)
+        try:
+            _classify_layer(layer, nodes)
+        except CantRewrite as e:
+            res.skip(e.kind, layer.name, e.detail)
+            continue
+        res.layers.append(layer)
+    for name, sub, _ in subgraph_modules(gm):
+        _detect_in(sub, res, where=f"{where}{name}.")
+    # HOP nodes for layers whose body we did not find as a subgraph
+    found = {l.path for l in res.layers} | {s.where for s in res.skips}
+    for path in hop_layers - set(groups):
+        if path not in found and not any(l.path == path for l in res.layers):
+            res.skip("opaque_layer", path, "decoder layer hidden inside a higher-order op whose body "
+                     "could not be inspected")
+
+
+def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
+    in_layer = set(nodes)
+    adds = []
+    for n in nodes:
+        lo = layer_of(n)
+        if lo and lo[2] == "" and is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+            adds.append(n)
+    if len(adds) != 2:
+        raise CantRewrite("residual_structure", f"expected 2 residual adds in the decoder layer scope, found {len(adds)}")
+    add1, add2 = adds
+    h0 = _residual_operand(add1, in_layer, external=True)
+    a = add1.args[1] if add1.args[0] is h0 else add1.args[0]
+    if add1 not in add2.args:
+        raise CantRewrite("residual_structure", "second residual add does not take the first one's result")
+    m = add2.args[1] if add2.args[0] is add1 else add2.args[0]
+    layer.attn = _make_block("attn", h0, a, add1, in_layer, stop={h0})
+    layer.mlp = _make_block("mlp", add1, m, add2, in_layer, stop={add1, h0})
+    _check_attention(layer.attn)
+    _check_mlp(layer.mlp)
+
+
+def _residual_operand(add: fx.Node, in_layer: set[fx.Node], external: bool) -> fx.Node:
+    outside = [a for a in add.args if a not in in_layer]
+    if len(outside) != 1:
+        raise CantRewrite("residual_structure", f"cannot tell the residual input of {add.name}")
+    shp, other = shape_of(outside[0]), shape_of(add)
+    if shp is None or other is None or len(shp) != 3:
+        raise CantRewrite("residual_structure", f"residual input {outside[0].name} is not a (b, n, d) tensor")
+    return outside[0]
+
+
+def _make_block(kind: str, h: fx.Node, out: fx.Node, add: fx.Node, in_layer: set[fx.Node],
+                stop: set[fx.Node]) -> Block:
+    allowed = in_layer - {add}
+    body = closure_back(out, allowed, stop=stop)
+    if not body:
+        raise CantRewrite("empty_block", f"{kind} block output {out.name} is not computed inside the layer")
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    nodes = sorted(body, key=order.__getitem__)
+    ext: list[fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in body and a not in ext:
+                ext.append(a)
+    if h not in ext:
+        raise CantRewrite("residual_structure", f"{kind} block does not read the residual stream")
+    linears: dict[str, fx.Node] = {}
+    for n in nodes:
+        if is_call(n, *LINEAR_TARGETS):
+            lo = layer_of(n)
+            role = lo[2] if lo else n.name
+            role = role.split(".", 1)[1] if role.startswith(("self_attn.", "mlp.")) else role
+            role = role.replace(".default", "").replace(".base_layer", "")
+            linears[role] = n
+    lora = sum(1 for r in linears if r.endswith(".lora_A"))
+    blk = Block(kind=kind, residual_in=h, output=out, residual_add=add, nodes=nodes, externals=ext,
+                linears=linears, lora=lora)
+    return blk
+
+
+def _check_attention(blk: Block) -> None:
+    sdpas = [n for n in blk.nodes if is_call(n, *SDPA_TARGETS)]
+    if len(sdpas) != 1:
+        others = sorted({str(getattr(n.target, "__name__", n.target)) for n in blk.nodes
+                         if is_call(n, torch.matmul, torch.bmm, F.softmax, torch.softmax, "softmax")})
+        raise CantRewrite("unknown_attention",
+                          f"attention block has {len(sdpas)} scaled_dot_product_attention calls "
+                          f"(ops seen: {others or 'none'}); only attn_implementation='sdpa' is supported")
+    sdpa = sdpas[0]
+    blk.sdpa = sdpa
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    if mask is not None:
+        src = mask
+        while isinstance(src, fx.Node) and src in blk.nodes:
+            if is_call(src, "__getitem__", __import__("operator").getitem) or is_call(src, "to", "bool"):
+                src = src.args[0]
+            else:
+                raise CantRewrite("mask_structure", f"attention mask is computed inside the block ({src.name})")
+        if not isinstance(src, fx.Node):
+            raise CantRewrite("mask_structure", "attention mask is not a graph tensor")
+        mshape = shape_of(src)
+        if mshape is None or len(mshape) != 4:
+            raise CantRewrite("mask_structure", f"attention mask {src.name} is not 4-D: {mshape}")
+        blk.mask = src
+    if sdpa.kwargs.get("dropout_p", 0.0) not in (0.0, 0):
+        raise CantRewrite("attention_dropout", "attention dropout > 0 is not supported")
+    h = shape_of(blk.residual_in)
+    if value_of(sdpa) is None or h is None:
+        raise CantRewrite("no_fake_values", "nodes carry no fake values")
+
+
+def _check_mlp(blk: Block) -> None:
+    if not blk.linears:
+        raise CantRewrite("mlp_structure", "MLP block has no linear layers")

@@ -1,0 +1,583 @@
+"""passes.sparsify — token elimination in the sparse decoder layers of a Dynamo graph.
+
+For each sparse layer (LemoConfig.keep_fraction) it inserts, before the attention call:
+
+    x_pred   = input_norm(h).detach()                       # the model's own norm output, no grad
+    scores   = predictor(x_pred)                            # (b, nb), frozen
+    idx, ok  = keep_set(scores, token_valid, B, keep)       # (b, m) sorted token rows, m = k * B
+
+and then rewrites the attention block per `attn_mode` and the MLP block per `mlp_mode`:
+
+    tokens   h1 = h0.scatter_add(idx, block_c(gather(h0, idx), gather(cos/sin), mask[idx][:, idx]))
+    keys     k, v computed from gather(h0, idx); sdpa(q_all, k_c, v_c, mask[:, idx])
+    backward a = block(h0.detach()) with sdpa -> lemo::attention_lse (dense, exact forward);
+             a_c = block_c(gather(h0, idx)) with sdpa -> lemo::attention_kept (dropped-term backward);
+             h1 = h0 + straight_through_rows(a, a_c, idx)    # value of a, gradient into a_c only
+
+The compacted copy `block_c` is the block's own nodes cloned onto m rows. Shapes inside the block are
+rewritten by tracking which axis of every value is the sequence axis (view/reshape/expand sizes on
+that axis become m; everything else is left as traced). Ops the tracker does not understand make
+the layer a SkipReason instead of a guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from lemo_compile import ops
+from lemo_compile.config import AttnMode, LemoConfig, MlpMode
+
+from .common import CantRewrite, PassResult, closure_back, is_call, same_size, shape_of, value_of
+from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer, layer_of
+
+
+@dataclasses.dataclass
+class SparsifyResult(PassResult):
+    # per rewritten layer: {"layer", "keep", "attn_mode", "mlp_mode", "kept_tokens"}
+    layers: list[dict] = dataclasses.field(default_factory=list)
+
+
+def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> SparsifyResult:
+    res = SparsifyResult("sparsify")
+    num_layers = det.num_layers if cfg.num_layers is None else cfg.num_layers
+    touched: dict[int, fx.GraphModule] = {}
+    renamed: dict[fx.Node, fx.Node] = {}  # residual-stream nodes replaced by a rewrite
+    first = True
+    for layer in det.layers:
+        keep = cfg.keep_fraction(layer.index, num_layers)
+        if keep is None:
+            res.counters["dense_layers"] += 1
+            continue
+        for old, new in renamed.items():
+            for blk in (layer.attn, layer.mlp):
+                if blk.residual_in is old:
+                    _reroot(blk, new)
+        try:
+            info = _rewrite_layer(layer, keep, cfg, check_tokens=first, renamed=renamed)
+        except CantRewrite as e:
+            res.skip(e.kind, layer.name, e.detail)
+            continue
+        first = False
+        touched[id(layer.gm)] = layer.gm
+        res.layers.append(info)
+        res.counters["sparse_layers"] += 1
+        res.counters[f"attn_{cfg.attn_mode.value}"] += 1
+        res.counters[f"mlp_{cfg.mlp_mode.value}"] += 1
+    for sub in touched.values():
+        sub.graph.eliminate_dead_code()
+        sub.graph.lint()
+        sub.recompile()
+    if touched:
+        gm.recompile()
+    return res
+
+
+# -------------------------------------------------------------------------------------------------
+# one layer
+# -------------------------------------------------------------------------------------------------
+
+
+def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: bool,
+                   renamed: dict[fx.Node, fx.Node]) -> dict:
+    attn, mlp = layer.attn, layer.mlp
+    g = layer.gm.graph
+    h0 = attn.residual_in
+    hshape = shape_of(h0)
+    n = hshape[1]
+    sdpa = attn.sdpa
+    seq_ext = _sequence_externals(attn, n)
+    # validate everything that can refuse before the graph is touched
+    _validate(attn, seq_ext)
+    _validate(mlp, [])
+    if cfg.predictor != "random":
+        _predictor_weights(attn)
+
+    # --- keep set, inserted right before the attention call ----------------------------------
+    with g.inserting_before(sdpa):
+        x_pred = g.call_method("detach", (_norm_output(attn),))
+        valid = g.call_function(ops.token_valid_from_mask, (attn.mask, h0))
+        if check_tokens:
+            valid = g.call_function(torch.ops.lemo.assert_has_tokens.default, (valid,))
+        scores = _predictor_node(g, cfg, layer, attn, x_pred, valid)
+        ks = g.call_function(ops.keep_set, (scores, valid, cfg.block_size, keep.numerator,
+                                            keep.denominator, tuple(cfg.forced_blocks)))
+        idx = g.call_function(operator.getitem, (ks, 0))
+        ok = g.call_function(operator.getitem, (ks, 1))
+        m = g.call_method("size", (idx, 1))
+
+    scale = sdpa.kwargs.get("scale")
+    if scale is None:
+        scale = shape_of(sdpa.args[0])[-1] ** -0.5
+    mode = cfg.attn_mode
+    if mode is AttnMode.TOKENS:
+        _attn_tokens(g, attn, seq_ext, idx, ok, m)
+    elif mode is AttnMode.KEYS:
+        _attn_keys(g, attn, seq_ext, idx, ok, m)
+    else:
+        _attn_backward(g, attn, seq_ext, idx, ok, m, scale)
+
+    mmode = cfg.mlp_mode
+    if mmode is MlpMode.TOKENS:
+        renamed[mlp.residual_add] = _mlp_tokens(g, mlp, idx, ok, m)
+    elif mmode is MlpMode.BACKWARD:
+        _mlp_backward(g, mlp, idx, ok, m)
+    return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
+            "mlp_mode": mmode.value, "kept_tokens": _kept(n, cfg, keep)}
+
+
+def _kept(n: Any, cfg: LemoConfig, keep: Fraction) -> Any:
+    from lemo_compile.selection import kept_tokens_count
+    try:
+        return int(kept_tokens_count(n, cfg.block_size, keep, cfg.forced_blocks))
+    except Exception:
+        return str(kept_tokens_count(n, cfg.block_size, keep, cfg.forced_blocks))
+
+
+def _norm_output(attn: Block) -> fx.Node:
+    """The normalized hidden states the predictor reads: the input norm's last node, else h."""
+    out = None
+    for n in attn.nodes:
+        lo = layer_of(n)
+        if lo and lo[2].split(".")[0] in ("input_layernorm", "ln_1", "input_norm", "attention_norm"):
+            out = n
+    return out if out is not None else attn.residual_in
+
+
+def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: fx.Node, valid: fx.Node) -> fx.Node:
+    if cfg.predictor == "random":
+        lid = layer.index if layer.index is not None else (cfg.layer_index or 0)
+        return g.call_function(ops.random_block_scores, (x, lid, cfg.seed, cfg.block_size))
+    kind, heads, hd, lin = _predictor_weights(attn)
+    if kind == "separate":
+        wq, bq = _weight_bias(lin["q_proj"])
+        wk, bk = _weight_bias(lin["k_proj"])
+        kv_heads = shape_of(wk)[0] // hd
+    else:
+        w, b = _weight_bias(lin["qkv_proj"])
+        rows = shape_of(w)[0]
+        kv_heads = (rows - heads * hd) // (2 * hd)
+        qs, ks = slice(0, heads * hd), slice(heads * hd, heads * hd + kv_heads * hd)
+        wq = g.call_function(operator.getitem, (w, qs))
+        wk = g.call_function(operator.getitem, (w, ks))
+        bq = g.call_function(operator.getitem, (b, qs)) if b is not None else None
+        bk = g.call_function(operator.getitem, (b, ks)) if b is not None else None
+    return g.call_function(ops.pooled_block_scores, (x, valid, wq, bq, wk, bk, heads, kv_heads, cfg.block_size))
+
+
+def _predictor_weights(attn: Block) -> tuple[str, int, int, dict]:
+    q_shape = shape_of(attn.sdpa.args[0])
+    lin = attn.linears
+    kind = "separate" if "q_proj" in lin and "k_proj" in lin else "fused" if "qkv_proj" in lin else None
+    if kind is None:
+        raise CantRewrite("predictor_inputs", f"no q/k projections found for the pooled predictor "
+                          f"(linears: {sorted(lin)}); use LemoConfig(predictor='random')")
+    return kind, q_shape[1], q_shape[-1], lin
+
+
+def _validate(blk: Block, seq_ext: list[fx.Node]) -> None:
+    """Dry run of the sequence-axis tracking over the whole block; raises CantRewrite, changes nothing."""
+    axes: dict[fx.Node, Any] = {blk.residual_in: 1, **{e: 1 for e in seq_ext}}
+    for node in blk.nodes:
+        ax, _, _ = _propagate(node, axes, None)
+        if ax is not None:
+            axes[node] = ax
+    if axes.get(blk.output) != 1:
+        raise CantRewrite("sequence_axis", f"block output {blk.output.name} does not keep the sequence on axis 1")
+
+
+def _weight_bias(linear: fx.Node) -> tuple[fx.Node, Any]:
+    w = linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
+    b = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return w, b
+
+
+def _sequence_externals(blk: Block, n: Any) -> list[fx.Node]:
+    """Externals other than h and the mask that carry the sequence on axis 1 (rotary cos/sin)."""
+    out = []
+    weights = {a for node in blk.nodes if is_call(node, *LINEAR_TARGETS) for a in node.args[1:]}
+    for e in blk.externals:
+        if e is blk.residual_in or e is blk.mask or e in weights:
+            continue
+        shp = shape_of(e)
+        if shp is not None and len(shp) >= 2 and same_size(shp[1], n):
+            out.append(e)
+        elif shp is not None and any(same_size(s, n) for s in shp):
+            raise CantRewrite("unknown_sequence_input", f"block input {e.name} {tuple(shp)} has the sequence "
+                              "length on an axis other than 1")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# attention modes
+# -------------------------------------------------------------------------------------------------
+
+
+def _gather_inputs(g: fx.Graph, h: fx.Node, seq_ext: list[fx.Node], idx: fx.Node) -> dict[fx.Node, fx.Node]:
+    env = {h: g.call_function(ops.gather_seq, (h, idx, 1))}
+    for e in seq_ext:
+        env[e] = g.call_function(ops.gather_seq, (e, idx, 1))
+    return env
+
+
+def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m) -> None:
+    with g.inserting_before(attn.residual_add):
+        env = _gather_inputs(g, attn.residual_in, seq_ext, idx)
+        mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok)) if attn.mask is not None else None
+        out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c))[attn.output]
+        h1 = _like(g.call_function(ops.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
+    attn.residual_add.replace_all_uses_with(h1)
+    _retarget(attn, h1)
+
+
+def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
+    sdpa = attn.sdpa
+    body = set(attn.nodes)
+    kv_nodes = closure_back(sdpa.args[1], body) | closure_back(sdpa.args[2], body)
+    order = [n for n in attn.nodes if n in kv_nodes]
+    with g.inserting_before(sdpa):
+        env = _gather_inputs(g, attn.residual_in, seq_ext, idx)
+        q_pos = g.call_function(ops.positions_like, (idx, attn.residual_in))
+        if attn.mask is not None:
+            mask_k = g.call_function(ops.gather_mask, (attn.mask, None, idx, ok))
+        else:
+            mask_k = g.call_function(ops.causal_positions_mask, (q_pos, idx, ok))
+        _clone(g, attn, order, env, m, check_output=False)
+    args = list(sdpa.args)
+    args[1], args[2] = env[sdpa.args[1]], env[sdpa.args[2]]
+    kwargs = dict(sdpa.kwargs)
+    if len(args) > 3:
+        args[3] = mask_k
+    else:
+        kwargs["attn_mask"] = mask_k
+    kwargs["is_causal"] = False
+    sdpa.args, sdpa.kwargs = tuple(args), kwargs
+
+
+def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale) -> None:
+    sdpa = attn.sdpa
+    h0 = attn.residual_in
+    q, k, v = sdpa.args[:3]
+    # dense attention with its log-sum-exp (inputs detached below: exact forward, nothing saved)
+    with g.inserting_before(sdpa):
+        qd, kd, vd = (g.call_method("detach", (t,)) for t in (q, k, v))  # LoRA weights still want grad
+        lse_pair = g.call_function(torch.ops.lemo.attention_lse.default,
+                                   (qd, kd, vd, attn.mask, float(scale), bool(sdpa.kwargs.get("is_causal", False))))
+        dense_out = g.call_function(operator.getitem, (lse_pair, 0))
+        dense_lse = g.call_function(operator.getitem, (lse_pair, 1))
+    # kept rows, with grad: attention output = the dense one, backward = the dropped-term one
+    with g.inserting_before(attn.residual_add):
+        env = _gather_inputs(g, h0, seq_ext, idx)
+        out_g = g.call_function(ops.gather_seq, (dense_out, idx, 2))
+        lse_g = g.call_function(ops.gather_seq, (dense_lse, idx, 2))
+        if attn.mask is not None:
+            mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok))
+        else:
+            mask_c = g.call_function(ops.causal_positions_mask, (idx, idx, ok))
+
+        def kept_attention(node: fx.Node) -> fx.Node:
+            return g.call_function(torch.ops.lemo.attention_kept.default,
+                                   (env[q], env[k], env[v], out_g, lse_g, mask_c, float(scale)))
+
+        out_c = _clone(g, attn, attn.nodes, env, m, replace={sdpa: kept_attention})[attn.output]
+        a_st = _like(g.call_function(ops.straight_through_rows, (attn.output, out_c, idx, ok)), attn.output)
+    sdpa.replace_all_uses_with(dense_out)
+    g.erase_node(sdpa)
+    attn.nodes = [n for n in attn.nodes if n is not sdpa]
+    _detach_block_input(g, attn, h0)
+    attn.residual_add.replace_input_with(attn.output, a_st)
+
+
+def _set_mask(node: fx.Node, mask_c: fx.Node | None) -> None:
+    if mask_c is None:
+        return
+    if len(node.args) > 3:
+        args = list(node.args)
+        args[3] = mask_c
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "attn_mask": mask_c}
+
+
+def _retarget(blk: Block, new: fx.Node) -> None:
+    blk.residual_add = new
+
+
+# -------------------------------------------------------------------------------------------------
+# MLP modes
+# -------------------------------------------------------------------------------------------------
+
+
+def _mlp_input(mlp: Block) -> fx.Node:
+    """The MLP's residual input as the graph has it now (the attention rewrite may have replaced it)."""
+    return mlp.residual_add.args[0] if mlp.residual_add.args[1] is mlp.output else mlp.residual_add.args[1]
+
+
+def _mlp_tokens(g, mlp: Block, idx, ok, m) -> None:
+    h1 = _mlp_input(mlp)
+    _reroot(mlp, h1)
+    with g.inserting_before(mlp.residual_add):
+        env = {mlp.residual_in: g.call_function(ops.gather_seq, (h1, idx, 1))}
+        out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
+        h2 = _like(g.call_function(ops.scatter_add_rows, (h1, out_c, idx, ok)), mlp.residual_add)
+    mlp.residual_add.replace_all_uses_with(h2)
+    return h2
+
+
+def _mlp_backward(g, mlp: Block, idx, ok, m) -> None:
+    h1 = _mlp_input(mlp)
+    _reroot(mlp, h1)
+    with g.inserting_before(mlp.residual_add):
+        env = {h1: g.call_function(ops.gather_seq, (h1, idx, 1))}
+        out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
+        m_st = _like(g.call_function(ops.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
+    _detach_block_input(g, mlp, h1)
+    mlp.residual_add.replace_input_with(mlp.output, m_st)
+
+
+def _detach_block_input(g: fx.Graph, blk: Block, h: fx.Node) -> None:
+    """Make the original (dense, forward-exact) copy of a block read h.detach(): it keeps nothing for backward."""
+    with g.inserting_before(blk.nodes[0]):
+        h_det = _like(g.call_method("detach", (h,)), h)
+    for node in blk.nodes:
+        node.replace_input_with(h, h_det)
+
+
+def _like(new: fx.Node, old: fx.Node) -> fx.Node:
+    """Give a full-length replacement node the fake value of the node it stands for (same shape)."""
+    if "example_value" in old.meta:
+        new.meta["example_value"] = old.meta["example_value"]
+    return new
+
+
+def _reroot(blk: Block, h: fx.Node) -> None:
+    blk.externals = [h if e is blk.residual_in else e for e in blk.externals]
+    blk.residual_in = h
+
+
+# -------------------------------------------------------------------------------------------------
+# cloning a block onto the compacted rows
+# -------------------------------------------------------------------------------------------------
+
+_ELEMENTWISE = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt,
+    torch.exp, torch.tanh, torch.sigmoid, torch.where, torch.clamp, torch.abs, F.silu, F.gelu, F.relu,
+    F.dropout, torch.nn.functional.softplus, torch.erf, torch.cos, torch.sin,
+    "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "to", "float",
+    "half", "bfloat16", "type", "type_as", "contiguous", "clone", "detach", "clamp", "abs", "masked_fill",
+    "__mul__", "__add__", "__sub__", "__truediv__", "__neg__", "__radd__", "__rmul__", "silu", "relu", "gelu",
+    "cos", "sin", "erf",
+}
+_VIEWS = ("view", "reshape", "_unsafe_view", torch.reshape)
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "var", "std", "norm", torch.mean, torch.sum, torch.amax,
+               torch.var, torch.std, torch.norm)
+
+
+def _clone(g: fx.Graph, blk: Block, nodes: list[fx.Node], env: dict[fx.Node, fx.Node], m: fx.Node,
+           sdpa_patch=None, replace: dict | None = None, check_output: bool = True) -> dict[fx.Node, fx.Node]:
+    """Copy `nodes` (graph order) at the insertion point with env applied (env maps the inputs that
+    live on the compacted rows, sequence on axis 1), rewriting sizes on the sequence axis to m.
+    `replace` maps a node to a factory of its replacement (its output keeps the sequence on axis 2,
+    like an attention output). Returns env, original -> copy."""
+    axes: dict[fx.Node, Any] = {k: 1 for k in env}  # originals that live on the compacted rows
+    replace = replace or {}
+    for node in nodes:
+        if node in replace:
+            env[node] = replace[node](node)
+            axes[node] = 2
+            continue
+        ax, args, kwargs = _propagate(node, axes, m)
+        new = g.node_copy(node, lambda a: env.get(a, a))
+        for key in ("example_value", "val", "tensor_meta"):  # the copy has other shapes: no stale fakes
+            new.meta.pop(key, None)
+        new.args = fx.map_arg(args, lambda a: env.get(a, a))
+        new.kwargs = fx.map_arg(kwargs, lambda a: env.get(a, a))
+        if sdpa_patch is not None and is_call(node, *SDPA_TARGETS):
+            sdpa_patch(new)
+        env[node] = new
+        if ax is not None:
+            axes[node] = ax
+    if check_output and axes.get(blk.output) != 1:
+        raise CantRewrite("sequence_axis", f"block output {blk.output.name} does not keep the sequence on axis 1")
+    return env
+
+
+def _name(node: fx.Node) -> Any:
+    return node.target
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
+    """Sequence axis of `node`'s output given its inputs' axes, and its args rewritten for m rows."""
+    args, kwargs = node.args, dict(node.kwargs)
+    tracked = [a for a in node.all_input_nodes if a in axes]
+    if not tracked:
+        return None, args, kwargs
+    t = node.target
+    out_shape = shape_of(node)
+    val = value_of(node)
+
+    def fail(why: str):
+        raise CantRewrite("sequence_axis", f"cannot follow the sequence axis through {node.name} "
+                          f"({getattr(t, '__name__', t)}): {why}")
+
+    if is_call(node, *_VIEWS):
+        src = args[0]
+        a = axes.get(src)
+        if a is None:
+            return None, args, kwargs
+        sizes, tuple_form = _sizes(args)
+        j = _match_view_axis(shape_of(src), a, out_shape)
+        if j is None:
+            fail("the sequence dimension is merged or split")
+        sizes = list(sizes)
+        if not (isinstance(sizes[j], int) and sizes[j] == -1):
+            sizes[j] = m
+        return j, _with_sizes(args, sizes, tuple_form), kwargs
+    if is_call(node, "expand"):
+        a = axes.get(args[0])
+        sizes, tuple_form = _sizes(args)
+        j = a + len(sizes) - len(shape_of(args[0]))
+        sizes = list(sizes)
+        if not (isinstance(sizes[j], int) and sizes[j] == -1):
+            sizes[j] = m
+        return j, _with_sizes(args, sizes, tuple_form), kwargs
+    if is_call(node, "transpose", torch.transpose):
+        a = axes[args[0]]
+        nd = len(shape_of(args[0]))
+        d0, d1 = _norm_dim(args[1], nd), _norm_dim(args[2], nd)
+        return (d1 if a == d0 else d0 if a == d1 else a), args, kwargs
+    if is_call(node, "permute", torch.permute):
+        a = axes[args[0]]
+        dims = args[1] if isinstance(args[1], (tuple, list)) else args[1:]
+        nd = len(dims)
+        return [_norm_dim(d, nd) for d in dims].index(a), args, kwargs
+    if is_call(node, "unsqueeze", torch.unsqueeze):
+        a = axes[args[0]]
+        d = _norm_dim(args[1], len(out_shape))
+        return (a + 1 if d <= a else a), args, kwargs
+    if is_call(node, operator.getitem):
+        src = args[0]
+        if isinstance(value_of(src), (tuple, list)):
+            return axes.get(src), args, kwargs
+        return _getitem_axis(axes[src], args[1], len(shape_of(src)), fail), args, kwargs
+    if is_call(node, "chunk", "split", torch.chunk, torch.split, "unbind"):
+        a = axes[args[0]]
+        nd = len(shape_of(args[0]))
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        if _norm_dim(dim, nd) == a:
+            fail("split along the sequence")
+        return a, args, kwargs
+    if is_call(node, *_REDUCTIONS):
+        a = axes[args[0]]
+        nd = len(shape_of(args[0]))
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dim is None:
+            fail("reduction over every axis")
+        dims = [_norm_dim(d, nd) for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
+        if a in dims:
+            fail("reduction over the sequence")
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        return (a if keep else a - sum(d < a for d in dims)), args, kwargs
+    if is_call(node, *SDPA_TARGETS):
+        return axes.get(args[0]), args, kwargs
+    if is_call(node, *LINEAR_TARGETS):
+        if any(a in axes for a in args[1:]):
+            fail("weights on the sequence axis")
+        return axes.get(args[0]), args, kwargs
+    if is_call(node, torch.cat, torch.concat, "cat"):
+        seq = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        ax = {axes[x] for x in seq if isinstance(x, fx.Node) and x in axes}
+        if len(ax) != 1 or any(isinstance(x, fx.Node) and x not in axes and isinstance(value_of(x), torch.Tensor)
+                               for x in seq):
+            fail("concatenating tensors with and without the sequence axis")
+        a = ax.pop()
+        if _norm_dim(dim, len(out_shape)) == a:
+            fail("concatenation along the sequence")
+        return a, args, kwargs
+    if is_call(node, "size", "dim"):
+        return None, args, kwargs
+    if node.op in ("call_function", "call_method") and (t in _ELEMENTWISE):
+        if not isinstance(val, torch.Tensor):
+            return None, args, kwargs
+        out_nd = val.dim()
+        cand = {axes[a] + out_nd - len(shape_of(a)) for a in tracked if shape_of(a) is not None}
+        if len(cand) != 1:
+            fail("inputs disagree on the sequence axis")
+        # untracked tensor operands must broadcast along the sequence axis (size 1 or absent)
+        j = cand.pop()
+        for a in node.all_input_nodes:
+            if a in axes or not isinstance(value_of(a), torch.Tensor):
+                continue
+            shp = shape_of(a)
+            k = j - (out_nd - len(shp))
+            if 0 <= k < len(shp) and not same_size(shp[k], 1):
+                fail(f"operand {a.name} is full length on the sequence axis but not compacted")
+        return j, args, kwargs
+    fail("unsupported op")
+
+
+def _sizes(args: tuple) -> tuple[tuple, bool]:
+    if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
+        return tuple(args[1]), True
+    return tuple(args[1:]), False
+
+
+def _with_sizes(args: tuple, sizes: list, tuple_form: bool) -> tuple:
+    return (args[0], tuple(sizes)) if tuple_form else (args[0], *sizes)
+
+
+def _prod(xs) -> Any:
+    p = 1
+    for x in xs:
+        p = p * x
+    return p
+
+
+def _match_view_axis(in_shape, a: int, out_shape) -> int | None:
+    """Output axis j that is exactly input axis a (same size, same product of the sizes before it)."""
+    before = _prod(in_shape[:a])
+    for j in range(len(out_shape)):
+        if same_size(out_shape[j], in_shape[a]) and same_size(_prod(out_shape[:j]), before):
+            return j
+    return None
+
+
+def _getitem_axis(a: int, index: Any, nd: int, fail) -> int:
+    items = index if isinstance(index, tuple) else (index,)
+    n_real = sum(1 for x in items if x is not None and x is not Ellipsis)
+    i_in, i_out = 0, 0
+    for x in items:
+        if x is Ellipsis:
+            span = nd - n_real
+            if i_in <= a < i_in + span:
+                return i_out + (a - i_in)
+            i_in += span
+            i_out += span
+        elif x is None:
+            i_out += 1
+        elif isinstance(x, slice):
+            if i_in == a:
+                if not (x.start in (None, 0) and x.stop is None and x.step in (None, 1)):
+                    fail("slicing the sequence axis")
+                return i_out
+            i_in += 1
+            i_out += 1
+        elif isinstance(x, int):
+            if i_in == a:
+                fail("indexing the sequence axis")
+            i_in += 1
+        else:
+            fail("advanced indexing")
+    return i_out + (a - i_in)
