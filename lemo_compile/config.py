@@ -42,8 +42,10 @@ class LemoConfig:
     # Tokens per block: the unit of selection. Must be a power of two.
     block_size: int = 64
     # Fraction of blocks kept in every sparse layer, in (0, 1]. k = ceil(keep_ratio * num_blocks).
+    # 1.0 still rewrites the sparse layers (keeping every block: numerically the dense model);
+    # list a layer in dense_layers to leave it untouched.
     keep_ratio: float = 0.4
-    # Per-layer overrides of keep_ratio, as ((layer, ratio), ...); 1.0 makes a layer dense.
+    # Per-layer overrides of keep_ratio, as ((layer, ratio), ...).
     layer_keep_ratios: tuple[tuple[int, float], ...] = ()
     # Layers left dense. None: the released paper code's schedule (first half and the last layer).
     dense_layers: tuple[int, ...] | None = None
@@ -117,8 +119,6 @@ class LemoConfig:
             return None
         else:
             ratio = self.keep_ratio
-        if ratio >= 1.0:
-            return None
         return Fraction(ratio).limit_denominator(4096)
 
     def dense_layer_set(self, num_layers: int) -> frozenset[int]:

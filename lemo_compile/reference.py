@@ -10,7 +10,7 @@ No model source is patched. For the duration of one call, `reference_forward`
 - hooks every sparse decoder layer: `input_layernorm` (its output `x` is scored, under no-grad, and the
   keep set chosen), `self_attn` and `mlp` (their outputs on eliminated rows are zeroed or detached).
 
-Dense layers are never touched, and with no sparse layer at all (`keep_ratio=1.0`, `enabled=False`)
+Dense layers are never touched, and with no sparse layer at all (every layer in `dense_layers`, or `enabled=False`)
 the model is called as is, so the result is bit-identical to the plain model.
 
     out = reference_forward(model, LemoConfig(keep_ratio=0.5, attn_mode="backward"), **batch)
@@ -97,8 +97,9 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
         for i, keep in fractions.items():
             layer = layers[i]
             run.attn_layer[id(layer.self_attn)] = i
-            for module, hook in ((layer.input_layernorm, run.norm_hook(i)), (layer.self_attn, run.attn_hook(i)),
-                                 (layer.mlp, run.mlp_hook(i))):
+            for module, hook in ((layer.input_layernorm, run.norm_hook(i)),
+                                 (_block_end(layer, "attn"), run.attn_hook(i)),
+                                 (_block_end(layer, "mlp"), run.mlp_hook(i))):
                 stack.callback(module.register_forward_hook(hook).remove)
         stack.enter_context(_attn_implementation(model, ATTN_IMPLEMENTATION))
         _ACTIVE.append(run)
@@ -230,6 +231,15 @@ class _Run:
                 return torch.where(kept, out, 0.0)
             return torch.where(kept, out, out.detach())
         return hook
+
+
+def _block_end(layer: nn.Module, kind: str) -> nn.Module:
+    """The module whose output is a block's contribution to the residual stream: the attention / MLP
+    module, or the norm after it in sandwich-norm layers (Gemma: post_attention_layernorm and
+    post_feedforward_layernorm sit between the block and the residual add)."""
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return layer.post_attention_layernorm if kind == "attn" else layer.post_feedforward_layernorm
+    return layer.self_attn if kind == "attn" else layer.mlp
 
 
 def _register() -> None:

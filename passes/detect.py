@@ -59,6 +59,20 @@ def _is_layer_entry(path: str, cls: str) -> bool:
     return cls.endswith("DecoderLayer") or bool(_LAYER_TAIL.search(path))
 
 
+def rel_path(node: fx.Node, prefix: str) -> str | None:
+    """Path of the node's innermost module relative to the module at `prefix` ("" for that module
+    itself or for a node with no module), None for a node outside it."""
+    stack = module_stack(node)
+    if not stack:
+        return ""
+    inner = stack[-1][0]
+    if inner == prefix:
+        return ""
+    if inner.startswith(prefix + "."):
+        return inner[len(prefix) + 1:]
+    return None
+
+
 def layer_of(node: fx.Node) -> tuple[str, str, str] | None:
     """(layer path, layer class, path of the node's innermost module relative to the layer)."""
     stack = module_stack(node)
@@ -93,12 +107,16 @@ class Block:
 
 @dataclasses.dataclass
 class Layer:
-    path: str
+    path: str  # module path of the decoder layer (the compiled root's name for a one-layer graph)
     cls: str
     index: int | None
     gm: fx.GraphModule  # the graph module whose graph holds the layer's nodes
     attn: Block | None = None
     mlp: Block | None = None
+
+    def rel(self, node: fx.Node) -> str | None:
+        """The node's module path relative to this layer ("self_attn.q_proj", "" for layer scope)."""
+        return rel_path(node, self.path)
 
     @property
     def name(self) -> str:
@@ -175,6 +193,8 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
             res.skip(e.kind, layer.name, e.detail)
             continue
         res.layers.append(layer)
+    if not groups and not hop_layers:
+        _detect_root_layer(gm, res)
     for name, sub, _ in subgraph_modules(gm):
         _detect_in(sub, res, where=f"{where}{name}.")
     # HOP nodes for layers whose body we did not find as a subgraph
@@ -185,12 +205,35 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
                      "could not be inspected")
 
 
+def _detect_root_layer(gm: fx.GraphModule, res: DetectResult) -> None:
+    """A graph compiled from one decoder layer (per-layer compile, FSDP2): module paths start at the
+    compiled module itself, so no path names a decoder layer, but its children (an attention and an
+    MLP module) are there."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    tops = {}
+    for n in nodes:
+        st = module_stack(n)
+        if st:
+            tops.setdefault(st[0][0], st[0][1])
+    roots = {p.rsplit(".", 1)[0] for p in tops if "." in p}
+    has_attn = any(c.endswith("Attention") for c in tops.values())
+    has_mlp = any(c.endswith("MLP") or p.endswith(".mlp") for p, c in tops.items())
+    if len(roots) != 1 or not (has_attn and has_mlp):
+        return
+    layer = Layer(path=roots.pop(), cls="(compiled module)", index=None, gm=gm)
+    try:
+        _classify_layer(layer, nodes)
+    except CantRewrite as e:
+        res.skip(e.kind, layer.name, e.detail)
+        return
+    res.layers.append(layer)
+
+
 def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
     in_layer = set(nodes)
     adds = []
     for n in nodes:
-        lo = layer_of(n)
-        if lo and lo[2] == "" and is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+        if layer.rel(n) == "" and is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
             adds.append(n)
     if len(adds) != 2:
         raise CantRewrite("residual_structure", f"expected 2 residual adds in the decoder layer scope, found {len(adds)}")
@@ -200,8 +243,8 @@ def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
     if add1 not in add2.args:
         raise CantRewrite("residual_structure", "second residual add does not take the first one's result")
     m = add2.args[1] if add2.args[0] is add1 else add2.args[0]
-    layer.attn = _make_block("attn", h0, a, add1, in_layer, stop={h0})
-    layer.mlp = _make_block("mlp", add1, m, add2, in_layer, stop={add1, h0})
+    layer.attn = _make_block(layer, "attn", h0, a, add1, in_layer, stop={h0})
+    layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0})
     _check_attention(layer.attn)
     _check_mlp(layer.mlp)
 
@@ -216,7 +259,7 @@ def _residual_operand(add: fx.Node, in_layer: set[fx.Node], external: bool) -> f
     return outside[0]
 
 
-def _make_block(kind: str, h: fx.Node, out: fx.Node, add: fx.Node, in_layer: set[fx.Node],
+def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node, in_layer: set[fx.Node],
                 stop: set[fx.Node]) -> Block:
     allowed = in_layer - {add}
     body = closure_back(out, allowed, stop=stop)
@@ -234,8 +277,7 @@ def _make_block(kind: str, h: fx.Node, out: fx.Node, add: fx.Node, in_layer: set
     linears: dict[str, fx.Node] = {}
     for n in nodes:
         if is_call(n, *LINEAR_TARGETS):
-            lo = layer_of(n)
-            role = lo[2] if lo else n.name
+            role = layer.rel(n) or n.name
             role = role.split(".", 1)[1] if role.startswith(("self_attn.", "mlp.")) else role
             role = role.replace(".default", "").replace(".base_layer", "")
             linears[role] = n

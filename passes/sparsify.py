@@ -35,7 +35,7 @@ from lemo_compile import ops
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
 from .common import CantRewrite, PassResult, closure_back, is_call, same_size, shape_of, value_of
-from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer, layer_of
+from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer
 
 
 @dataclasses.dataclass
@@ -101,7 +101,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
 
     # --- keep set, inserted right before the attention call ----------------------------------
     with g.inserting_before(sdpa):
-        x_pred = g.call_method("detach", (_norm_output(attn),))
+        x_pred = g.call_method("detach", (_norm_output(layer, attn),))
         valid = g.call_function(ops.token_valid_from_mask, (attn.mask, h0))
         if check_tokens:
             valid = g.call_function(torch.ops.lemo.assert_has_tokens.default, (valid,))
@@ -134,18 +134,16 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
 
 def _kept(n: Any, cfg: LemoConfig, keep: Fraction) -> Any:
     from lemo_compile.selection import kept_tokens_count
-    try:
-        return int(kept_tokens_count(n, cfg.block_size, keep, cfg.forced_blocks))
-    except Exception:
-        return str(kept_tokens_count(n, cfg.block_size, keep, cfg.forced_blocks))
+    m = kept_tokens_count(n, cfg.block_size, keep, cfg.forced_blocks)
+    return m if isinstance(m, int) else str(m)  # never int() a SymInt: that adds a guard
 
 
-def _norm_output(attn: Block) -> fx.Node:
+def _norm_output(layer: Layer, attn: Block) -> fx.Node:
     """The normalized hidden states the predictor reads: the input norm's last node, else h."""
     out = None
     for n in attn.nodes:
-        lo = layer_of(n)
-        if lo and lo[2].split(".")[0] in ("input_layernorm", "ln_1", "input_norm", "attention_norm"):
+        rel = layer.rel(n) or ""
+        if rel.split(".")[0] in ("input_layernorm", "ln_1", "input_norm", "attention_norm"):
             out = n
     return out if out is not None else attn.residual_in
 
