@@ -1,0 +1,83 @@
+"""Helpers shared by the GPU benchmarks: model builders, environment capture, subprocess variants."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+ARCHS = {
+    # Llama-3.2-1B architecture (BENCHMARKS.md workloads)
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, head_dim=64, rope_theta=500000.0,
+                     tie_word_embeddings=True),
+    # Llama-3-8B architecture
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, head_dim=128, rope_theta=500000.0,
+                     tie_word_embeddings=False),
+}
+
+
+def build_model(arch: str, seq: int, lora_r: int, lora_targets: tuple[str, ...], dtype: str = "bfloat16"):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**ARCHS[arch], max_position_embeddings=max(seq, 8192), attn_implementation="sdpa",
+                      use_cache=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                             target_modules=list(lora_targets)))
+    model.train()
+    return model
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        env["commit"] = out.stdout.strip() if out.returncode == 0 else None
+    except OSError:
+        env["commit"] = None
+    return env
+
+
+def run_variant_subprocess(script: str, variant: str, extra: list[str], timeout: int) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter (own allocator and compile caches); parse its RESULT line."""
+    cmd = [sys.executable, script, "--worker", variant, *extra]
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"timeout after {timeout}s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (p.stdout + p.stderr)[-3000:]
+    return {"variant": variant, "error": f"exit {p.returncode}", "log_tail": tail}
+
+
+def merge_headline(path: str, figures: dict[str, dict[str, Any]]) -> None:
+    data = {"figures": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.setdefault("figures", {}).update(figures)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

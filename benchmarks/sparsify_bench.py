@@ -1,0 +1,152 @@
+"""First end-to-end numbers of token elimination (issue: token elimination in the graph).
+
+Llama-3.2-1B architecture built from config (random weights, random tokens: cost does not depend on
+values at a fixed keep ratio), LoRA r=16 on q/k/v/o, bf16, batch 1. Variants, each in a fresh
+subprocess, alternating in one invocation:
+
+    eager_dense      HF eager (SDPA)
+    inductor_dense   torch.compile(backend="inductor")
+    lemo_tokens      lemo, attn_mode=tokens,   mlp_mode=backward   (inner: inductor)
+    lemo_fwd_exact   lemo, attn_mode=backward, mlp_mode=backward   (forward-exact)
+    lemo_keys        lemo, attn_mode=keys,     mlp_mode=backward
+
+One step = forward + backward + AdamW step on the LoRA parameters. Timing: compile/first step, 2
+warm-up steps, then the median of --steps timed steps (device synchronised). Memory: peak allocated
+and reserved over the timed steps (expandable segments for every variant).
+
+    python benchmarks/sparsify_bench.py --seq 16384 --out benchmarks/results/sparsify_1b_16k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import build_model, environment, merge_headline, run_variant_subprocess  # noqa: E402
+
+VARIANTS = {
+    "eager_dense": None,
+    "inductor_dense": "inductor",
+    "lemo_tokens": dict(attn_mode="tokens", mlp_mode="backward"),
+    "lemo_fwd_exact": dict(attn_mode="backward", mlp_mode="backward"),
+    "lemo_keys": dict(attn_mode="keys", mlp_mode="backward"),
+}
+
+
+def worker(args) -> dict:
+    import torch
+    import lemo_compile
+    from lemo_compile import LemoConfig
+
+    variant = args.worker
+    model = build_model(args.arch, args.seq, 16, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    spec = VARIANTS[variant]
+    if spec == "inductor":
+        step_model = torch.compile(model, backend="inductor")
+    elif isinstance(spec, dict):
+        cfg = LemoConfig(keep_ratio=args.keep, inner="inductor", **spec)
+        step_model = torch.compile(model, backend=lemo_compile.backend(cfg))
+    else:
+        step_model = model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda", generator=gen)
+
+    def step():
+        out = step_model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss0 = step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    res = {"variant": variant, "loss_first_step": float(loss0), "median_step_s": med, "step_times_s": times,
+           "first_step_s": first, "compile_s": first - med,
+           "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+           "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
+    if isinstance(spec, dict):
+        recs = [r for r in lemo_compile.records() if r.sparsify is not None]
+        res["sparse_layers"] = sum(r.sparsify.counters["sparse_layers"] for r in recs)
+        res["lemo_skips"] = [str(s) for r in recs for s in r.sparsify.skips]
+        res["graphs"] = len(lemo_compile.records())
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="llama-1b")
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--keep", type=float, default=0.4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--headline", default=None, help="write figures into this headline.json")
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--timeout", type=int, default=400)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    extra = ["--arch", args.arch, "--seq", str(args.seq), "--keep", str(args.keep), "--steps", str(args.steps)]
+    results = []
+    for v in args.variants.split(","):
+        r = run_variant_subprocess(os.path.abspath(__file__), v, extra, args.timeout)
+        print(json.dumps({k: r.get(k) for k in ("variant", "median_step_s", "peak_allocated_gb", "compile_s",
+                                                  "sparse_layers", "error")}), flush=True)
+        results.append(r)
+    command = "python " + " ".join(sys.argv)
+    doc = {"benchmark": "sparsify", "command": command, "env": environment(),
+           "config": {"arch": args.arch, "seq": args.seq, "keep_ratio": args.keep, "lora": "r=16 q/k/v/o",
+                      "dtype": "bfloat16", "batch": 1, "steps": args.steps}, "results": results}
+    ok = {r["variant"]: r for r in results if "error" not in r}
+    dense = [ok[v] for v in ("eager_dense", "inductor_dense") if v in ok]
+    if dense:
+        best_t = min(d["median_step_s"] for d in dense)
+        best_m = min(d["peak_allocated_gb"] for d in dense)
+        doc["ratios_vs_best_dense"] = {v: {"step": ok[v]["median_step_s"] / best_t,
+                                           "peak": ok[v]["peak_allocated_gb"] / best_m}
+                                       for v in ok if v.startswith("lemo")}
+    print("\nvariant            step s   peak GB  reserved GB  compile s")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<18} ERROR {r['error']}")
+        else:
+            print(f"{r['variant']:<18} {r['median_step_s']:7.3f} {r['peak_allocated_gb']:8.1f} "
+                  f"{r['peak_reserved_gb']:11.1f} {r['compile_s']:9.1f}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=2)
+    if args.headline and "ratios_vs_best_dense" in doc and "lemo_tokens" in doc["ratios_vs_best_dense"]:
+        when = doc["env"]["when"][:10]
+        src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
+        rt = doc["ratios_vs_best_dense"]["lemo_tokens"]
+        merge_headline(args.headline, {
+            "sparsify_peak_ratio_1b_16k": {"value": rt["peak"], "source": src, "command": command, "when": when},
+            "sparsify_step_ratio_1b_16k": {"value": rt["step"], "source": src, "command": command, "when": when}})
+
+
+if __name__ == "__main__":
+    main()
