@@ -51,7 +51,8 @@ class CompileRecord:
         return bool(self.sparsify and self.sparsify.layers)
 
 
-RECORDS: list[CompileRecord] = []
+RECORDS: list[CompileRecord] = []  # the most recent compiles, oldest first
+_MAX_RECORDS = 256
 
 
 def records() -> list[CompileRecord]:
@@ -105,6 +106,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
 
     rec = CompileRecord(graph_id=next(_ids), config=cfg)
     RECORDS.append(rec)
+    del RECORDS[:-_MAX_RECORDS]
     if cfg.enabled:
         rec.before = gm.print_readable(print_output=False)
         rec.detect = detect(gm)
@@ -151,8 +153,4 @@ def make_backend(cfg: LemoConfig | None = None, **options: Any):
         opts = kwargs.get("options")
         return compile_graph(gm, example_inputs, bound.replace(**opts) if opts else bound)
 
-    lemo.reset = clear_records  # torch._dynamo.reset() calls backend.reset()
     return lemo
-
-
-lemo_backend.reset = clear_records

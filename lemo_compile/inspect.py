@@ -58,5 +58,6 @@ def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bo
     loss = getattr(out, "loss", None)
     if backward and loss is not None:
         loss.backward()
+    recs = RECORDS[start:]
     torch._dynamo.reset()
-    return Explanation(records=RECORDS[start:], loss=float(loss) if loss is not None else None)
+    return Explanation(records=recs, loss=float(loss) if loss is not None else None)

@@ -1,0 +1,99 @@
+"""The backend as a whole: rewrites off equals the inner compiler, graphs it cannot use are left
+alone with one log line, records and explain, and compile caches keyed by lemo's code and options."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import lemo_compile
+from lemo_compile import LemoConfig
+from lemo_compile.backend import AotPasses
+from lemo_compile.testing.models import ARCHS, random_batch, tiny_model, trainable_grads
+
+
+def loss_and_grads(model, backend, batch):
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend)(**batch)
+    out.loss.backward()
+    return out.loss.detach(), trainable_grads(model)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rewrites_off_equal_inner_compiler(arch, lora):
+    model = tiny_model(arch, lora=lora)
+    batch = random_batch(256, 2, 150, seed=1, pad_right=[0, 9])
+    ref_loss, ref_grads = loss_and_grads(model, "aot_eager", batch)
+    for cfg in (LemoConfig(inner="eager", enabled=False),
+                LemoConfig(inner="eager", dense_layers=(0, 1, 2, 3))):  # nothing sparse: graph untouched
+        loss, grads = loss_and_grads(model, lemo_compile.backend(cfg), batch)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+        for k in ref_grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+    rec = lemo_compile.records()[-1]
+    assert rec.left_alone and not rec.rewritten
+
+
+def test_graph_without_decoder_layers_runs_with_one_log_line(caplog):
+    net = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+    x = torch.randn(3, 8)
+    with caplog.at_level(logging.INFO, logger="lemo_compile"):
+        out = torch.compile(net, backend=lemo_compile.backend(LemoConfig(inner="eager")))(x)
+    torch.testing.assert_close(out, net(x))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lemo_compile")]
+    assert len(lines) == 1 and "left graph" in lines[0] and "no_decoder_layers" in lines[0], lines
+
+
+def test_explain_reports_layers_and_skips():
+    model = tiny_model("llama", lora=True)
+    batch = random_batch(256, 1, 130, seed=2)
+    exp = lemo_compile.explain(model, config=LemoConfig(inner="eager", keep_ratio=0.5), **batch)
+    text = str(exp)
+    assert "4 decoder layers" in text and "16 LoRA branches" in text
+    assert text.count("sparse keep=0.5") == 1  # 4 layers: first half and last dense -> layer 2 sparse
+    assert "layers.2" in text
+
+
+def test_uuid_covers_options():
+    a, b = AotPasses(LemoConfig()), AotPasses(LemoConfig(keep_ratio=0.5))
+    assert a.uuid() == AotPasses(LemoConfig()).uuid()
+    assert a.uuid() != b.uuid()
+
+
+_CACHE_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    import lemo_compile
+    from lemo_compile import LemoConfig
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 8))
+    cfg = LemoConfig(inner="inductor", keep_ratio=float(sys.argv[1]))
+    out = torch.compile(net, backend=lemo_compile.backend(cfg))(torch.randn(4, 8, requires_grad=True))
+    out.sum().backward()
+    print("AOT", json.dumps([g for r in lemo_compile.records() for g in r.aot_graphs]))
+""")
+
+
+def test_compile_cache_never_skips_the_aot_pass(tmp_path):
+    """Warm caches in a new process: same options reuse the cached graph (our pass need not run);
+    changed options must miss the cache and run the pass again."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run(keep):
+        p = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(keep)], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        line = [l for l in p.stdout.splitlines() if l.startswith("AOT ")][-1]
+        return json.loads(line[4:])
+
+    first = run(0.5)
+    assert "forward" in first  # cold cache: the pass ran
+    assert run(0.5) == []  # warm cache, same options: a cache hit
+    assert "forward" in run(0.25)  # other options: a miss, the pass runs
