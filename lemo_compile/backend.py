@@ -45,6 +45,8 @@ class CompileRecord:
     before: str = ""  # readable graph before the rewrite
     after: str = ""  # ... and after
     aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
+    saved: list = dataclasses.field(default_factory=list)  # memory.SavedValue: what the backward keeps
+    _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def rewritten(self) -> bool:
@@ -84,9 +86,14 @@ class AotPasses(_compat.custom_graph_pass_base()):
         self.record = record
 
     def __call__(self, graph: fx.Graph) -> None:
+        from . import memory
         is_bw = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
         if self.record is not None:
             self.record.aot_graphs.append("backward" if is_bw else "forward")
+            if is_bw:
+                self.record.saved = memory.saved_values(self.record._fw_values, graph)
+            else:
+                self.record._fw_values = memory.forward_values(graph.owning_module)
         log.debug("lemo AOT pass on %s graph (%d nodes)", "backward" if is_bw else "forward", len(graph.nodes))
 
     def uuid(self) -> bytes:

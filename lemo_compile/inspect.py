@@ -28,9 +28,18 @@ def format_record(rec: Any, graphs: bool = False) -> str:
             lines.append(f"  skipped {s}")
     if rec.left_alone:
         lines.append(f"  left alone: {rec.left_alone}")
+    if rec.saved:
+        from .memory import saved_by_block
+        lines.append("  saved for backward (MiB):   attention      MLP    other")
+        for layer, d in sorted(saved_by_block(rec.saved).items(), key=lambda kv: _layer_key(kv[0])):
+            lines.append(f"      {layer:<18} {d['attn'] / 2**20:9.2f} {d['mlp'] / 2**20:8.2f} {d['other'] / 2**20:8.2f}")
     if graphs and rec.before:
         lines += ["  --- graph before ---", rec.before, "  --- graph after ---", rec.after or "(unchanged)"]
     return "\n".join(lines)
+
+
+def _layer_key(name: str) -> tuple:
+    return (0, int(name.split(".")[1]), "") if name.startswith("layers.") else (1, 0, name)
 
 
 @dataclasses.dataclass
@@ -45,9 +54,10 @@ class Explanation:
         return "\n".join(format_record(r, graphs=graphs) for r in self.records)
 
 
-def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bool = False, **kwargs: Any) -> Explanation:
-    """Compile `model` with lemo on these inputs (one forward, optional backward) and report, per graph,
-    what was found, what was rewritten, and what was skipped and why."""
+def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bool = True, **kwargs: Any) -> Explanation:
+    """Compile `model` with lemo on these inputs (one forward and, if it returns a loss, one backward)
+    and report, per graph, what was found, what was rewritten, what was skipped and why, and the
+    bytes each layer's attention and MLP keep for backward."""
     from . import config as _config
     from .backend import RECORDS, make_backend
 

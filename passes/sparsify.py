@@ -112,6 +112,9 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
         ok = g.call_function(operator.getitem, (ks, 1))
         m = g.call_method("size", (idx, 1))
 
+    attn_stack = attn.output.meta.get("nn_module_stack")
+    mlp_stack = mlp.output.meta.get("nn_module_stack")
+    before = set(g.nodes)
     scale = sdpa.kwargs.get("scale")
     if scale is None:
         scale = shape_of(sdpa.args[0])[-1] ** -0.5
@@ -123,11 +126,13 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     else:
         _attn_backward(g, attn, seq_ext, idx, ok, m, scale)
 
+    before = _tag_new_nodes(g, before, attn_stack)
     mmode = cfg.mlp_mode
     if mmode is MlpMode.TOKENS:
         renamed[mlp.residual_add] = _mlp_tokens(g, mlp, idx, ok, m)
     elif mmode is MlpMode.BACKWARD:
         _mlp_backward(g, mlp, idx, ok, m)
+    _tag_new_nodes(g, before, mlp_stack)
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
             "mlp_mode": mmode.value, "kept_tokens": _kept(n, cfg, keep)}
 
@@ -345,6 +350,16 @@ def _detach_block_input(g: fx.Graph, blk: Block, h: fx.Node) -> None:
         h_det = _like(g.call_method("detach", (h,)), h)
     for node in blk.nodes:
         node.replace_input_with(h, h_det)
+
+
+def _tag_new_nodes(g: fx.Graph, before: set, stack: Any) -> set:
+    """Give nodes inserted since `before` the module stack of the block they serve, so backward
+    nodes and saved activations stay attributed to their layer. Returns the new snapshot."""
+    now = set(g.nodes)
+    if stack is not None:
+        for n in now - before:
+            n.meta.setdefault("nn_module_stack", stack)
+    return now
 
 
 def _like(new: fx.Node, old: fx.Node) -> fx.Node:
