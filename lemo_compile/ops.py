@@ -9,11 +9,14 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
 - `lemo::attention_kept`    identity on the dense output of kept queries; its backward is the
                             dropped-term attention gradient over kept queries x kept keys.
 - `lemo::assert_has_tokens` raises ValueError on a batch row that is all padding.
-Their implementations here are plain PyTorch (the CPU path and the oracle of the Triton kernels).
+On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path;
+on CUDA the attention ops call PyTorch's memory-efficient attention kernels, which take and return
+the log-sum-exp.
 """
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from typing import Sequence
 
@@ -156,9 +159,32 @@ def attention_lse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return out, lse
 
 
+def _use_cuda_kernels(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("LEMO_ATTENTION_IMPL", "aten") != "torch"
+
+
+def _dense_bias(mask: torch.Tensor | None, q: torch.Tensor, nk: int) -> torch.Tensor | None:
+    """Additive bias (b, H, nq, nk) in q's dtype for the memory-efficient kernels (a broadcast view)."""
+    bias = _bias(mask, q.dtype)
+    if bias is None:
+        return None
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], nk)
+
+
+def attention_lse_cuda(q, k, v, mask, scale, is_causal):
+    """CUDA: PyTorch's memory-efficient attention kernel, which returns the log-sum-exp."""
+    k, v = _expand_kv(q, k, v)
+    bias = _dense_bias(mask, q, k.shape[2])
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, True, 0.0, is_causal, scale=scale)
+    return out, lse[..., : q.shape[2]].float().contiguous()
+
+
 @torch.library.custom_op("lemo::attention_lse", mutates_args=())
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   scale: float, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_cuda_kernels(q):
+        return attention_lse_cuda(q, k, v, mask, scale, is_causal)
     return attention_lse_torch(q, k, v, mask, scale, is_causal)
 
 
@@ -226,10 +252,32 @@ def _kept_backward(ctx, grad):
     return dq, dk, dv, None, None, None, None
 
 
+def attention_kept_backward_cuda(grad_out, q, k, v, out, lse, mask, scale):
+    """CUDA: PyTorch's memory-efficient attention backward, fed the dense output and log-sum-exp of
+    the kept queries, restricted to kept keys: exactly the dropped-term gradient."""
+    kv_heads = k.shape[1]
+    ke, ve = _expand_kv(q, k, v)
+    m = q.shape[2]
+    pad = (-m) % 32  # the kernel reads the log-sum-exp in rows of 32
+    lse = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous() if pad else lse.float().contiguous()
+    bias = _dense_bias(mask, q, ke.shape[2])
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad_out.contiguous(), q, ke, ve, bias, out.contiguous(), lse, zero, zero, 0.0,
+        [True, True, True, False], False, scale=scale)
+    if kv_heads != q.shape[1]:
+        rep = q.shape[1] // kv_heads
+        dk = dk.view(dk.shape[0], kv_heads, rep, *dk.shape[2:]).sum(2)
+        dv = dv.view(dv.shape[0], kv_heads, rep, *dv.shape[2:]).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 @torch.library.custom_op("lemo::attention_kept_backward", mutates_args=())
 def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_cuda_kernels(q):
+        return attention_kept_backward_cuda(grad_out, q, k, v, out, lse, mask, scale)
     return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale)
 
 
