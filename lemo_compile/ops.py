@@ -10,8 +10,8 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
                             dropped-term attention gradient over kept queries x kept keys.
 - `lemo::assert_has_tokens` raises ValueError on a batch row that is all padding.
 On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path;
-on CUDA the attention ops call PyTorch's memory-efficient attention kernels, which take and return
-the log-sum-exp.
+on CUDA `attention_lse` calls PyTorch's memory-efficient attention kernel, which returns the
+log-sum-exp. The dropped-term backward is plain PyTorch everywhere for now.
 """
 
 from __future__ import annotations
@@ -164,10 +164,18 @@ def _use_cuda_kernels(t: torch.Tensor) -> bool:
 
 
 def _dense_bias(mask: torch.Tensor | None, q: torch.Tensor, nk: int) -> torch.Tensor | None:
-    """Additive bias (b, H, nq, nk) in q's dtype for the memory-efficient kernels (a broadcast view)."""
-    bias = _bias(mask, q.dtype)
-    if bias is None:
+    """Additive bias (b, H, nq, nk) in q's dtype for the memory-efficient kernel: a broadcast view of
+    a buffer whose rows are padded to 16 elements (the kernel needs aligned row strides)."""
+    if mask is None:
         return None
+    nq = mask.shape[2]
+    padded = -(-nk // 16) * 16
+    buf = torch.zeros(mask.shape[0], mask.shape[1], nq, padded, dtype=q.dtype, device=q.device)
+    bias = buf[..., :nk]
+    if mask.dtype == torch.bool:
+        bias.masked_fill_(~mask, float("-inf"))
+    else:
+        bias.copy_(mask)
     return bias.expand(q.shape[0], q.shape[1], q.shape[2], nk)
 
 
@@ -252,32 +260,12 @@ def _kept_backward(ctx, grad):
     return dq, dk, dv, None, None, None, None
 
 
-def attention_kept_backward_cuda(grad_out, q, k, v, out, lse, mask, scale):
-    """CUDA: PyTorch's memory-efficient attention backward, fed the dense output and log-sum-exp of
-    the kept queries, restricted to kept keys: exactly the dropped-term gradient."""
-    kv_heads = k.shape[1]
-    ke, ve = _expand_kv(q, k, v)
-    m = q.shape[2]
-    pad = (-m) % 32  # the kernel reads the log-sum-exp in rows of 32
-    lse = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous() if pad else lse.float().contiguous()
-    bias = _dense_bias(mask, q, ke.shape[2])
-    zero = torch.zeros((), dtype=torch.int64, device=q.device)
-    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        grad_out.contiguous(), q, ke, ve, bias, out.contiguous(), lse, zero, zero, 0.0,
-        [True, True, True, False], False, scale=scale)
-    if kv_heads != q.shape[1]:
-        rep = q.shape[1] // kv_heads
-        dk = dk.view(dk.shape[0], kv_heads, rep, *dk.shape[2:]).sum(2)
-        dv = dv.view(dv.shape[0], kv_heads, rep, *dv.shape[2:]).sum(2)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
-
-
 @torch.library.custom_op("lemo::attention_kept_backward", mutates_args=())
 def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_cuda_kernels(q):
-        return attention_kept_backward_cuda(grad_out, q, k, v, out, lse, mask, scale)
+    # A CUDA path through aten's memory-efficient attention backward gave wrong gradients and an
+    # illegal memory access on torch 2.11 (tests/gpu); until the kernel issue lands, the twin runs.
     return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale)
 
 
