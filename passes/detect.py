@@ -186,13 +186,7 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
         if path in hop_layers:
             continue  # only the call of a checkpointed layer lives here; its body is a subgraph
         m = _LAYER_TAIL.search(path)
-        layer = Layer(path=path, cls=classes[path], index=int(m.group(1)) if m else None, gm=gm)
-        try:
-            _classify_layer(layer, nodes)
-        except CantRewrite as e:
-            res.skip(e.kind, layer.name, e.detail)
-            continue
-        res.layers.append(layer)
+        _add_layer(res, Layer(path=path, cls=classes[path], index=int(m.group(1)) if m else None, gm=gm), nodes)
     if not groups and not hop_layers:
         _detect_root_layer(gm, res)
     for name, sub, _ in subgraph_modules(gm):
@@ -220,7 +214,11 @@ def _detect_root_layer(gm: fx.GraphModule, res: DetectResult) -> None:
     has_mlp = any(c.endswith("MLP") or p.endswith(".mlp") for p, c in tops.items())
     if len(roots) != 1 or not (has_attn and has_mlp):
         return
-    layer = Layer(path=roots.pop(), cls="(compiled module)", index=None, gm=gm)
+    _add_layer(res, Layer(path=roots.pop(), cls="(compiled module)", index=None, gm=gm), nodes)
+
+
+def _add_layer(res: DetectResult, layer: Layer, nodes: list[fx.Node]) -> None:
+    """Classify the layer's blocks; a layer that does not fit becomes a SkipReason."""
     try:
         _classify_layer(layer, nodes)
     except CantRewrite as e:
