@@ -9,6 +9,7 @@ subprocess, alternating in one invocation:
     lemo_tokens      lemo, attn_mode=tokens,   mlp_mode=backward   (inner: inductor)
     lemo_fwd_exact   lemo, attn_mode=backward, mlp_mode=backward   (forward-exact)
     lemo_keys        lemo, attn_mode=keys,     mlp_mode=backward
+    lemo_tokens_eager  lemo_tokens with inner="eager" (AOT autograd, ATen graphs run eagerly)
 
 One step = forward + backward + AdamW step on the LoRA parameters. Timing: compile/first step, 2
 warm-up steps, then the median of --steps timed steps (device synchronised). Memory: peak allocated
@@ -36,6 +37,8 @@ VARIANTS = {
     "lemo_tokens": dict(attn_mode="tokens", mlp_mode="backward"),
     "lemo_fwd_exact": dict(attn_mode="backward", mlp_mode="backward"),
     "lemo_keys": dict(attn_mode="keys", mlp_mode="backward"),
+    # the same rewrite, ATen graphs run eagerly (no Inductor): eager kernels for attention and GEMMs
+    "lemo_tokens_eager": dict(attn_mode="tokens", mlp_mode="backward", inner="eager"),
 }
 
 
@@ -50,7 +53,7 @@ def worker(args) -> dict:
     if spec == "inductor":
         step_model = torch.compile(model, backend="inductor")
     elif isinstance(spec, dict):
-        cfg = LemoConfig(keep_ratio=args.keep, inner="inductor", **spec)
+        cfg = LemoConfig(keep_ratio=args.keep, **{"inner": "inductor", **spec})
         step_model = torch.compile(model, backend=lemo_compile.backend(cfg))
     else:
         step_model = model
