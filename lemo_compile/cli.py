@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from typing import Any, Sequence
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")  # lemo_compile.testing.models.ARCHS
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mode_options(ex)
     ex.add_argument("--predictor", choices=("pooled", "random"), default=None,
                     help="block scorer (default: the config default)")
-    ex.add_argument("--backward", action="store_true", help="also run the backward pass")
+    ex.add_argument("--forward-only", action="store_true",
+                    help="skip the backward pass (then no saved-activation accounting)")
     ex.add_argument("--graphs", action="store_true", help="also print each graph before and after the rewrite")
     ex.set_defaults(func=_cmd_explain)
 
@@ -93,7 +95,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     model = tiny_model(args.arch, lora=args.lora, layers=args.layers)
     batch = random_batch(model.config.vocab_size, b=args.batch, n=args.seq, seed=0)
     explanation = lemo_compile.explain(model, input_ids=batch["input_ids"], labels=batch["labels"],
-                                       config=cfg, backward=args.backward)
+                                       config=cfg, backward=not args.forward_only)
     print(f"# lemo explain: tiny {args.arch}{' + LoRA' if args.lora else ''}, {args.layers} layers, "
           f"input (batch {args.batch}, {args.seq} tokens), torch {torch.__version__}")
     print(explanation.text(graphs=True) if args.graphs else str(explanation))
@@ -119,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("lemo_compile").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
+    # explain() converts the loss to a float while it still requires grad; harmless, not news to a user.
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

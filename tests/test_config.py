@@ -1,0 +1,237 @@
+"""LemoConfig: validation, immutability, the process default (patch/resolve), the layer schedule, and
+bad options reaching the user through torch.compile."""
+
+import dataclasses
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lemo_compile
+from lemo_compile import AttnMode, LemoConfig, MlpMode
+from lemo_compile import config as lemo_config
+
+
+# -- validation --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [0, 0.0, 1.5, -0.1, True, "0.5", None])
+def test_keep_ratio_out_of_range_names_the_field(value):
+    with pytest.raises(ValueError, match="keep_ratio"):
+        LemoConfig(keep_ratio=value)
+
+
+@given(st.floats(min_value=1e-6, max_value=1.0))
+def test_keep_ratio_accepts_the_unit_interval(r):
+    assert LemoConfig(keep_ratio=r).keep_ratio == r
+
+
+@pytest.mark.parametrize("value", [48, 0, -64, 3, 64.0, True])
+def test_block_size_must_be_a_power_of_two(value):
+    with pytest.raises(ValueError, match="power of two"):
+        LemoConfig(block_size=value)
+
+
+@pytest.mark.parametrize("value", [1, 16, 64, 128])
+def test_block_size_powers_of_two_pass(value):
+    assert LemoConfig(block_size=value).block_size == value
+
+
+def test_unknown_attn_mode_lists_accepted_values():
+    with pytest.raises(ValueError) as e:
+        LemoConfig(attn_mode="queries")
+    msg = str(e.value)
+    assert "attn_mode" in msg and "'queries'" in msg
+    for mode in AttnMode:
+        assert repr(mode.value) in msg
+
+
+def test_unknown_mlp_mode_and_inner_are_rejected():
+    with pytest.raises(ValueError, match="mlp_mode.*'backward'.*'tokens'.*'dense'"):
+        LemoConfig(mlp_mode="sparse")
+    with pytest.raises(ValueError, match="inner"):
+        LemoConfig(inner="cudagraphs")
+
+
+def test_modes_accept_strings_and_enums():
+    a = LemoConfig(attn_mode="keys", mlp_mode="dense")
+    b = LemoConfig(attn_mode=AttnMode.KEYS, mlp_mode=MlpMode.DENSE)
+    assert a == b and a.attn_mode is AttnMode.KEYS and a.mlp_mode is MlpMode.DENSE
+    assert a.attn_mode == "keys"  # str enums compare equal to their values
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(dense_layers=(0, -1)), "dense_layers"),
+    (dict(layer_keep_ratios=((-2, 0.5),)), "layer_keep_ratios"),
+    (dict(layer_index=-1), "layer_index"),
+    (dict(dense_layers=(True,)), "dense_layers"),
+])
+def test_negative_or_non_int_layer_indices(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LemoConfig(**kwargs)
+
+
+def test_per_layer_ratio_is_validated_with_its_layer():
+    with pytest.raises(ValueError, match=r"layer_keep_ratios\[3\]"):
+        LemoConfig(layer_keep_ratios=((3, 1.5),))
+
+
+def test_other_fields_are_validated():
+    with pytest.raises(ValueError, match="enabled"):
+        LemoConfig(enabled=1)
+    with pytest.raises(ValueError, match="predictor"):
+        LemoConfig(predictor="oracle.safetensors")
+    with pytest.raises(ValueError, match="num_layers"):
+        LemoConfig(num_layers=0)
+    with pytest.raises(ValueError, match="forced_blocks"):
+        LemoConfig(forced_blocks=(0.5,))
+
+
+# -- immutability and hashing ------------------------------------------------------------------------
+
+def test_frozen():
+    cfg = LemoConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.keep_ratio = 0.5  # type: ignore[misc]
+
+
+def test_hashable_and_normalized():
+    a = LemoConfig(layer_keep_ratios={5: 0.25}, dense_layers=[0, 1])
+    b = LemoConfig(layer_keep_ratios=((5, 0.25),), dense_layers=(0, 1))
+    assert a == b and hash(a) == hash(b)
+    assert isinstance(a.layer_keep_ratios, tuple) and isinstance(a.dense_layers, tuple)
+    assert len({LemoConfig(), LemoConfig(), a, b, LemoConfig(keep_ratio=0.5)}) == 3
+    assert LemoConfig().to_json() == LemoConfig().to_json() != LemoConfig(keep_ratio=0.5).to_json()
+
+
+def test_replace_validates_and_names_unknown_keys():
+    cfg = LemoConfig()
+    assert cfg.replace(keep_ratio=0.5).keep_ratio == 0.5 and cfg.keep_ratio == 0.4
+    with pytest.raises(ValueError) as e:
+        cfg.replace(keep_ration=0.5)
+    msg = str(e.value)
+    assert "'keep_ration'" in msg and "accepted options" in msg
+    for name in ("keep_ratio", "block_size", "attn_mode", "mlp_mode", "inner"):
+        assert name in msg
+    with pytest.raises(ValueError, match="keep_ratio"):
+        cfg.replace(keep_ratio=0)
+
+
+# -- process default: patch / set_default / resolve --------------------------------------------------
+
+def test_patch_restores_the_default():
+    before = lemo_config.get_default()
+    with lemo_config.patch(keep_ratio=0.5, attn_mode="keys") as cfg:
+        assert lemo_config.get_default() is cfg
+        assert cfg.keep_ratio == 0.5 and cfg.attn_mode is AttnMode.KEYS
+    assert lemo_config.get_default() is before
+
+
+def test_patch_restores_after_an_exception():
+    before = lemo_config.get_default()
+    with pytest.raises(RuntimeError):
+        with lemo_config.patch(block_size=32):
+            raise RuntimeError("boom")
+    assert lemo_config.get_default() is before
+
+
+def test_patch_rejects_unknown_keys_and_leaves_the_default():
+    before = lemo_config.get_default()
+    with pytest.raises(ValueError, match="bogus"):
+        with lemo_config.patch(bogus=1):
+            pass
+    assert lemo_config.get_default() is before
+
+
+def test_set_default_type_checked_and_restorable():
+    before = lemo_config.get_default()
+    with pytest.raises(TypeError):
+        lemo_config.set_default({"keep_ratio": 0.5})
+    try:
+        lemo_config.set_default(LemoConfig(keep_ratio=0.3))
+        assert lemo_config.resolve(None).keep_ratio == 0.3
+    finally:
+        lemo_config.set_default(before)
+
+
+def test_resolve():
+    default = lemo_config.get_default()
+    assert lemo_config.resolve(None) is default and lemo_config.resolve({}) is default
+    assert lemo_config.resolve({"keep_ratio": 0.7}) == default.replace(keep_ratio=0.7)
+    base = LemoConfig(attn_mode="keys")
+    assert lemo_config.resolve({"config": base}) is base
+    assert lemo_config.resolve({"config": base, "keep_ratio": 0.7}) == LemoConfig(attn_mode="keys", keep_ratio=0.7)
+    with lemo_config.patch(block_size=32):
+        assert lemo_config.resolve({"keep_ratio": 0.7}).block_size == 32
+    with pytest.raises(ValueError, match="LemoConfig"):
+        lemo_config.resolve({"config": {"keep_ratio": 0.5}})
+    with pytest.raises(ValueError, match="'bogus'"):
+        lemo_config.resolve({"bogus": 1})
+    with pytest.raises(ValueError, match="keep_ratio"):
+        lemo_config.resolve({"keep_ratio": 2.0})
+
+
+# -- layer schedule ----------------------------------------------------------------------------------
+
+def test_default_schedule_first_half_and_last_layer_dense():
+    cfg = LemoConfig()
+    sparse = {i: cfg.keep_fraction(i, 8) for i in range(8) if cfg.keep_fraction(i, 8) is not None}
+    assert sparse == {4: Fraction(2, 5), 5: Fraction(2, 5), 6: Fraction(2, 5)}
+    assert cfg.dense_layer_set(8) == {0, 1, 2, 3, 7}
+    assert cfg.dense_layer_set(5) == {0, 1, 4}  # odd: floor(5/2) dense at the start
+
+
+def test_layer_keep_ratios_override():
+    cfg = LemoConfig(layer_keep_ratios=((5, 0.25), (1, 0.5)))
+    assert cfg.keep_fraction(5, 8) == Fraction(1, 4)
+    assert cfg.keep_fraction(4, 8) == Fraction(2, 5)
+    assert cfg.keep_fraction(1, 8) == Fraction(1, 2)  # an override makes a default-dense layer sparse
+    assert cfg.keep_fraction(0, 8) is None
+
+
+def test_explicit_dense_layers():
+    cfg = LemoConfig(dense_layers=(0, 2), keep_ratio=0.5)
+    assert [cfg.keep_fraction(i, 4) for i in range(4)] == [None, Fraction(1, 2), None, Fraction(1, 2)]
+    assert all(LemoConfig(dense_layers=tuple(range(8))).keep_fraction(i, 8) is None for i in range(8))
+
+
+def test_keep_fraction_for_single_layer_graphs():
+    assert LemoConfig().keep_fraction(None, None) is None  # unknown layer: dense
+    cfg = LemoConfig(layer_index=6, num_layers=8)
+    assert cfg.keep_fraction(None, None) == Fraction(2, 5)
+    assert LemoConfig(layer_index=2, num_layers=8).keep_fraction(None, None) is None
+
+
+# -- options through torch.compile -------------------------------------------------------------------
+
+def _compile_and_call(options):
+    net = torch.nn.Linear(4, 4)
+    compiled = torch.compile(net, backend="lemo", options=options)
+    return compiled(torch.randn(2, 4))
+
+
+def test_unknown_compile_option_fails_at_first_call_naming_it():
+    with pytest.raises(Exception) as e:
+        _compile_and_call({"bogus": 1})
+    msg = str(e.value)
+    assert "bogus" in msg and "accepted" in msg, msg
+
+
+def test_bad_compile_option_value_names_the_field():
+    with pytest.raises(Exception) as e:
+        _compile_and_call({"keep_ratio": 2.0})
+    assert "keep_ratio" in str(e.value)
+
+
+def test_good_compile_options_are_used():
+    out = _compile_and_call({"keep_ratio": 0.5, "inner": "eager"})
+    assert out.shape == (2, 4)
+    assert lemo_compile.records()[-1].config == lemo_config.get_default().replace(keep_ratio=0.5, inner="eager")
+
+
+def test_backend_factory_validates_eagerly():
+    with pytest.raises(ValueError, match="'bogus'"):
+        lemo_compile.backend(LemoConfig(), bogus=1)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        lemo_compile.backend(keep_ratio=0)
