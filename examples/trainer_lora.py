@@ -11,6 +11,7 @@ tiny random Llama with byte tokens), the Python standard library's sources as tr
 """
 
 import argparse
+import copy
 import tempfile
 
 import torch
@@ -34,6 +35,19 @@ class Chunks(torch.utils.data.Dataset):
         return {"input_ids": self.items[i], "labels": self.items[i]}
 
 
+def without_gguf_marker(model):
+    """The Trainer refuses models whose config says "quantized with GGUF", although transformers has
+    de-quantized the weights to fp32 at load time. Rebuild the model from a config without the
+    marker and copy the weights over."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    plain = type(model)(config).to(torch.float32)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
@@ -43,6 +57,7 @@ def main():
 
     found = None if args.tiny else find_smollm2()
     model, encode = load_smollm2(*found) if found else load_tiny(seed=0)
+    model = without_gguf_marker(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     data = Chunks(stdlib_tokens(encode, args.steps * args.seq), args.seq, args.steps)
