@@ -236,7 +236,6 @@ def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m) -> None:
         out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c))[attn.output]
         h1 = _like(g.call_function(ops.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
     attn.residual_add.replace_all_uses_with(h1)
-    _retarget(attn, h1)
 
 
 def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
@@ -306,10 +305,6 @@ def _set_mask(node: fx.Node, mask_c: fx.Node | None) -> None:
         node.args = tuple(args)
     else:
         node.kwargs = {**node.kwargs, "attn_mask": mask_c}
-
-
-def _retarget(blk: Block, new: fx.Node) -> None:
-    blk.residual_add = new
 
 
 # -------------------------------------------------------------------------------------------------
