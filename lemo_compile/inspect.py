@@ -70,4 +70,4 @@ def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bo
         loss.backward()
     recs = RECORDS[start:]
     torch._dynamo.reset()
-    return Explanation(records=recs, loss=float(loss) if loss is not None else None)
+    return Explanation(records=recs, loss=float(loss.detach()) if loss is not None else None)
