@@ -68,21 +68,20 @@ def _nbytes(val: Any) -> int:
 
 
 def attribute(node: fx.Node) -> tuple[str, str]:
-    from lemo_compile.passes.detect import layer_of, module_stack
+    from lemo_compile.passes.detect import _LAYER_TAIL, layer_of, module_stack
     lo = layer_of(node)
     if lo is None:  # outside decoder layers, or a graph compiled from one layer (children at the top)
         st = module_stack(node)
         rel = st[-1][0].split(".", 1)[1] if st and "." in st[-1][0] else ""
-        head = rel.split(".")[0]
-        block = "attn" if head in _ATTN else "mlp" if head in _MLP else "other"
-        return ("(compiled module)" if block != "other" else "other"), block
+        layer = "(compiled module)"
     else:
         path, _, rel = lo
-        import re
-        m = re.search(r"layers\.(\d+)$", path)
+        m = _LAYER_TAIL.search(path)
         layer = f"layers.{m.group(1)}" if m else path
     head = rel.split(".")[0]
     block = "attn" if head in _ATTN else "mlp" if head in _MLP else "other"
+    if lo is None and block == "other":
+        layer = "other"
     return layer, block
 
 

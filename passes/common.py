@@ -70,10 +70,6 @@ def shape_of(node: Any) -> tuple | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def node_inputs(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
 def closure_back(start: fx.Node, allowed: set[fx.Node], stop: Iterable[fx.Node] = ()) -> set[fx.Node]:
     """All nodes in `allowed` reachable backwards from `start` (inclusive) without passing `stop`."""
     stop = set(stop)
