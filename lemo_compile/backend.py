@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from . import _compat, config as _config
+from . import lm_loss as _lm_loss  # noqa: F401  (registers lemo::linear_cross_entropy)
 from . import ops as _ops  # noqa: F401  (registers the lemo:: ops)
 from .config import Inner, LemoConfig
 
@@ -41,6 +42,7 @@ class CompileRecord:
     config: LemoConfig
     detect: Any = None  # passes.detect.DetectResult
     sparsify: Any = None  # passes.sparsify.SparsifyResult
+    peak_cut: Any = None  # passes.peak_cut.PeakCutResult
     left_alone: str | None = None  # why nothing was rewritten
     before: str = ""  # readable graph before the rewrite
     after: str = ""  # ... and after
@@ -49,8 +51,12 @@ class CompileRecord:
     _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
-    def rewritten(self) -> bool:
+    def sparsified(self) -> bool:
         return bool(self.sparsify and self.sparsify.layers)
+
+    @property
+    def rewritten(self) -> bool:
+        return self.sparsified or bool(self.peak_cut and self.peak_cut.losses)
 
 
 RECORDS: list[CompileRecord] = []  # the most recent compiles, oldest first
@@ -109,6 +115,7 @@ def lemo_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | No
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
     from .passes.detect import detect
+    from .passes.peak_cut import peak_cut
     from .passes.sparsify import sparsify
 
     rec = CompileRecord(graph_id=next(_ids), config=cfg)
@@ -119,13 +126,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
         rec.detect = detect(gm)
         if rec.detect.layers:
             rec.sparsify = sparsify(gm, rec.detect, cfg)
+        if cfg.peak_cut:
+            rec.peak_cut = peak_cut(gm, cfg)
         if rec.rewritten:
             rec.after = gm.print_readable(print_output=False)
-            log.info("lemo: graph %d: %d sparse layers rewritten (attn=%s, mlp=%s), %d dense, %d skipped",
-                     rec.graph_id, len(rec.sparsify.layers), cfg.attn_mode.value, cfg.mlp_mode.value,
-                     rec.sparsify.counters["dense_layers"], len(rec.sparsify.skips))
+            n_sparse = len(rec.sparsify.layers) if rec.sparsify else 0
+            log.info("lemo: graph %d: %d sparse layers rewritten (attn=%s, mlp=%s), %d dense, %d skipped; "
+                     "%d losses segmented", rec.graph_id, n_sparse, cfg.attn_mode.value, cfg.mlp_mode.value,
+                     rec.sparsify.counters["dense_layers"] if rec.sparsify else 0,
+                     len(rec.sparsify.skips) if rec.sparsify else 0, len(rec.peak_cut.losses) if rec.peak_cut else 0)
         else:
-            skips = (rec.detect.skips + (rec.sparsify.skips if rec.sparsify else []))
+            skips = (rec.detect.skips + (rec.sparsify.skips if rec.sparsify else [])
+                     + (rec.peak_cut.skips if rec.peak_cut else []))
             if rec.sparsify is not None and not rec.sparsify.skips:
                 rec.left_alone = "every detected decoder layer is dense under the configuration"
             else:

@@ -33,6 +33,7 @@ class Inner(str, enum.Enum):
 
 
 BUILTIN_PREDICTORS = ("pooled", "random")
+LOGITS_MODES = ("keep", "drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,15 @@ class LemoConfig:
     num_layers: int | None = None
     # Compiler the rewritten graphs are handed to.
     inner: Inner = Inner.INDUCTOR
+    # Compute the LM head + cross-entropy loss in row segments (exact; never holds the full fp32
+    # logits or their gradient). See passes.peak_cut.
+    peak_cut: bool = True
+    # Bytes of temporaries one loss segment may hold; sets the rows per segment.
+    segment_bytes: int = 1 << 30
+    # Logits a training graph returns when its loss is segmented: "keep" (the model's logits, as
+    # without lemo) or "drop" (an empty (batch, seq, 0) tensor: saves the head's full matmul and
+    # its n x vocab output; any use of the logits then fails loudly).
+    logits: str = "keep"
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -74,7 +84,7 @@ class LemoConfig:
         fix("attn_mode", _enum("attn_mode", AttnMode, self.attn_mode))
         fix("mlp_mode", _enum("mlp_mode", MlpMode, self.mlp_mode))
         fix("inner", _enum("inner", Inner, self.inner))
-        for name in ("enabled",):
+        for name in ("enabled", "peak_cut"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
         b = self.block_size
@@ -98,6 +108,11 @@ class LemoConfig:
         if self.predictor not in BUILTIN_PREDICTORS:
             raise ValueError(f"LemoConfig.predictor must be one of {BUILTIN_PREDICTORS}, got {self.predictor!r} "
                              "(calibrated predictor files are not supported yet)")
+        sb = self.segment_bytes
+        if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
+            raise ValueError(f"LemoConfig.segment_bytes must be a positive int, got {sb!r}")
+        if self.logits not in LOGITS_MODES:
+            raise ValueError(f"LemoConfig.logits must be one of {LOGITS_MODES}, got {self.logits!r}")
         if self.layer_index is not None:
             _check_layer("layer_index", self.layer_index)
         if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):

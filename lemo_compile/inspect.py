@@ -26,6 +26,13 @@ def format_record(rec: Any, graphs: bool = False) -> str:
             lines.append(f"      {layer.mlp.describe()}")
         for s in det.skips + (rec.sparsify.skips if rec.sparsify else []):
             lines.append(f"  skipped {s}")
+    pc = getattr(rec, "peak_cut", None)
+    if pc is not None:
+        for d in pc.losses:
+            lines.append(f"  loss segmented: {d['rows']} rows x vocab {d['vocab']} in segments of {d['segment_rows']} rows, "
+                         f"logits {d['logits']}")
+        for s in pc.skips:
+            lines.append(f"  loss left alone {s}")
     if rec.left_alone:
         lines.append(f"  left alone: {rec.left_alone}")
     if rec.saved:

@@ -1,0 +1,199 @@
+"""passes.peak_cut — compute the LM head and its cross-entropy loss in sequence segments.
+
+Matches, in a Dynamo graph, a cross-entropy whose input is a linear layer's output reached only
+through casts and flattening views (HF's `ForCausalLMLoss`, and any loss written the same way):
+
+    logits = linear(h, W_lm, b)            # (b, n, V), returned to the caller
+    loss   = cross_entropy(logits.float().view(-1, V), labels.view(-1), ignore_index=-100)
+
+and replaces the loss with one `lemo::linear_cross_entropy` call that reads h and W directly, one
+segment of rows at a time, so neither the fp32 logits nor their gradient ever exist in full:
+
+    loss, dh, dW, db = lemo::linear_cross_entropy(h.reshape(-1, d), W_lm, b, labels.view(-1), ...)
+
+The logits themselves stay a graph output (the model returns them) unless LemoConfig.logits is
+"drop", in which case the graph returns an empty (b, n, 0) tensor for them and the head's full
+matmul disappears. Rows per segment come from LemoConfig.segment_bytes.
+
+Left alone, with a SkipReason: losses with class weights or label smoothing, reductions other than
+mean/sum, anything between the linear and the loss that is not a cast or a flattening view (logit
+soft-capping, a LoRA adapter on the head), linear outputs that are used elsewhere in the graph when
+logits are dropped (they are then kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from lemo_compile import lm_loss
+from lemo_compile.config import LemoConfig
+
+from .common import PassResult, is_call, shape_of, value_of
+from .detect import LINEAR_TARGETS
+
+CE_TARGETS = (F.cross_entropy, torch.nn.functional.cross_entropy, torch._C._nn.cross_entropy_loss)
+_CASTS = ("float", "to", "contiguous", "type")
+_FLATTEN = ("view", "reshape", torch.reshape, "flatten", torch.flatten)
+
+
+@dataclasses.dataclass
+class PeakCutResult(PassResult):
+    # per rewritten loss: {"loss", "rows", "vocab", "segment_rows", "logits"}
+    losses: list[dict] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Match:
+    ce: fx.Node
+    linear: fx.Node
+    hidden: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    target: fx.Node
+    chain: list[fx.Node]  # nodes between linear and ce
+    upcast: bool
+    ignore_index: int
+    reduction: str
+
+
+def peak_cut(gm: fx.GraphModule, cfg: LemoConfig) -> PeakCutResult:
+    res = PeakCutResult("peak_cut")
+    g = gm.graph
+    for ce in [n for n in g.nodes if is_call(n, *CE_TARGETS)]:
+        match = _match(ce, res)
+        if match is not None:
+            res.losses.append(_rewrite(g, match, cfg, res))
+            res.counters["losses_segmented"] += 1
+    if res.losses:
+        g.eliminate_dead_code()
+        g.lint()
+        gm.recompile()
+    return res
+
+
+# -------------------------------------------------------------------------------------------------
+# match, check
+# -------------------------------------------------------------------------------------------------
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
+    where = ce.name
+    if ce.target is torch._C._nn.cross_entropy_loss:
+        res.skip("loss_form", where, "cross_entropy_loss called directly; expected F.cross_entropy")
+        return None
+    src, target = ce.args[0], _arg(ce, 1, "target", None)
+    if _arg(ce, 2, "weight", None) is not None:
+        res.skip("loss_form", where, "class weights are not supported")
+        return None
+    ignore_index = _arg(ce, 4, "ignore_index", -100)
+    reduction = _arg(ce, 6, "reduction", "mean")
+    smoothing = _arg(ce, 7, "label_smoothing", 0.0)
+    if _arg(ce, 3, "size_average", None) is not None or _arg(ce, 5, "reduce", None) is not None:
+        res.skip("loss_form", where, "deprecated size_average/reduce arguments")
+        return None
+    if not isinstance(ignore_index, int) or reduction not in lm_loss.REDUCTIONS or smoothing not in (0, 0.0):
+        res.skip("loss_form", where, f"ignore_index={ignore_index!r}, reduction={reduction!r}, "
+                 f"label_smoothing={smoothing!r}: only an int ignore_index, mean/sum and no smoothing")
+        return None
+    src_shape, tgt_shape = shape_of(src), shape_of(target)
+    if src_shape is None or len(src_shape) != 2 or tgt_shape is None or len(tgt_shape) != 1:
+        res.skip("loss_form", where, "expected (N, V) logits and (N,) targets")
+        return None
+    # walk back from the loss input to a linear through casts and flattening views only
+    chain, node, upcast = [], src, False
+    while isinstance(node, fx.Node) and not is_call(node, *LINEAR_TARGETS):
+        if is_call(node, *_CASTS):
+            dt = value_of(node).dtype if isinstance(value_of(node), torch.Tensor) else None
+            upcast = upcast or dt == torch.float32
+        elif is_call(node, *_FLATTEN):
+            if not _flattens_rows(node):
+                res.skip("loss_chain", where, f"{node.name} reshapes more than the leading (row) dims")
+                return None
+        else:
+            res.skip("loss_chain", where, f"{node.name} ({getattr(node.target, '__name__', node.target)}) between "
+                     "the LM head and the loss is not a cast or a flattening view")
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        res.skip("loss_chain", where, "no linear layer feeds the loss")
+        return None
+    lin = node
+    hidden = lin.args[0]
+    weight = _arg(lin, 1, "weight", None)
+    bias = _arg(lin, 2, "bias", None)
+    lin_val, h_val = value_of(lin), value_of(hidden)
+    if not isinstance(lin_val, torch.Tensor) or not isinstance(h_val, torch.Tensor):
+        res.skip("loss_chain", where, "no fake values on the LM head")
+        return None
+    b_val = value_of(bias) if isinstance(bias, fx.Node) else None
+    w_val = value_of(weight)
+    if isinstance(b_val, torch.Tensor) and isinstance(w_val, torch.Tensor) and b_val.requires_grad != w_val.requires_grad:
+        res.skip("loss_form", where, "LM head bias and weight disagree on requires_grad")
+        return None
+    for n in chain:
+        if len(n.users) > 1:
+            res.skip("loss_chain", where, f"{n.name} is used outside the loss")
+            return None
+    # an fp32 head computes in fp32 with or without the cast
+    return _Match(ce, lin, hidden, weight, bias, target, chain, upcast or lin_val.dtype == torch.float32,
+                  ignore_index, reduction)
+
+
+def _flattens_rows(node: fx.Node) -> bool:
+    """A view/reshape/flatten that only merges leading dims and keeps the last (vocab) dim."""
+    src = shape_of(node.args[0])
+    out = shape_of(node)
+    if src is None or out is None or len(out) > len(src) or len(out) < 1:
+        return False
+    return out[-1] == src[-1] or (len(out) == len(src) and list(out) == list(src))
+
+
+# -------------------------------------------------------------------------------------------------
+# rewrite
+# -------------------------------------------------------------------------------------------------
+
+
+def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dict:
+    h_val, w_val = value_of(m.hidden), value_of(m.weight)
+    vocab, d = shape_of(m.weight)[0], shape_of(m.weight)[1]
+    grad_on = torch.is_grad_enabled()
+    grad_x = bool(grad_on and h_val.requires_grad)
+    grad_w = bool(grad_on and isinstance(w_val, torch.Tensor) and w_val.requires_grad)
+    rows = lm_loss.segment_rows(int(vocab), cfg.segment_bytes, m.upcast, h_val.dtype.itemsize)
+    with g.inserting_before(m.ce):
+        x2 = g.call_method("reshape", (m.hidden, -1, d))
+        t1 = g.call_method("reshape", (m.target, -1))
+        out = g.call_function(torch.ops.lemo.linear_cross_entropy.default,
+                              (x2, m.weight, m.bias, t1, m.ignore_index, m.reduction, m.upcast, rows, grad_x, grad_w))
+        loss = g.call_function(operator.getitem, (out, 0))
+    loss.meta.update({k: v for k, v in m.ce.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    m.ce.replace_all_uses_with(loss)
+    g.erase_node(m.ce)
+    for n in m.chain:  # reverse order from the loss: each is now unused
+        if not n.users:
+            g.erase_node(n)
+    logits_mode = "kept"
+    if cfg.logits == "drop":
+        outputs = [u for u in m.linear.users if u.op == "output"]
+        others = [u for u in m.linear.users if u.op != "output"]
+        if others:
+            res.skip("logits_used", m.ce.name, f"logits feed {', '.join(u.name for u in others)}; kept")
+        elif outputs:
+            with g.inserting_before(m.linear):
+                empty = g.call_function(lm_loss.empty_logits, (m.hidden,))
+            m.linear.replace_all_uses_with(empty)
+            logits_mode = "dropped"
+    return {"loss": loss.name, "rows": str(shape_of(m.hidden)[:-1]), "vocab": int(vocab),
+            "segment_rows": rows, "logits": logits_mode, "grad_hidden": grad_x, "grad_weight": grad_w}
