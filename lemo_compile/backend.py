@@ -48,6 +48,7 @@ class CompileRecord:
     after: str = ""  # ... and after
     aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
     saved: list = dataclasses.field(default_factory=list)  # memory.SavedValue: what the backward keeps
+    memory: Any = None  # passes.memory.MemoryEstimate: static peak of forward (+ backward once compiled)
     _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -83,13 +84,16 @@ def _source_files() -> tuple[str, ...]:
 class AotPasses(_compat.custom_graph_pass_base()):
     """The composite AOT-level pass (one object per Inductor slot: torch 2.11 takes no lists).
 
-    It runs lemo's post-grad passes on each forward/backward graph. None rewrite yet (fused kernels
-    and peak cutting are separate issues); it records which graphs it saw so tests can prove the
-    pass runs whenever the options change."""
+    It runs on each forward/backward graph after Inductor's own post-grad passes and rewrites nothing
+    (every rewrite happens on the Dynamo graph); it records which graphs it saw, what the backward
+    keeps, and the static peak-memory estimate (passes.memory), so tests can prove it runs whenever
+    the options change."""
 
-    def __init__(self, cfg: LemoConfig, record: CompileRecord | None = None):
+    def __init__(self, cfg: LemoConfig, record: CompileRecord | None = None, fusion_aware: bool = True):
         self.cfg = cfg
         self.record = record
+        self.fusion_aware = fusion_aware  # Inductor fuses pointwise chains; the eager inner does not
+        self._fw_graph: fx.Graph | None = None
 
     def __call__(self, graph: fx.Graph) -> None:
         from . import memory
@@ -100,7 +104,20 @@ class AotPasses(_compat.custom_graph_pass_base()):
                 self.record.saved = memory.saved_values(self.record._fw_values, graph)
             else:
                 self.record._fw_values = memory.forward_values(graph.owning_module)
+                self._fw_graph = graph
+            self._estimate(graph if is_bw else None)
         log.debug("lemo AOT pass on %s graph (%d nodes)", "backward" if is_bw else "forward", len(graph.nodes))
+
+    def _estimate(self, bw: fx.Graph | None) -> None:
+        """Static peak estimate; forward-only until the backward is compiled. Never fails a compile."""
+        from .passes import memory as peak_memory
+        if self._fw_graph is None:
+            return
+        try:
+            self.record.memory = peak_memory.estimate(self._fw_graph, bw, fusion_aware=self.fusion_aware)
+        except Exception as e:  # an estimate is a report: a bug in it must not break training
+            log.warning("lemo: memory estimate of graph %d failed: %s: %s", self.record.graph_id,
+                        type(e).__name__, e)
 
     def uuid(self) -> bytes:
         return _compat.hash_for_files(_source_files(), extra=self.cfg.to_json())
@@ -157,7 +174,7 @@ def _record_text(rec: CompileRecord) -> str:
 
 
 def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: CompileRecord):
-    passes = AotPasses(cfg, rec)
+    passes = AotPasses(cfg, rec, fusion_aware=cfg.inner is Inner.INDUCTOR)
     if cfg.inner is Inner.EAGER:
         return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph))(gm, example_inputs)
     return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes})

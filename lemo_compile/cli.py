@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--forward-only", action="store_true",
                     help="skip the backward pass (then no saved-activation accounting)")
     ex.add_argument("--graphs", action="store_true", help="also print each graph before and after the rewrite")
+    ex.add_argument("--fits", type=float, default=None, metavar="GB",
+                    help="compile with a dynamic sequence length and print the longest context whose "
+                         "estimated peak fits in GB gigabytes")
+    ex.add_argument("--memory-plot", default=None, metavar="PNG",
+                    help="write the estimated memory timeline without lemo's rewrites and with them")
     ex.set_defaults(func=_cmd_explain)
 
     demo = sub.add_parser(
@@ -95,13 +100,31 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     model = tiny_model(args.arch, lora=args.lora, layers=args.layers)
     batch = random_batch(model.config.vocab_size, b=args.batch, n=args.seq, seed=0)
     explanation = lemo_compile.explain(model, input_ids=batch["input_ids"], labels=batch["labels"],
-                                       config=cfg, backward=not args.forward_only)
+                                       config=cfg, backward=not args.forward_only, dynamic=args.fits is not None)
     print(f"# lemo explain: tiny {args.arch}{' + LoRA' if args.lora else ''}, {args.layers} layers, "
           f"input (batch {args.batch}, {args.seq} tokens), torch {torch.__version__}")
     print(explanation.text(graphs=True) if args.graphs else str(explanation))
     if explanation.loss is not None:
         print(f"loss of the compiled forward: {explanation.loss:.4f}")
+    if args.fits is not None:
+        n = explanation.max_context(int(args.fits * 1e9))
+        print(f"longest context whose estimated peak fits in {args.fits:g} GB: {n} tokens (batch {args.batch})")
+    if args.memory_plot:
+        from lemo_compile.passes.memory import plot_timeline
+
+        dense = lemo_compile.explain(model, input_ids=batch["input_ids"], labels=batch["labels"],
+                                     config=cfg.replace(enabled=False), backward=not args.forward_only)
+        plot_timeline({"without lemo": _main_estimate(dense), "with lemo": _main_estimate(explanation)},
+                      args.memory_plot)
+        print(f"wrote {args.memory_plot}")
     return 0
+
+
+def _main_estimate(explanation):
+    ests = [r.memory for r in explanation.records if getattr(r, "memory", None) is not None]
+    if not ests:
+        raise SystemExit("no memory estimate was recorded")
+    return max(ests, key=lambda e: e.peak_hint)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

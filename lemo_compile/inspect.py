@@ -40,6 +40,8 @@ def format_record(rec: Any, graphs: bool = False) -> str:
         lines.append("  saved for backward (MiB):   attention      MLP    other")
         for layer, d in sorted(saved_by_block(rec.saved).items(), key=lambda kv: _layer_key(kv[0])):
             lines.append(f"      {layer:<18} {d['attn'] / 2**20:9.2f} {d['mlp'] / 2**20:8.2f} {d['other'] / 2**20:8.2f}")
+    if getattr(rec, "memory", None) is not None:
+        lines += ["  " + line for line in rec.memory.format().splitlines()]
     if graphs and rec.before:
         lines += ["  --- graph before ---", rec.before, "  --- graph after ---", rec.after or "(unchanged)"]
     return "\n".join(lines)
@@ -60,17 +62,38 @@ class Explanation:
     def text(self, graphs: bool = False) -> str:
         return "\n".join(format_record(r, graphs=graphs) for r in self.records)
 
+    def max_context(self, budget_bytes: int, resident: int = 0) -> int:
+        """Longest sequence length whose estimated peak (graph with the largest peak, plus `resident`
+        bytes held outside the graphs: optimizer state, the allocator's slack) fits `budget_bytes`.
+        Needs an explanation compiled with `dynamic=True`."""
+        ests = [r.memory for r in self.records if getattr(r, "memory", None) is not None]
+        if not ests:
+            raise ValueError("no memory estimate was recorded (was a graph compiled by Inductor's cache?)")
+        est = max(ests, key=lambda e: e.peak_hint)
+        if len(est.symbols) != 1:
+            raise ValueError(f"max_context needs exactly one size symbol (the sequence length); the estimate has "
+                             f"{list(est.symbols) or 'none'}: compile with explain(..., dynamic=True) and batch 1")
+        return est.max_length(budget_bytes - resident, est.symbols[0])
 
-def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bool = True, **kwargs: Any) -> Explanation:
+
+def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bool = True, dynamic: bool = False,
+            **kwargs: Any) -> Explanation:
     """Compile `model` with lemo on these inputs (one forward and, if it returns a loss, one backward)
-    and report, per graph, what was found, what was rewritten, what was skipped and why, and the
-    bytes each layer's attention and MLP keep for backward."""
+    and report, per graph, what was found, what was rewritten, what was skipped and why, the bytes
+    each layer's attention and MLP keep for backward, and the static peak estimate.
+
+    dynamic=True marks axis 1 (the sequence) of every tensor argument dynamic, so the estimate is a
+    formula in the length and `Explanation.max_context(budget)` answers how long a context fits."""
     from . import config as _config
     from .backend import RECORDS, make_backend
 
     cfg = config if config is not None else _config.get_default()
     start = len(RECORDS)
     compiled = torch.compile(model, backend=make_backend(cfg))
+    if dynamic:
+        for t in (*args, *kwargs.values()):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                torch._dynamo.mark_dynamic(t, 1)
     out = compiled(*args, **kwargs)
     loss = getattr(out, "loss", None)
     if backward and loss is not None:

@@ -51,3 +51,14 @@ def test_demo_tiny(capsys, tmp_path):
         assert word in out, word
     pytest.importorskip("matplotlib")
     assert (tmp_path / "lemo_demo_keep.png").stat().st_size > 1000
+
+
+def test_explain_fits_and_memory_plot(capsys, tmp_path):
+    png = tmp_path / "mem.png"
+    argv = ["explain", "--seq", "130", "--layers", "2", "--fits", "0.01", "--memory-plot", str(png)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    line = [l for l in out.splitlines() if l.startswith("longest context")]
+    assert line and int(line[0].split(": ")[1].split()[0]) > 130
+    assert "peak bytes = " in out  # the symbolic formula
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
