@@ -17,7 +17,7 @@ GEMM, and overhead_vs_gemm = (total - the four GEMMs alone) / the four GEMMs alo
     fused     the lemo ops (Triton)
 
 Also: forward + backward of the norm (h requires grad, weight frozen as under LoRA), the backward kernel
-alone, the achieved bandwidth of gather_rmsnorm (bytes read: m rows of h + weight; written: m rows)
+alone, the achieved bandwidth of gather_rmsnorm (bytes read: m rows of h + weight; written: 2 x m rows, output and the copy kept for backward)
 against the copy bandwidth measured in the same run (dst.copy_(src), 1 GiB bf16, bytes read+written),
 and max |fused - naive| as a sanity check. Times: triton.testing.do_bench median, which flushes L2
 before every repetition.
@@ -109,7 +109,7 @@ def measure(n: int, compile_baseline: bool) -> dict:
     if compile_baseline:
         variants["compiled"] = (torch.compile(naive_norm, dynamic=False),
                                 torch.compile(naive_linear_scatter_add, dynamic=False))
-    variants["fused"] = (lambda h_, i_, w_: lemo.gather_rmsnorm(h_, i_, ok, w_, EPS),
+    variants["fused"] = (lambda h_, i_, w_: rows.gather_rmsnorm(h_, i_, ok, w_, EPS),
                          lambda h_, x_, w_, i_, ok_: lemo.linear_scatter_add(h_, x_, w_, None, None, i_, ok_))
     hg = h.detach().requires_grad_(True)
     for name, (norm, lsa) in variants.items():
@@ -134,13 +134,14 @@ def measure(n: int, compile_baseline: bool) -> dict:
         res[f"{v}_total_ms"] = tot
         res[f"{v}_overhead_vs_gemm"] = (tot - gemm_total) / gemm_total if tot and gemm_total else None
 
-    nbytes = (2 * m * D + D) * h.element_size() + m * idx.element_size()
+    # read m rows of h + weight + idx; write the normalized rows and the kept copy for backward
+    nbytes = (3 * m * D + D) * h.element_size() + m * idx.element_size()
     if t["fused_norm"]:
         res["gather_rmsnorm_bytes"] = nbytes
         res["gather_rmsnorm_gb_per_s"] = nbytes / (t["fused_norm"] * 1e-3) / 1e9
 
     with torch.no_grad():
-        res["max_abs_diff_norm"] = (lemo.gather_rmsnorm(h, idx, ok, norm_w, EPS).float()
+        res["max_abs_diff_norm"] = (rows.gather_rmsnorm(h, idx, ok, norm_w, EPS).float()
                                     - naive_norm(h, idx, norm_w).float()).abs().max().item()
         res["max_abs_diff_down_scatter"] = (
             lemo.linear_scatter_add(h, act, w_down, None, None, idx, ok).float()

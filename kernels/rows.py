@@ -57,7 +57,7 @@ if triton is not None:
     @triton.jit
     def _gather_rmsnorm_fwd_kernel(
         # pointers
-        out_ptr, h_ptr, idx_ptr, w_ptr,
+        out_ptr, rows_ptr, h_ptr, idx_ptr, w_ptr,
         # sizes
         N_TOK, M_PER_B, D,
         # strides (rows; columns are contiguous)
@@ -72,7 +72,9 @@ if triton is not None:
         src = (row // M_PER_B) * N_TOK + tok
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
-        x = tl.load(h_ptr + src * stride_h_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        xr = tl.load(h_ptr + src * stride_h_row + cols, mask=cmask, other=0.0)
+        tl.store(rows_ptr + row * stride_out_row + cols, xr, mask=cmask)  # kept for the backward
+        x = xr.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         # HF: (x * rstd) rounded to h's dtype, then weight * that in the weight's (== h's) dtype.
         xn = (x * rstd).to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -315,11 +317,12 @@ def _require_triton(op: str) -> None:
 
 
 def gather_rmsnorm_triton(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
-                          eps: float) -> torch.Tensor:
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of the rows of h at idx, read by index.
 
     h (b, n, d) float; idx (b, m) int64 in [0, n); ok (b, m) bool (unused by the forward: every row is
-    computed); weight (d,) in h's dtype. Returns (b, m, d) in h's dtype."""
+    computed); weight (d,) in h's dtype. Returns the normalized rows (b, m, d) in h's dtype and the
+    gathered rows themselves (b, m, d), which the backward reads instead of all of h."""
     _require_triton("gather_rmsnorm")
     _check_gather_rmsnorm(h, idx, ok, weight)
     b, n, d = h.shape
@@ -328,17 +331,18 @@ def gather_rmsnorm_triton(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, 
         _check_idx_range("gather_rmsnorm", idx, n)
     h, idx, weight = h.contiguous(), idx.contiguous(), weight.contiguous()
     out = h.new_empty(b, m, d)
+    rows = h.new_empty(b, m, d)
     if b * m == 0 or d == 0:
-        return out
+        return out, rows
     block_d = _row_block("gather_rmsnorm", d)
     _gather_rmsnorm_fwd_kernel[(b * m,)](
-        out, h, idx, weight,
+        out, rows, h, idx, weight,
         n, m, d,
         d, d,
         float(eps),
         BLOCK_D=block_d, num_warps=_row_warps(block_d),
     )
-    return out
+    return out, rows
 
 
 def _bwd_programs(t: torch.Tensor, rows: int) -> int:
@@ -392,13 +396,14 @@ def _gather(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def gather_rmsnorm_torch(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
-                         eps: float) -> torch.Tensor:
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of gather_rmsnorm_triton: gather, then HF RMSNorm with torch ops."""
     _check_gather_rmsnorm(h, idx, ok, weight)
     _check_idx_range("gather_rmsnorm", idx, h.shape[1])
-    xf = _gather(h, idx).to(_compute_dtype(h.dtype))
+    rows = _gather(h, idx)
+    xf = rows.to(_compute_dtype(h.dtype))
     xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xn.to(h.dtype)
+    return weight * xn.to(h.dtype), rows
 
 
 def gather_rmsnorm_backward_torch(grad: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor,
@@ -489,17 +494,26 @@ def _use_triton(t: torch.Tensor) -> bool:
 # -------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lemo::gather_rmsnorm", mutates_args=())
-def gather_rmsnorm(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
-                   eps: float) -> torch.Tensor:
+@torch.library.custom_op("lemo::gather_rmsnorm_rows", mutates_args=())
+def gather_rmsnorm_rows(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalized rows, gathered rows); see gather_rmsnorm."""
     if _use_triton(h):
         return gather_rmsnorm_triton(h, idx, ok, weight, eps)
     return gather_rmsnorm_torch(h, idx, ok, weight, eps)
 
 
-@gather_rmsnorm.register_fake
+@gather_rmsnorm_rows.register_fake
 def _(h, idx, ok, weight, eps):
-    return h.new_empty(idx.shape[0], idx.shape[1], h.shape[2])
+    shape = (idx.shape[0], idx.shape[1], h.shape[2])
+    return h.new_empty(shape), h.new_empty(shape)
+
+
+def gather_rmsnorm(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of h at idx (b, m, d); differentiable in h and weight. The backward keeps
+    the gathered rows (b, m, d), never all of h."""
+    return torch.ops.lemo.gather_rmsnorm_rows(h, idx, ok, weight, eps)[0]
 
 
 @torch.library.custom_op("lemo::gather_rmsnorm_backward", mutates_args=())
@@ -518,23 +532,26 @@ def _(grad, h, idx, ok, weight, eps, compute_dweight):
 
 def _gather_rmsnorm_setup(ctx, inputs, output):
     h, idx, ok, weight, eps = inputs
-    ctx.save_for_backward(h, idx, ok, weight)
+    ctx.save_for_backward(output[1], idx, ok, weight)  # the gathered rows, not h
     ctx.eps = eps
+    ctx.h_shape = h.shape
 
 
-def _gather_rmsnorm_bwd(ctx, grad):
-    h, idx, ok, weight = ctx.saved_tensors
+def _gather_rmsnorm_bwd(ctx, grad, _grad_rows):
+    rows, idx, ok, weight = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    drows, dweight = gather_rmsnorm_backward(grad, h, idx, ok, weight, ctx.eps, need_w)
+    # the rows are already gathered: read them in order (row j of batch i at index j)
+    ident = torch.arange(rows.shape[1], device=idx.device).expand(idx.shape)
+    drows, dweight = gather_rmsnorm_backward(grad, rows, ident, ok, weight, ctx.eps, need_w)
     dh = None
     if need_h:
         # Plain ops, so the compiler can fuse the scatter with the residual's gradient. drows is
         # zero where ok is False, so padded duplicates of n-1 add nothing.
-        dh = torch.zeros_like(h).scatter_add(1, idx.unsqueeze(-1).expand(drows.shape), drows)
+        dh = drows.new_zeros(ctx.h_shape).scatter_add(1, idx.unsqueeze(-1).expand(drows.shape), drows)
     return dh, None, None, dweight if need_w else None, None
 
 
-gather_rmsnorm.register_autograd(_gather_rmsnorm_bwd, setup_context=_gather_rmsnorm_setup)
+gather_rmsnorm_rows.register_autograd(_gather_rmsnorm_bwd, setup_context=_gather_rmsnorm_setup)
 
 
 @torch.library.custom_op("lemo::linear_scatter_add", mutates_args=())
@@ -580,7 +597,7 @@ if __name__ == "__main__":
     wn = torch.randn(d)
     x = _gather(h, idx).float()
     ref = wn * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-    print("gather_rmsnorm max |diff|:", (torch.ops.lemo.gather_rmsnorm(h, idx, ok, wn, 1e-6) - ref).abs().max().item())
+    print("gather_rmsnorm max |diff|:", (rows.gather_rmsnorm(h, idx, ok, wn, 1e-6) - ref).abs().max().item())
     z, w = torch.randn(b, m, k), torch.randn(d, k)
     ref = h.scatter_add(1, idx[..., None].expand(b, m, d), (z @ w.T) * ok[..., None])
     out = torch.ops.lemo.linear_scatter_add(h, z, w, None, None, idx, ok)

@@ -43,6 +43,7 @@ class CompileRecord:
     detect: Any = None  # passes.detect.DetectResult
     sparsify: Any = None  # passes.sparsify.SparsifyResult
     peak_cut: Any = None  # passes.peak_cut.PeakCutResult
+    fuse: Any = None  # passes.fuse.FuseResult
     left_alone: str | None = None  # why nothing was rewritten
     before: str = ""  # readable graph before the rewrite
     after: str = ""  # ... and after
@@ -145,6 +146,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
             rec.sparsify = sparsify(gm, rec.detect, cfg)
         if cfg.peak_cut:
             rec.peak_cut = peak_cut(gm, cfg)
+        if rec.sparsified and cfg.fused_kernels:
+            from .passes.fuse import fuse
+            rec.fuse = fuse(gm)
         if rec.rewritten:
             rec.after = gm.print_readable(print_output=False)
             n_sparse = len(rec.sparsify.layers) if rec.sparsify else 0

@@ -405,6 +405,7 @@ def _clone(g: fx.Graph, blk: Block, nodes: list[fx.Node], env: dict[fx.Node, fx.
         new = g.node_copy(node, lambda a: env.get(a, a))
         for key in ("example_value", "val", "tensor_meta"):  # the copy has other shapes: no stale fakes
             new.meta.pop(key, None)
+        new.meta["lemo_like"] = node  # same dtype and rank as the original (passes.fuse reads it)
         new.args = fx.map_arg(args, lambda a: env.get(a, a))
         new.kwargs = fx.map_arg(kwargs, lambda a: env.get(a, a))
         if sdpa_patch is not None and is_call(node, *SDPA_TARGETS):

@@ -82,7 +82,7 @@ def test_gather_rmsnorm_cuda(dtype, b, n, d, monkeypatch):
     up = torch.randn(*idx.shape, d, device="cuda", generator=gen)
 
     def fn(h_, w_):
-        return torch.ops.lemo.gather_rmsnorm(h_, idx, ok, w_, EPS)
+        return rows.gather_rmsnorm(h_, idx, ok, w_, EPS)
 
     ref, ref_g = run(fn, (h.double(), weight.double()), up.double())  # fp64 runs the twin
     out, out_g = run(fn, (h.to(dtype), weight.to(dtype)), up.to(dtype))
@@ -152,4 +152,4 @@ def test_debug_env_checks_idx_range(monkeypatch):
     ok = torch.ones_like(idx, dtype=torch.bool)
     monkeypatch.setenv("LEMO_KERNEL_DEBUG", "1")
     with pytest.raises(ValueError, match="`idx`"):
-        torch.ops.lemo.gather_rmsnorm(h, idx, ok, torch.ones(64, device="cuda"), EPS)
+        rows.gather_rmsnorm(h, idx, ok, torch.ones(64, device="cuda"), EPS)
