@@ -10,6 +10,7 @@ subprocess, alternating in one invocation:
     lemo_fwd_exact   lemo, attn_mode=backward, mlp_mode=backward   (forward-exact)
     lemo_keys        lemo, attn_mode=keys,     mlp_mode=backward
     lemo_tokens_eager  lemo_tokens with inner="eager" (AOT autograd, ATen graphs run eagerly)
+    lemo_tokens_unfused  lemo_tokens without the fused row kernels (LemoConfig(fused_kernels=False))
 
 One step = forward + backward + AdamW step on the LoRA parameters. Timing: compile/first step, 2
 warm-up steps, then the median of --steps timed steps (device synchronised). Memory: peak allocated
@@ -21,6 +22,7 @@ and reserved over the timed steps (expandable segments for every variant).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -39,6 +41,8 @@ VARIANTS = {
     "lemo_keys": dict(attn_mode="keys", mlp_mode="backward"),
     # the same rewrite, ATen graphs run eagerly (no Inductor): eager kernels for attention and GEMMs
     "lemo_tokens_eager": dict(attn_mode="tokens", mlp_mode="backward", inner="eager"),
+    # lemo_tokens without the fused row kernels (passes.fuse): Inductor compiles the gather/scatter
+    "lemo_tokens_unfused": dict(attn_mode="tokens", mlp_mode="backward", fused_kernels=False),
 }
 
 
@@ -94,6 +98,8 @@ def worker(args) -> dict:
         res["sparse_layers"] = sum(r.sparsify.counters["sparse_layers"] for r in recs)
         res["lemo_skips"] = [str(s) for r in recs for s in r.sparsify.skips]
         res["graphs"] = len(lemo_compile.records())
+        res["fused"] = dict(sum((r.fuse.counters for r in recs if r.fuse is not None), collections.Counter()))
+        res["losses_segmented"] = sum(r.peak_cut.counters["losses_segmented"] for r in recs if r.peak_cut)
     return res
 
 
@@ -142,13 +148,23 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
+    when = doc["env"]["when"][:10]
+    src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
     if args.headline and "ratios_vs_best_dense" in doc and "lemo_tokens" in doc["ratios_vs_best_dense"]:
-        when = doc["env"]["when"][:10]
-        src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
         rt = doc["ratios_vs_best_dense"]["lemo_tokens"]
         merge_headline(args.headline, {
             "sparsify_peak_ratio_1b_16k": {"value": rt["peak"], "source": src, "command": command, "when": when},
             "sparsify_step_ratio_1b_16k": {"value": rt["step"], "source": src, "command": command, "when": when}})
+    if "lemo_tokens" in ok and "lemo_tokens_unfused" in ok:
+        ratio = ok["lemo_tokens"]["median_step_s"] / ok["lemo_tokens_unfused"]["median_step_s"]
+        doc["fused_step_ratio"] = ratio
+        print(f"fused / unfused step time: {ratio:.3f}")
+        if args.headline:
+            merge_headline(args.headline, {"fused_step_ratio_1b_16k": {
+                "value": ratio, "target": "< 1.0 (fused faster)", "source": src, "command": command, "when": when}})
+    if args.out:  # again, with the fused ratio
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=2)
 
 
 if __name__ == "__main__":

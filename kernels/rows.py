@@ -20,8 +20,10 @@ and these ops fuse its two ends:
   the registered backward, so Inductor can fuse it with the residual's own gradient.
 - `lemo::linear_scatter_add(h, x, w, bias, r, idx, ok)` (b, n, d): h + rows of (x @ w.T + bias + r)
   added at idx for ok rows, each row rounded as in the unfused graph (linear output in x's dtype, + r
-  rounded, + h in h's dtype). On CUDA: one copy of h, then a tiled GEMM whose epilogue adds its rows
-  into the copy at idx (ok rows have unique idx, so no atomics). Backward is plain torch ops.
+  rounded, + h in h's dtype). On CUDA: one copy of h, the library GEMM, and one Triton pass adding the
+  rows into the copy at idx (ok rows have unique idx, so no atomics). A Triton GEMM whose epilogue does
+  the adding (LEMO_SCATTER_GEMM=triton) exists too; cuBLAS is faster than it on the H200. Backward is
+  plain torch ops.
 
 Layers, each in one place (STYLE 7-8): `@triton.jit` kernels; launchers `*_triton` (validate, allocate,
 launch); pure-PyTorch twins `*_torch` with the same arguments (the CPU implementation and the oracle);
@@ -181,6 +183,32 @@ if triton is not None:
         # h is read from the input, never from out: a relaunch (autotuning) rewrites the same values.
         hv = tl.load(h_ptr + offs, mask=smask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, (hv + y).to(out_ptr.dtype.element_ty), mask=smask)
+
+    @triton.jit
+    def _add_rows_kernel(
+        # pointers
+        out_ptr, h_ptr, y_ptr, r_ptr, idx_ptr, ok_ptr,
+        # sizes
+        N_TOK, M_PER_B, D,
+        # strides (rows; columns are contiguous)
+        stride_h_row, stride_y_row, stride_r_row,
+        # meta-parameters
+        HAS_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One program per kept row: out[idx] = h[idx] + (y [+ r], rounded like the unfused graph).
+        row = tl.program_id(0).to(tl.int64)
+        keep = tl.load(ok_ptr + row) != 0
+        if keep:
+            dest = (row // M_PER_B) * N_TOK + tl.load(idx_ptr + row)
+            for c0 in range(0, D, BLOCK_D):
+                cols = c0 + tl.arange(0, BLOCK_D)
+                cmask = cols < D
+                y = tl.load(y_ptr + row * stride_y_row + cols, mask=cmask, other=0.0).to(tl.float32)
+                if HAS_R:
+                    rv = tl.load(r_ptr + row * stride_r_row + cols, mask=cmask, other=0.0).to(tl.float32)
+                    y = (y + rv).to(y_ptr.dtype.element_ty).to(tl.float32)
+                hv = tl.load(h_ptr + dest * stride_h_row + cols, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + dest * stride_h_row + cols, (hv + y).to(out_ptr.dtype.element_ty), mask=cmask)
 
     def _even_k(args):
         return args["K"] % args["BLOCK_K"] == 0
@@ -470,6 +498,37 @@ def linear_scatter_add_triton(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     return out
 
 
+def linear_scatter_add_rows_triton(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                                   r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """The CUDA default of linear_scatter_add: the library GEMM (cuBLAS) for the kept rows, then one
+    Triton pass that adds them into a copy of h at idx. On the H200 cuBLAS beats the Triton GEMM with
+    the scatter epilogue (linear_scatter_add_triton) by more than the epilogue saves
+    (benchmarks/results/kernel_bench_8b.json); LEMO_SCATTER_GEMM=triton selects that one instead.
+
+    Same arguments, shapes and rounding as linear_scatter_add_triton."""
+    _require_triton("linear_scatter_add")
+    _check_linear_scatter_add(h, x, w, bias, r, idx, ok)
+    b, n, d = h.shape
+    m = idx.shape[1]
+    if _debug():
+        _check_idx_range("linear_scatter_add", idx, n)
+    y = F.linear(x, w, bias).contiguous()
+    h, idx = h.contiguous(), idx.contiguous()
+    r = r.contiguous() if r is not None else None
+    ok = ok.contiguous().view(torch.uint8)
+    out = h.clone()
+    if b * m == 0 or d == 0:
+        return out
+    block_d = min(triton.next_power_of_2(d), 2048)
+    _add_rows_kernel[(b * m,)](
+        out, h, y, r if r is not None else y, idx, ok,
+        n, m, d,
+        d, d, d,
+        HAS_R=r is not None, BLOCK_D=block_d, num_warps=_row_warps(block_d),
+    )
+    return out
+
+
 def linear_scatter_add_torch(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                              r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Twin of linear_scatter_add_triton: the unfused graph's ops."""
@@ -558,7 +617,9 @@ gather_rmsnorm_rows.register_autograd(_gather_rmsnorm_bwd, setup_context=_gather
 def linear_scatter_add(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                        r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     if _use_triton(h):
-        return linear_scatter_add_triton(h, x, w, bias, r, idx, ok)
+        if os.environ.get("LEMO_SCATTER_GEMM", "library") == "triton":
+            return linear_scatter_add_triton(h, x, w, bias, r, idx, ok)
+        return linear_scatter_add_rows_triton(h, x, w, bias, r, idx, ok)
     return linear_scatter_add_torch(h, x, w, bias, r, idx, ok)
 
 

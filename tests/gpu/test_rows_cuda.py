@@ -99,7 +99,9 @@ def test_gather_rmsnorm_cuda(dtype, b, n, d, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("b,n,d,k,bias", [(1, 3000, 2048, 8192, False), (1, 3000, 4096, 14336, False),
                                           (2, 3000, 4096, 4096, True), (1, 1000, 576, 1536, True)])
-def test_linear_scatter_add_cuda(dtype, b, n, d, k, bias, monkeypatch):
+@pytest.mark.parametrize("impl", ["library", "triton"])  # cuBLAS + row kernel | Triton GEMM epilogue
+def test_linear_scatter_add_cuda(dtype, b, n, d, k, bias, impl, monkeypatch):
+    monkeypatch.setenv("LEMO_SCATTER_GEMM", impl)
     gen = torch.Generator(device="cuda").manual_seed(0)
     idx, ok = kept_rows(b, n, gen)
     m = idx.shape[1]
@@ -121,6 +123,9 @@ def test_linear_scatter_add_cuda(dtype, b, n, d, k, bias, monkeypatch):
     monkeypatch.setenv("LEMO_KERNEL_IMPL", "torch")
     low, low_g = run(fn, cast(dtype), up.to(dtype))
     vf, gf = floors(dtype)
+    # fp32 sums of k products: the accumulation order's error grows like sqrt(k), and the kernels
+    # block the sum differently from cuBLAS
+    vf, gf = vf * max(1.0, (k / 1024) ** 0.5), gf * max(1.0, (k / 1024) ** 0.5)
     check("out", out, low, ref, vf)
     for name, a, lo, e in zip(["dh", "dx", "dw", "dbias", "dr"], out_g, low_g, ref_g):
         if e is not None:
@@ -129,7 +134,8 @@ def test_linear_scatter_add_cuda(dtype, b, n, d, k, bias, monkeypatch):
     untouched = ~kept_mask(n, idx, ok)
     assert torch.equal(out[untouched], cast(dtype)[0][untouched])
     # Relaunching (as autotuning does) gives the same result: h is read from the input, not the output.
-    again = rows.linear_scatter_add_triton(*cast(dtype), idx, ok)
+    launch = rows.linear_scatter_add_triton if impl == "triton" else rows.linear_scatter_add_rows_triton
+    again = launch(*cast(dtype), idx, ok)
     assert torch.equal(again, out)
 
 

@@ -225,6 +225,23 @@ def test_linear_scatter_add_triton_matches_twin(shape, k, bias, r):
     assert torch.equal(out[untouched], h[untouched])
 
 
+@interpreted
+@pytest.mark.parametrize("bias,r", [(False, False), (True, True)])
+@pytest.mark.parametrize("shape,k", [(SHAPES[0], 24), (SHAPES[1], 48), (SHAPES[3], 7)])
+def test_linear_scatter_add_rows_triton_matches_twin(shape, k, bias, r):
+    b, n, m, d, pad = shape
+    prob = gemm_problem(b, n, m, d, k, pad, bias, r)
+    h, x, w, bb, rr, idx, ok = prob
+    ref = rows.linear_scatter_add_torch(*[t.double() if t is not None else None for t in prob[:5]], idx, ok)
+    low = rows.linear_scatter_add_torch(*prob)
+    out = rows.linear_scatter_add_rows_triton(*prob)
+    check("out", out, low, ref, 1e-6)
+    untouched = torch.ones(b, n, dtype=torch.bool)
+    for bi in range(b):
+        untouched[bi, idx[bi][ok[bi]]] = False
+    assert torch.equal(out[untouched], h[untouched])
+
+
 # --- under torch.compile ---------------------------------------------------------------------------
 
 

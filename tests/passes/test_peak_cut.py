@@ -10,6 +10,7 @@ from torch import nn
 
 import lemo_compile
 from lemo_compile import LemoConfig, lm_loss
+from lemo_compile.backend import clear_records
 from lemo_compile.testing.models import ARCHS, random_batch, tiny_model, trainable_grads
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ def test_pass_with_sparse_layers_checkpointing_and_num_items():
     sparse = dict(inner="eager", keep_ratio=0.5, predictor="random")
     ref, ref_grads = _run(model, lemo_compile.backend(LemoConfig(**sparse, peak_cut=False)), batch, **kw)
     torch._dynamo.reset()
+    clear_records()
     out, grads = _run(model, lemo_compile.backend(LemoConfig(**sparse, segment_bytes=8 * 256 * 12)), batch, **kw)
     recs = lemo_compile.records()
     assert sum(r.peak_cut.counters["losses_segmented"] for r in recs if r.peak_cut) == 1
@@ -157,6 +159,7 @@ def test_dynamic_length_one_compile():
     backend = lemo_compile.backend(_dense_cfg())
     compiled = torch.compile(model, backend=backend, dynamic=True)
     compiles = []
+    clear_records()
     for n in (97, 161):
         batch = random_batch(256, 1, n, seed=n)
         ref, ref_grads = _run(model, None, batch)
