@@ -431,8 +431,14 @@ def step_worker(args) -> dict:
         t0 = time.perf_counter()
         model = build_tiny_model(args.seq) if args.tiny else build_model(args.arch, args.seq, LORA_R, LORA_TARGETS)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        res["build_s"] = time.perf_counter() - t0
         inner_model = model.get_base_model()
+        # transformers 5 also hooks the embedding output with requires_grad_(True), which only reentrant
+        # checkpointing needs; under torch.compile that hook breaks the graph ("requires_grad_()
+        # intermediate leaked as output") and PEFT's forward falls back to eager around it.
+        res["input_require_grads_hook"] = bool(args.keep_input_grad_hook)
+        if not args.keep_input_grad_hook:
+            inner_model.disable_input_require_grads()
+        res["build_s"] = time.perf_counter() - t0
         res["gradient_checkpointing"] = bool(getattr(inner_model, "is_gradient_checkpointing", False))
         res["forward"] = f"{type(inner_model).forward.__module__}.{type(inner_model).forward.__qualname__}"
         num_layers = model.config.num_hidden_layers
@@ -639,6 +645,9 @@ def main():
                                                                      "so that the tiny loss has several segments)")
     ap.add_argument("--chunker-ratio", type=float, default=2.0,
                     help="auto_chunker_tuned: auto_chunker.amplify_ratio_threshold (torch's default is 8)")
+    ap.add_argument("--keep-input-grad-hook", action="store_true",
+                    help="step: keep the embedding requires_grad_ hook gradient_checkpointing_enable installs "
+                         "(breaks the compiled graph; not needed by non-reentrant checkpointing)")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes on CPU: every code path, no real numbers")
     ap.add_argument("--device", default=None)
     ap.add_argument("--timeout", type=int, default=None, help="per-variant seconds (loss: 170, step: 420)")
@@ -685,6 +694,8 @@ def main():
         extra.append("--tiny")
     if args.device:
         extra += ["--device", args.device]
+    if args.keep_input_grad_hook:
+        extra.append("--keep-input-grad-hook")
     command = "python " + " ".join(sys.argv)
     merged: list[dict] = []
     if args.merge and os.path.exists(args.merge):
@@ -706,7 +717,8 @@ def main():
                       "alloc_conf": "expandable_segments:True",
                       **({"ignored_label_fraction": IGNORED_FRACTION} if loss else
                          {"lora": f"r={LORA_R} alpha={2 * LORA_R} q/k/v/o", "gradient_checkpointing": "HF, non-reentrant",
-                          "optimizer": "AdamW lr 1e-4 on LoRA params"})},
+                          "optimizer": "AdamW lr 1e-4 on LoRA params",
+                          "input_require_grads_hook": args.keep_input_grad_hook})},
            "results": []}
     fresh: list[dict] = []
 

@@ -19,10 +19,21 @@ def register_torch_log() -> None:
         log.debug("could not register lemo_compile with torch._logging")
 
 
-def aot_eager(fw_pass, bw_pass):
-    """AOT autograd whose forward/backward ATen graphs run eagerly after our passes."""
-    from functorch.compile import make_boxed_func
+def must_save_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE
+
+
+def aot_eager(fw_pass, bw_pass, joint_pass=None):
+    """AOT autograd whose forward/backward ATen graphs run eagerly after our passes; `joint_pass`
+    sees the joint graph before the (default) partitioner splits it."""
+    from functorch.compile import default_partition, make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+
+    def partition(joint: torch.fx.GraphModule, joint_inputs, **kwargs):
+        if joint_pass is not None:
+            joint_pass(joint.graph)
+        return default_partition(joint, joint_inputs, **kwargs)
 
     def fw(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
         fw_pass(gm)
@@ -32,7 +43,7 @@ def aot_eager(fw_pass, bw_pass):
         bw_pass(gm)
         return make_boxed_func(gm.forward)
 
-    return aot_autograd(fw_compiler=fw, bw_compiler=bw)
+    return aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition)
 
 
 def compile_fx(gm, example_inputs, config_patches: dict):

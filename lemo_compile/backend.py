@@ -50,6 +50,7 @@ class CompileRecord:
     aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
     saved: list = dataclasses.field(default_factory=list)  # memory.SavedValue: what the backward keeps
     memory: Any = None  # passes.memory.MemoryEstimate: static peak of forward (+ backward once compiled)
+    saved_for_recompute: int = 0  # values tagged MUST_SAVE for sparse checkpointing
     _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -124,6 +125,32 @@ class AotPasses(_compat.custom_graph_pass_base()):
         return _compat.hash_for_files(_source_files(), extra=self.cfg.to_json())
 
 
+class JointPasses(_compat.custom_graph_pass_base()):
+    """Joint forward+backward graph pass, before the partitioner (Inductor's joint_custom_pre_pass).
+
+    Sparse checkpointing: values passed through `lemo::saved` inside an activation-checkpoint region
+    (the keep set and the kept rows of a sparse layer) are tagged MUST_SAVE, so the partitioner saves
+    them and recomputes the layer from them rather than from its full input."""
+
+    def __init__(self, cfg: LemoConfig, record: CompileRecord | None = None):
+        self.cfg = cfg
+        self.record = record
+
+    def __call__(self, graph: fx.Graph) -> None:
+        must_save = _compat.must_save_policy()
+        tagged = 0
+        for node in graph.nodes:
+            if node.target is torch.ops.lemo.saved.default and node.meta.get("recompute") is not None:
+                node.meta["recompute"] = must_save
+                tagged += 1
+        if self.record is not None:
+            self.record.saved_for_recompute = tagged
+        log.debug("lemo joint pass: %d values kept for recompute", tagged)
+
+    def uuid(self) -> bytes:
+        return _compat.hash_for_files(_source_files(), extra="joint" + self.cfg.to_json())
+
+
 def lemo_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
                  mode: str | None = None, **kwargs: Any):
     """torch.compile backend entry point. `options` are LemoConfig fields (or {"config": LemoConfig})."""
@@ -179,9 +206,11 @@ def _record_text(rec: CompileRecord) -> str:
 
 def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: CompileRecord):
     passes = AotPasses(cfg, rec, fusion_aware=cfg.inner is Inner.INDUCTOR)
+    joint = JointPasses(cfg, rec)
     if cfg.inner is Inner.EAGER:
-        return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph))(gm, example_inputs)
-    return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes})
+        return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(gm, example_inputs)
+    return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes,
+                                                                  "joint_custom_pre_pass": joint})
 
 
 def make_backend(cfg: LemoConfig | None = None, **options: Any):

@@ -21,6 +21,8 @@ def format_record(rec: Any, graphs: bool = False) -> str:
             d = sparse.get(layer.name)
             what = (f"sparse keep={d['keep']:.3g} kept_tokens={d['kept_tokens']} attn={d['attn_mode']} "
                     f"mlp={d['mlp_mode']}") if d else "dense"
+            if d and d.get("checkpoint_saves"):
+                what += f" checkpointed: saves {d['checkpoint_saves']}"
             lines.append(f"  {layer.name:<12} {what}")
             lines.append(f"      {layer.attn.describe()}")
             lines.append(f"      {layer.mlp.describe()}")

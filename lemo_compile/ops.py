@@ -9,6 +9,7 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
 - `lemo::attention_kept`    identity on the dense output of kept queries; its backward is the
                             dropped-term attention gradient over kept queries x kept keys.
 - `lemo::assert_has_tokens` raises ValueError on a batch row that is all padding.
+- `lemo::saved`             identity that marks a value for saving in a checkpointed layer.
 On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path;
 on CUDA `attention_lse` calls PyTorch's memory-efficient attention kernel, which returns the
 log-sum-exp. The dropped-term backward is plain PyTorch everywhere for now.
@@ -98,6 +99,13 @@ def scatter_add_rows(h: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, in_
     """h + rows placed at idx (b, m) along dim 1; out-of-range rows add exactly zero."""
     rows = rows * in_range.unsqueeze(-1).to(rows.dtype)
     return h.scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), rows.to(h.dtype))
+
+
+def add_rows(x_rows: torch.Tensor, rows: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
+    """x_rows + rows with scatter_add_rows' rounding: equals scatter_add_rows(h, rows, idx, in_range)
+    read back at idx wherever in_range (x_rows = h at idx)."""
+    rows = rows * in_range.unsqueeze(-1).to(rows.dtype)
+    return x_rows + rows.to(x_rows.dtype)
 
 
 def straight_through_rows(dense: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
@@ -275,6 +283,26 @@ def _(grad_out, q, k, v, out, lse, mask, scale):
 
 
 attention_kept.register_autograd(_kept_backward, setup_context=_kept_setup)
+
+
+@torch.library.custom_op("lemo::saved", mutates_args=())
+def saved(t: torch.Tensor) -> torch.Tensor:
+    """Identity (a copy) that marks a value to keep for backward inside an activation-checkpoint
+    region: lemo's joint-graph pass tags it MUST_SAVE, so the partitioner recomputes from it instead
+    of from the layer's full input (sparse checkpointing)."""
+    return t.clone()
+
+
+@saved.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+def _saved_backward(ctx, grad):
+    return grad
+
+
+saved.register_autograd(_saved_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 @torch.library.custom_op("lemo::assert_has_tokens", mutates_args=())

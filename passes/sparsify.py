@@ -60,7 +60,8 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
                 if blk.residual_in is old:
                     _reroot(blk, new)
         try:
-            info = _rewrite_layer(layer, keep, cfg, check_tokens=first, renamed=renamed)
+            info = _rewrite_layer(layer, keep, cfg, check_tokens=first, renamed=renamed,
+                                  checkpointed=layer.gm is not gm)
         except CantRewrite as e:
             res.skip(e.kind, layer.name, e.detail)
             continue
@@ -85,7 +86,7 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
 
 
 def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: bool,
-                   renamed: dict[fx.Node, fx.Node]) -> dict:
+                   renamed: dict[fx.Node, fx.Node], checkpointed: bool = False) -> dict:
     attn, mlp = layer.attn, layer.mlp
     g = layer.gm.graph
     h0 = attn.residual_in
@@ -111,6 +112,14 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
         idx = g.call_function(operator.getitem, (ks, 0))
         ok = g.call_function(operator.getitem, (ks, 1))
         m = g.call_method("size", (idx, 1))
+    # Sparse checkpointing (DESIGN 2.4): inside an activation-checkpoint body, the keep set and the
+    # kept rows are marked saved, and the kept rows of the MLP's input are formed from them, so the
+    # recompute in backward starts from m rows instead of the layer's full input.
+    sparse_ckpt = checkpointed and cfg.attn_mode is AttnMode.TOKENS and cfg.mlp_mode is not MlpMode.DENSE
+    if sparse_ckpt:
+        with g.inserting_before(sdpa):
+            idx = g.call_function(torch.ops.lemo.saved.default, (idx,))
+            ok = g.call_function(torch.ops.lemo.saved.default, (ok,))
 
     attn_stack = attn.output.meta.get("nn_module_stack")
     mlp_stack = mlp.output.meta.get("nn_module_stack")
@@ -119,8 +128,9 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     if scale is None:
         scale = shape_of(sdpa.args[0])[-1] ** -0.5
     mode = cfg.attn_mode
+    compact = None  # (kept rows of h, their attention update) when the MLP can start from them
     if mode is AttnMode.TOKENS:
-        _attn_tokens(g, attn, seq_ext, idx, ok, m)
+        compact = _attn_tokens(g, attn, seq_ext, idx, ok, m, save_rows=sparse_ckpt)
     elif mode is AttnMode.KEYS:
         _attn_keys(g, attn, seq_ext, idx, ok, m)
     else:
@@ -128,13 +138,19 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
 
     before = _tag_new_nodes(g, before, attn_stack)
     mmode = cfg.mlp_mode
+    rows = compact if sparse_ckpt else None
     if mmode is MlpMode.TOKENS:
-        renamed[mlp.residual_add] = _mlp_tokens(g, mlp, idx, ok, m)
+        renamed[mlp.residual_add] = _mlp_tokens(g, mlp, idx, ok, m, rows)
     elif mmode is MlpMode.BACKWARD:
-        _mlp_backward(g, mlp, idx, ok, m)
+        _mlp_backward(g, mlp, idx, ok, m, rows)
     _tag_new_nodes(g, before, mlp_stack)
+    if checkpointed:
+        saved = ("kept rows" if sparse_ckpt else
+                 f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)")
+    else:
+        saved = None
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
-            "mlp_mode": mmode.value, "kept_tokens": _kept(n, cfg, keep)}
+            "mlp_mode": mmode.value, "kept_tokens": _kept(n, cfg, keep), "checkpoint_saves": saved}
 
 
 def _kept(n: Any, cfg: LemoConfig, keep: Fraction) -> Any:
@@ -229,13 +245,17 @@ def _gather_inputs(g: fx.Graph, h: fx.Node, seq_ext: list[fx.Node], idx: fx.Node
     return env
 
 
-def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m) -> None:
+def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m, save_rows: bool = False) -> tuple[fx.Node, fx.Node]:
     with g.inserting_before(attn.residual_add):
         env = _gather_inputs(g, attn.residual_in, seq_ext, idx)
+        x_c = env[attn.residual_in]
+        if save_rows:
+            x_c = env[attn.residual_in] = g.call_function(torch.ops.lemo.saved.default, (x_c,))
         mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok)) if attn.mask is not None else None
         out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c))[attn.output]
         h1 = _like(g.call_function(ops.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
     attn.residual_add.replace_all_uses_with(h1)
+    return x_c, out_c
 
 
 def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
@@ -317,22 +337,30 @@ def _mlp_input(mlp: Block) -> fx.Node:
     return mlp.residual_add.args[0] if mlp.residual_add.args[1] is mlp.output else mlp.residual_add.args[1]
 
 
-def _mlp_tokens(g, mlp: Block, idx, ok, m) -> None:
+def _kept_rows(g, h1: fx.Node, idx, ok, rows) -> fx.Node:
+    """The rows idx of the MLP's input: gathered from h1, or, given (x_c, out_c) of a tokens-mode
+    attention, formed as x_c + out_c, which equals h1 at the rows that are kept and does not read h1."""
+    if rows is None:
+        return g.call_function(ops.gather_seq, (h1, idx, 1))
+    return g.call_function(ops.add_rows, (rows[0], rows[1], ok))
+
+
+def _mlp_tokens(g, mlp: Block, idx, ok, m, rows=None) -> None:
     h1 = _mlp_input(mlp)
     _reroot(mlp, h1)
     with g.inserting_before(mlp.residual_add):
-        env = {mlp.residual_in: g.call_function(ops.gather_seq, (h1, idx, 1))}
+        env = {mlp.residual_in: _kept_rows(g, h1, idx, ok, rows)}
         out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
         h2 = _like(g.call_function(ops.scatter_add_rows, (h1, out_c, idx, ok)), mlp.residual_add)
     mlp.residual_add.replace_all_uses_with(h2)
     return h2
 
 
-def _mlp_backward(g, mlp: Block, idx, ok, m) -> None:
+def _mlp_backward(g, mlp: Block, idx, ok, m, rows=None) -> None:
     h1 = _mlp_input(mlp)
     _reroot(mlp, h1)
     with g.inserting_before(mlp.residual_add):
-        env = {h1: g.call_function(ops.gather_seq, (h1, idx, 1))}
+        env = {h1: _kept_rows(g, h1, idx, ok, rows)}
         out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
         m_st = _like(g.call_function(ops.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
     _detach_block_input(g, mlp, h1)
