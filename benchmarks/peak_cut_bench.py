@@ -166,7 +166,49 @@ def _enable_auto_chunker(args, res: dict, variant: str, n: int, d: int, vocab: i
     print(f"{variant}: torch._inductor.config.patch({patch})", flush=True)
     ctx = torch._inductor.config.patch(patch)
     ctx.__enter__()
+    _trace_auto_chunker(res)
     return ctx
+
+
+def _trace_auto_chunker(res: dict) -> None:
+    """Record, per joint graph, which matmul the auto-chunker starts from and whether it chunked or why
+    not (its own reasons are only in a debug log). Inductor imports `chunk` from the package at each
+    call, so wrapping the package attributes suffices."""
+    try:
+        import torch._inductor.compile_fx  # noqa: F401  (registers inductor prims the chunker module uses)
+        import torch._inductor.fx_passes.auto_chunker as ac
+    except Exception as e:
+        res["auto_chunker_trace"] = [f"no torch._inductor.fx_passes.auto_chunker: {e}"]
+        return
+    trace = res.setdefault("auto_chunker_trace", [])
+    find, chunk = getattr(ac, "find_amplifier_node", None), getattr(ac, "chunk", None)
+    if find is None or chunk is None:
+        trace.append("auto_chunker internals moved; outcome not traced")
+        return
+
+    def find_amplifier_node(graph):
+        node = find(graph)
+        if node is not None:
+            val = node.meta.get("val")
+            ins = [tuple(a.meta["val"].shape) for a in node.args if hasattr(a, "meta") and "val" in a.meta]
+            lines = (node.meta.get("stack_trace") or "").splitlines()
+            where = [f"{l.strip()} | {lines[i + 1].strip() if i + 1 < len(lines) else ''}"
+                     for i, l in enumerate(lines) if l.strip().startswith("File")][-1:]
+            trace.append(f"amplifier {node.name} = {node.target}{ins} -> {tuple(val.shape) if val is not None else '?'}"
+                         f" at {where[0] if where else '?'}")
+        return node
+
+    def traced_chunk(gm):
+        try:
+            out = chunk(gm)
+        except Exception as e:
+            trace.append(f"{type(e).__name__}: {str(e)[:300]}")
+            raise
+        trace.append("chunked" if out is not gm else "left alone (no tangents, or produced by the chunker)")
+        return out
+
+    ac.find_amplifier_node = find_amplifier_node
+    ac.chunk = traced_chunk
 
 
 def _dynamo_stats() -> dict:
@@ -550,6 +592,9 @@ def _note(r: dict) -> str:
     notes = []
     if "auto_chunking_applied" in r:
         notes.append(f"auto-chunking applied {r['auto_chunking_applied']}x")
+        why = [t for t in r.get("auto_chunker_trace", []) if not t.startswith("amplifier")]
+        if why and not r["auto_chunking_applied"]:
+            notes.append(why[-1][:100].replace("|", "/"))
     if r["variant"].startswith("lemo"):
         losses = r.get("lemo_losses") or []
         notes.append(f"{len(losses)} loss(es) segmented" + (f", logits {losses[0].get('logits')}, "

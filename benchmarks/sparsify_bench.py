@@ -43,6 +43,10 @@ VARIANTS = {
     "lemo_tokens_eager": dict(attn_mode="tokens", mlp_mode="backward", inner="eager"),
     # lemo_tokens without the fused row kernels (passes.fuse): Inductor compiles the gather/scatter
     "lemo_tokens_unfused": dict(attn_mode="tokens", mlp_mode="backward", fused_kernels=False),
+    # with --ckpt: checkpointed sparse layers keep their full input (plain lemo + checkpointing)
+    "lemo_tokens_plainckpt": dict(attn_mode="tokens", mlp_mode="backward", sparse_checkpoint=False),
+    # every layer dense: only the segmented loss (dense + chunked loss)
+    "lemo_loss_only": dict(dense_layers="all"),
 }
 
 
@@ -52,12 +56,18 @@ def worker(args) -> dict:
     from lemo_compile import LemoConfig
 
     variant = args.worker
-    model = build_model(args.arch, args.seq, 16, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    model = build_model(args.arch, args.seq, args.lora_r, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if args.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     spec = VARIANTS[variant]
     if spec == "inductor":
         step_model = torch.compile(model, backend="inductor")
     elif isinstance(spec, dict):
-        cfg = LemoConfig(keep_ratio=args.keep, **{"inner": "inductor", **spec})
+        spec = dict(spec)
+        if spec.get("dense_layers") == "all":
+            spec["dense_layers"] = tuple(range(model.config.num_hidden_layers))
+        cfg = LemoConfig(keep_ratio=args.keep, logits=args.logits, **{"inner": "inductor", **spec})
         step_model = torch.compile(model, backend=lemo_compile.backend(cfg))
     else:
         step_model = model
@@ -74,7 +84,11 @@ def worker(args) -> dict:
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    loss0 = step()
+    try:
+        loss0 = step()
+    except torch.OutOfMemoryError as e:
+        return {"variant": variant, "oom": True, "error": "CUDA out of memory at the first step",
+                "detail": str(e)[:300], "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     for _ in range(2):
@@ -96,6 +110,11 @@ def worker(args) -> dict:
     if isinstance(spec, dict):
         recs = [r for r in lemo_compile.records() if r.sparsify is not None]
         res["sparse_layers"] = sum(r.sparsify.counters["sparse_layers"] for r in recs)
+        res["saved_for_recompute"] = sum(r.saved_for_recompute for r in lemo_compile.records())
+        res["saved_bytes"] = sum(v.nbytes for r in lemo_compile.records() for v in r.saved)
+        ests = [r.memory for r in lemo_compile.records() if r.memory is not None]
+        if ests:
+            res["estimated_peak_gb"] = max(e.peak_hint for e in ests) / 1e9
         res["lemo_skips"] = [str(s) for r in recs for s in r.sparsify.skips]
         res["graphs"] = len(lemo_compile.records())
         res["fused"] = dict(sum((r.fuse.counters for r in recs if r.fuse is not None), collections.Counter()))
@@ -109,6 +128,9 @@ def main():
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--keep", type=float, default=0.4)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--ckpt", action="store_true", help="HF gradient checkpointing (use_reentrant=False)")
+    ap.add_argument("--logits", default="keep", choices=("keep", "drop"), help="LemoConfig.logits for lemo")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--headline", default=None, help="write figures into this headline.json")
@@ -118,7 +140,8 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    extra = ["--arch", args.arch, "--seq", str(args.seq), "--keep", str(args.keep), "--steps", str(args.steps)]
+    extra = ["--arch", args.arch, "--seq", str(args.seq), "--keep", str(args.keep), "--steps", str(args.steps),
+             "--lora-r", str(args.lora_r), "--logits", args.logits] + (["--ckpt"] if args.ckpt else [])
     results = []
     for v in args.variants.split(","):
         r = run_variant_subprocess(os.path.abspath(__file__), v, extra, args.timeout)
@@ -127,8 +150,9 @@ def main():
         results.append(r)
     command = "python " + " ".join(sys.argv)
     doc = {"benchmark": "sparsify", "command": command, "env": environment(),
-           "config": {"arch": args.arch, "seq": args.seq, "keep_ratio": args.keep, "lora": "r=16 q/k/v/o",
-                      "dtype": "bfloat16", "batch": 1, "steps": args.steps}, "results": results}
+           "config": {"arch": args.arch, "seq": args.seq, "keep_ratio": args.keep, "lora": f"r={args.lora_r} q/k/v/o",
+                      "dtype": "bfloat16", "batch": 1, "steps": args.steps, "checkpointing": args.ckpt,
+                      "lemo_logits": args.logits}, "results": results}
     ok = {r["variant"]: r for r in results if "error" not in r}
     dense = [ok[v] for v in ("eager_dense", "inductor_dense") if v in ok]
     if dense:
@@ -162,7 +186,16 @@ def main():
         if args.headline:
             merge_headline(args.headline, {"fused_step_ratio_1b_16k": {
                 "value": ratio, "target": "< 1.0 (fused faster)", "source": src, "command": command, "when": when}})
-    if args.out:  # again, with the fused ratio
+    if args.ckpt and "lemo_tokens" in ok and "lemo_loss_only" in ok:
+        ratio = ok["lemo_tokens"]["peak_allocated_gb"] / ok["lemo_loss_only"]["peak_allocated_gb"]
+        doc["sparse_ckpt_peak_ratio_vs_ckpt_chunked"] = ratio
+        print(f"lemo sparse ckpt / dense ckpt + chunked loss, peak: {ratio:.3f}")
+        if args.headline:
+            name = f"sparse_ckpt_peak_ratio_{args.arch.split('-')[1]}_{args.seq // 1024}k"
+            merge_headline(args.headline, {name: {
+                "value": ratio, "target": "vs dense + checkpointing + chunked loss (lemo's, logits dropped)",
+                "source": src, "command": command, "when": when}})
+    if args.out:  # again, with the ratios
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
 

@@ -70,6 +70,9 @@ class LemoConfig:
     # Fused row kernels (passes.fuse, kernels/rows.py) at both ends of each kept-row block copy:
     # gather + RMSNorm, and GEMM + residual scatter-add. Triton on CUDA, PyTorch twins elsewhere.
     fused_kernels: bool = True
+    # Sparse activation checkpointing: a sparse layer inside an activation-checkpoint region keeps
+    # only its kept rows and keep set for the recompute (attn_mode tokens; see DESIGN 2.4).
+    sparse_checkpoint: bool = True
     # Compute the LM head + cross-entropy loss in row segments (exact; never holds the full fp32
     # logits or their gradient). See passes.peak_cut.
     peak_cut: bool = True
@@ -87,7 +90,7 @@ class LemoConfig:
         fix("attn_mode", _enum("attn_mode", AttnMode, self.attn_mode))
         fix("mlp_mode", _enum("mlp_mode", MlpMode, self.mlp_mode))
         fix("inner", _enum("inner", Inner, self.inner))
-        for name in ("enabled", "peak_cut", "fused_kernels"):
+        for name in ("enabled", "peak_cut", "fused_kernels", "sparse_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
         b = self.block_size

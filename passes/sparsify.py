@@ -115,7 +115,8 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     # Sparse checkpointing (DESIGN 2.4): inside an activation-checkpoint body, the keep set and the
     # kept rows are marked saved, and the kept rows of the MLP's input are formed from them, so the
     # recompute in backward starts from m rows instead of the layer's full input.
-    sparse_ckpt = checkpointed and cfg.attn_mode is AttnMode.TOKENS and cfg.mlp_mode is not MlpMode.DENSE
+    sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.attn_mode is AttnMode.TOKENS
+                   and cfg.mlp_mode is not MlpMode.DENSE)
     if sparse_ckpt:
         with g.inserting_before(sdpa):
             idx = g.call_function(torch.ops.lemo.saved.default, (idx,))
@@ -145,8 +146,8 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
         _mlp_backward(g, mlp, idx, ok, m, rows)
     _tag_new_nodes(g, before, mlp_stack)
     if checkpointed:
-        saved = ("kept rows" if sparse_ckpt else
-                 f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)")
+        saved = ("kept rows" if sparse_ckpt else "full input (sparse_checkpoint=False)" if not cfg.sparse_checkpoint
+                 else f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)")
     else:
         saved = None
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
