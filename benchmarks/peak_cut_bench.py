@@ -8,29 +8,40 @@ rewritten after every variant so a killed run keeps what it measured):
               weight (128256, 4096) bf16, random labels with ~5% set to -100; one step = loss forward +
               backward with respect to h. The loss is HF's own ForCausalLMLoss(F.linear(h, W), labels)
               (upcast to fp32, pad/shift labels, F.cross_entropy):
-    hf            eager
-    hf_inductor   torch.compile(backend="inductor")
-    auto_chunker  inductor with torch._inductor.config auto_chunker enabled ("unavailable" if absent)
-    liger         liger_kernel LigerForCausalLMLoss (fused linear cross entropy, Triton)
-    lemo          torch.compile(backend=lemo_compile.backend(LemoConfig(inner=--inner)))
+    hf                  eager
+    hf_inductor         torch.compile(backend="inductor")
+    auto_chunker        inductor with torch._inductor.config.patch({"auto_chunker.enable": True})
+                        (recorded "unavailable" on a torch without that setting)
+    auto_chunker_tuned  (opt-in) the same with auto_chunker.amplify_ratio_threshold lowered (--chunker-ratio,
+                        default 2; torch's is 8) so that the LM head's matmul qualifies at 16K/32K
+    liger               liger_kernel LigerForCausalLMLoss (fused linear cross entropy, Triton)
+    lemo                torch.compile(backend=lemo_compile.backend(LemoConfig(inner=--inner)))
   Reported: median step time, peak allocated above what is allocated before the timed steps (the
   inputs), and loss / grad differences against the eager HF loss recomputed in the same worker on the
-  same inputs after measuring.
+  same inputs after measuring. For the auto-chunker variants, which matmul it started from and whether
+  it chunked (or its CantChunk reason).
 
 --part step   a full LoRA step of the Llama-3-8B architecture (benchmarks.common.build_model, r=8 on
-              q/k/v/o, bf16, batch 1, random weights and tokens), HF non-reentrant gradient checkpointing,
-              one step = forward + backward + AdamW on the LoRA parameters:
-    hf_eager        no compile
-    inductor        torch.compile(backend="inductor")
-    auto_chunker    inductor + auto-chunker
-    liger           liger_kernel.transformers.apply_liger_kernel_to_llama(fused_linear_cross_entropy only)
-                    before the model is built, eager
-    liger_inductor  the same, compiled with inductor
-    lemo_loss       lemo with every decoder layer dense: only the loss rewrite (logits="keep")
-    lemo_loss_drop  the same with logits="drop"
+              q/k/v/o, bf16, batch 1, random weights and tokens), HF non-reentrant gradient checkpointing
+              (without the embedding requires_grad_ hook transformers adds, which breaks the compiled
+              graph; --keep-input-grad-hook keeps it), one step = forward + backward + AdamW on the LoRA
+              parameters:
+    hf_eager            no compile
+    inductor            torch.compile(backend="inductor")
+    auto_chunker        inductor + auto-chunker (auto_chunker_tuned: opt-in, as above)
+    liger               liger_kernel.transformers.apply_liger_kernel_to_llama(fused_linear_cross_entropy only)
+                        before the model is built, eager
+    liger_inductor      the same, compiled with inductor
+    lemo_loss           lemo with every decoder layer dense: only the loss rewrite (logits="keep")
+    lemo_loss_drop      the same with logits="drop"
   Reported: peak allocated / reserved over the timed steps, median step time, first step (compile),
   and for lemo variants the static estimate of the main graph's peak (lemo_compile.records()[i].memory)
   and its error against the measured peak. An out-of-memory variant is recorded as {"oom": true}.
+
+Headline figures (--headline [PATH], default benchmarks/results/headline.json), written only once lemo and
+every default baseline have a result at 32K: peak_cut_peak_ratio_vs_best_32k and
+peak_cut_time_ratio_vs_fastest_32k (--part loss), peak_cut_step_peak_ratio_vs_best_8b_32k,
+peak_cut_step_time_ratio_vs_fastest_8b_32k and memory_estimator_error_32k (--part step).
 
 On the GPU machine (no network; the Liger wheel travels in .whl/, downloaded on the CPU machine with
 `.venv/bin/pip download --no-deps -d .whl liger-kernel`; carry=[".whl"]):
@@ -38,16 +49,20 @@ On the GPU machine (no network; the Liger wheel travels in .whl/, downloaded on 
     python3 -m pip install --no-deps --no-build-isolation -e . -q
     python3 -m pip install --no-deps --no-index .whl/liger_kernel-*.whl -q
     python3 benchmarks/peak_cut_bench.py --part loss --out $OUT/peak_cut_loss_32k.json \
-        --headline $OUT/headline.json --budget 560
-    python3 benchmarks/peak_cut_bench.py --part step --seqs 32768 --out $OUT/peak_cut_step_8b.json \
-        --headline $OUT/headline.json --budget 560
-    # a later run adds the other length / variants to the same JSON:
-    python3 benchmarks/peak_cut_bench.py --part step --seqs 16384 --merge benchmarks/results/peak_cut_step_8b.json \
-        --out $OUT/peak_cut_step_8b.json --budget 560
+        --headline $OUT/headline.json --budget 540
+
+The step part does not fit one 10-minute run (a compiled 8B variant takes 130-200 s, mostly compiling):
+repeat the same command, each time with the previous run's JSON put back at benchmarks/results/, until
+it says every variant was kept or measured (--budget stops starting variants in time; --resume skips
+the ones already done):
+
+    python3 benchmarks/peak_cut_bench.py --part step --seqs 32768,16384 \
+        --resume benchmarks/results/peak_cut_step_8b.json --out $OUT/peak_cut_step_8b.json \
+        --headline $OUT/headline.json --budget 540
 
 On CPU, every code path with tiny sizes (hidden 64, vocab 512, 2 layers, seq 256, no CUDA memory stats):
 
-    python benchmarks/peak_cut_bench.py --part loss --tiny --out /tmp/pc_loss.json
+    python benchmarks/peak_cut_bench.py --part loss --tiny --variants hf,lemo,hf_inductor,liger,auto_chunker,auto_chunker_tuned
     python benchmarks/peak_cut_bench.py --part step --tiny --out /tmp/pc_step.json
 """
 
@@ -71,6 +86,7 @@ from benchmarks.common import ARCHS, build_model, environment, merge_headline, r
 
 # run order: lemo between the baselines; reversed from one length to the next
 LOSS_VARIANTS = ("hf", "lemo", "hf_inductor", "liger", "auto_chunker", "auto_chunker_tuned")
+LOSS_DEFAULT = LOSS_VARIANTS[:-1]
 LOSS_BASELINES = ("hf", "hf_inductor", "auto_chunker", "auto_chunker_tuned", "liger")
 STEP_VARIANTS = ("hf_eager", "lemo_loss", "inductor", "liger", "lemo_loss_drop", "auto_chunker", "liger_inductor",
                  "auto_chunker_tuned")
@@ -543,6 +559,23 @@ def _ok(r: dict) -> bool:
     return not any(k in r for k in ("error", "oom", "unavailable", "skipped")) and r.get("median_step_s") is not None
 
 
+def _need_s(variant: str, loss: bool, tiny: bool) -> int:
+    """Seconds a variant needs on an H200 (process start, model, compile, steps), measured with torch 2.11:
+    the loss part 25-40 s a variant; an eager 8B step variant under a minute, a compiled one 130-200 s at
+    16K (first step 100-150 s) plus about 30 s more at 32K."""
+    if tiny or loss:
+        return 45
+    return 90 if variant in ("hf_eager", "liger") else 250
+
+
+def _final(r: dict) -> bool:
+    """A result a rerun would not change: measured, out of memory, unavailable, or a crash (not a timeout,
+    not skipped for lack of budget)."""
+    if _ok(r) or r.get("oom") or "unavailable" in r:
+        return True
+    return "error" in r and not str(r["error"]).startswith("timeout")
+
+
 def _peak_key(part: str) -> str:
     return "peak_above_inputs_gb" if part == "loss" else "peak_allocated_gb"
 
@@ -637,40 +670,66 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def figures(doc: dict, src: str | None) -> dict:
+def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
+    """Headline figures at 32K (256 with --tiny), and what kept any from being written. A ratio is only
+    written once every default baseline has a final result at that length (a crashed or out-of-memory
+    baseline then simply is not the best)."""
     res, part = doc["results"], doc["part"]
     when = doc["env"]["when"][:10]
     big = 256 if doc["config"].get("tiny") else 32768
-    figs = {}
+    figs, missing = {}, []
 
     def fig(name, value, **extra):
         figs[name] = {"value": value, "target": TARGETS[name], "command": doc["command"], "source": src,
                       "when": when, **extra}
+        if len(doc.get("commands", ())) > 1:  # results gathered over several runs (--resume / --merge)
+            figs[name]["commands"] = doc["commands"]
 
     def row(variant):
         return next((r for r in res if r["variant"] == variant and r.get("seq") == big and _ok(r)), None)
 
+    def complete(required):
+        final = {r["variant"] for r in res if r.get("seq") == big and _final(r)}
+        lacking = [v for v in required if v not in final]
+        missing.extend(f"{v} at {big}" for v in lacking)
+        return not lacking
+
     if part == "loss":
+        required = tuple(v for v in LOSS_DEFAULT if v in LOSS_BASELINES)
         lemo, best = row("lemo"), _best(res, part, big, LOSS_BASELINES)
-        if lemo is not None and "peak" in best and lemo.get("peak_above_inputs_gb") is not None:
-            fig("peak_cut_peak_ratio_vs_best_32k", lemo["peak_above_inputs_gb"] / best["peak"][0],
-                baseline=best["peak"][1], seq=big)
-        if lemo is not None and "time" in best:
-            fig("peak_cut_time_ratio_vs_fastest_32k", lemo["median_step_s"] / best["time"][0],
-                baseline=best["time"][1], seq=big)
+        if lemo is None:
+            missing.append(f"lemo at {big} (measured)")
+        elif complete(required):
+            compared = sorted({r["variant"] for r in res if r.get("seq") == big and r["variant"] in LOSS_BASELINES
+                               and _ok(r)})
+            if "peak" in best and lemo.get("peak_above_inputs_gb") is not None:
+                fig("peak_cut_peak_ratio_vs_best_32k", lemo["peak_above_inputs_gb"] / best["peak"][0],
+                    baseline=best["peak"][1], compared=compared, seq=big,
+                    measure="peak allocated above the inputs during loss forward+backward")
+            if "time" in best:
+                fig("peak_cut_time_ratio_vs_fastest_32k", lemo["median_step_s"] / best["time"][0],
+                    baseline=best["time"][1], compared=compared, seq=big)
     else:
+        required = tuple(v for v in STEP_DEFAULT if v in STEP_BASELINES)
         drop, best = row("lemo_loss_drop"), _best(res, part, big, STEP_BASELINES)
-        if drop is not None and "peak" in best and drop.get("peak_allocated_gb") is not None:
-            fig("peak_cut_step_peak_ratio_vs_best_8b_32k", drop["peak_allocated_gb"] / best["peak"][0],
-                baseline=best["peak"][1], seq=big)
-        if drop is not None and "time" in best:
-            fig("peak_cut_step_time_ratio_vs_fastest_8b_32k", drop["median_step_s"] / best["time"][0],
-                baseline=best["time"][1], seq=big)
+        if drop is None:
+            missing.append(f"lemo_loss_drop at {big} (measured)")
+        elif complete(required):
+            compared = sorted({r["variant"] for r in res if r.get("seq") == big and r["variant"] in STEP_BASELINES
+                               and _ok(r)})
+            if "peak" in best and drop.get("peak_allocated_gb") is not None:
+                fig("peak_cut_step_peak_ratio_vs_best_8b_32k", drop["peak_allocated_gb"] / best["peak"][0],
+                    baseline=best["peak"][1], compared=compared, seq=big)
+            if "time" in best:
+                fig("peak_cut_step_time_ratio_vs_fastest_8b_32k", drop["median_step_s"] / best["time"][0],
+                    baseline=best["time"][1], compared=compared, seq=big)
         keep = row("lemo_loss")
         if keep is not None and keep.get("estimate_error") is not None:
-            fig("memory_estimator_error_32k", keep["estimate_error"], seq=big,
+            fig("memory_estimator_error_32k", keep["estimate_error"], seq=big, variant="lemo_loss",
                 estimated_peak_gb=keep["estimated_peak_gb"], measured_peak_gb=keep["peak_allocated_gb"])
-    return figs
+        else:
+            missing.append(f"lemo_loss at {big} with an estimate")
+    return figs, missing
 
 
 def main():
@@ -704,6 +763,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--merge", default=None, help="an earlier JSON of the same part: its results are kept "
                                                   "unless this run measures the same variant and length")
+    ap.add_argument("--resume", default=None,
+                    help="like --merge, and skip the (variant, length) pairs it already holds a final result for "
+                         "(measured, out of memory, unavailable): repeat the same command until all are done")
     ap.add_argument("--headline", nargs="?", const="benchmarks/results/headline.json", default=None,
                     help="merge the headline figures into this file (default benchmarks/results/headline.json)")
     ap.add_argument("--worker", default=None)
@@ -727,7 +789,7 @@ def main():
 
     t_start = time.perf_counter()
     seqs = [int(s) for s in (args.seqs or ("256" if args.tiny else "32768" if loss else "16384,32768")).split(",")]
-    variants = args.variants.split(",") if args.variants else list(LOSS_VARIANTS if loss else STEP_DEFAULT)
+    variants = args.variants.split(",") if args.variants else list(LOSS_DEFAULT if loss else STEP_DEFAULT)
     known = LOSS_VARIANTS if loss else STEP_VARIANTS
     bad = [v for v in variants if v not in known]
     if bad:
@@ -743,17 +805,22 @@ def main():
         extra.append("--keep-input-grad-hook")
     command = "python " + " ".join(sys.argv)
     merged: list[dict] = []
-    if args.merge and os.path.exists(args.merge):
-        with open(args.merge) as f:
+    prior_commands, prior_envs = [], []
+    earlier = args.resume or args.merge
+    if earlier and os.path.exists(earlier):
+        with open(earlier) as f:
             old = json.load(f)
         if old.get("part") != args.part:
-            ap.error(f"--merge {args.merge} holds part {old.get('part')!r}, not {args.part!r}")
+            ap.error(f"{earlier} holds part {old.get('part')!r}, not {args.part!r}")
         merged = old.get("results", [])
         prior_commands = old.get("commands", [old.get("command")])
-    else:
-        prior_commands = []
+        prior_envs = old.get("envs", [old.get("env")])
+        print(f"{len(merged)} earlier result(s) from {earlier}", flush=True)
+    elif earlier:
+        print(f"{earlier} does not exist: starting afresh", flush=True)
+    env = environment()
     doc = {"benchmark": f"peak_cut_{args.part}", "part": args.part, "command": command,
-           "commands": prior_commands + [command], "env": environment(),
+           "commands": prior_commands + [command], "env": env, "envs": prior_envs + [env],
            "config": {"arch": "tiny" if args.tiny else args.arch, "tiny": args.tiny, "seqs": seqs,
                       "variants": variants, "dtype": "bfloat16", "batch": 1, "steps": args.steps,
                       "warmup": args.warmup, "inner": args.inner, "segment_bytes": args.segment_bytes,
@@ -778,12 +845,18 @@ def main():
                 json.dump(doc, f, indent=2)
 
     script = os.path.abspath(__file__)
+    have = {(r["variant"], r.get("seq")) for r in merged if _final(r)} if args.resume else set()
     for i, seq in enumerate(seqs):
         order = variants if i % 2 == 0 else list(reversed(variants))
         for v in order:
+            if (v, seq) in have:
+                print(f"[{time.perf_counter() - t_start:6.0f} s] {v} at {seq}: kept from {args.resume}", flush=True)
+                continue
             left = None if args.budget is None else args.budget - (time.perf_counter() - t_start)
-            if left is not None and left < 45:
-                r = {"variant": v, "part": args.part, "seq": seq, "skipped": f"budget ({args.budget:.0f} s) spent"}
+            need = _need_s(v, loss, args.tiny)
+            if left is not None and left < need:
+                r = {"variant": v, "part": args.part, "seq": seq,
+                     "skipped": f"budget: {left:.0f} s of {args.budget:.0f} s left, {v} needs about {need} s"}
             else:
                 t_timeout = int(timeout if left is None else min(timeout, left - 15))
                 cache = None
@@ -796,6 +869,7 @@ def main():
                 r.setdefault("seq", seq)
                 r.setdefault("part", args.part)
                 r["wall_s"] = time.perf_counter() - t0
+                r["run"] = len(prior_commands)  # index into "commands" / "envs"
                 if "error" in r and "oom" not in r and "out of memory" in (r.get("log_tail") or "").lower():
                     r["oom"] = True
                 if cache:
@@ -810,8 +884,11 @@ def main():
     write()
     print("\n" + doc["table"], flush=True)
     src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
-    figs = figures(doc, src)
+    figs, missing = figures(doc, src)
     doc["figures"] = figs
+    doc["figures_missing"] = missing
+    if missing:
+        print("figures not (all) reached; missing: " + ", ".join(missing), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
