@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lemo_compile.kernels import rows
+from lemo_compile.testing.tolerance import check_within_twice, max_err
 
 _WHY = ("needs a CUDA device" if not torch.cuda.is_available() else
         "Triton kernels are interpreted: run with TRITON_INTERPRET=0" if rows.triton_interpreted() else "")
@@ -46,20 +47,6 @@ def kept_mask(n, idx, ok):
     return kept
 
 
-def err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def check(name, got, low, ref, floor):
-    e_got, e_low = err(got, ref), err(low, ref)
-    if e_got > 2 * e_low + floor:
-        diff = (got.double() - ref.double()).abs().flatten()
-        worst = diff.topk(5)
-        print(f"{name}: kernel err {e_got:.3g} vs twin err {e_low:.3g}; worst at {worst.indices.tolist()}: "
-              f"{got.flatten()[worst.indices].tolist()} vs ref {ref.flatten()[worst.indices].tolist()}")
-    assert e_got <= 2 * e_low + floor, name
-
-
 def run(fn, inputs, upstream):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
     out = fn(*leaves)
@@ -89,9 +76,9 @@ def test_gather_rmsnorm_cuda(dtype, b, n, d, monkeypatch):
     monkeypatch.setenv("LEMO_KERNEL_IMPL", "torch")
     low, low_g = run(fn, (h.to(dtype), weight.to(dtype)), up.to(dtype))
     vf, gf = floors(dtype)
-    check("y", out, low, ref, vf)
-    check("dh", out_g[0], low_g[0], ref_g[0], gf)
-    check("dweight", out_g[1], low_g[1], ref_g[1], gf)
+    check_within_twice("y", out, low, ref, vf)
+    check_within_twice("dh", out_g[0], low_g[0], ref_g[0], gf)
+    check_within_twice("dweight", out_g[1], low_g[1], ref_g[1], gf)
     assert (out_g[0][~kept_mask(n, idx, ok)] == 0).all()  # rows not kept (padding included) get nothing
 
 
@@ -126,10 +113,10 @@ def test_linear_scatter_add_cuda(dtype, b, n, d, k, bias, impl, monkeypatch):
     # fp32 sums of k products: the accumulation order's error grows like sqrt(k), and the kernels
     # block the sum differently from cuBLAS
     vf, gf = vf * max(1.0, (k / 1024) ** 0.5), gf * max(1.0, (k / 1024) ** 0.5)
-    check("out", out, low, ref, vf)
+    check_within_twice("out", out, low, ref, vf)
     for name, a, lo, e in zip(["dh", "dx", "dw", "dbias", "dr"], out_g, low_g, ref_g):
         if e is not None:
-            check(name, a, lo, e, gf)
+            check_within_twice(name, a, lo, e, gf)
 
     untouched = ~kept_mask(n, idx, ok)
     assert torch.equal(out[untouched], cast(dtype)[0][untouched])
