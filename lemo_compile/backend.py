@@ -49,9 +49,25 @@ class CompileRecord:
     after: str = ""  # ... and after
     aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
     saved: list = dataclasses.field(default_factory=list)  # memory.SavedValue: what the backward keeps
-    memory: Any = None  # passes.memory.MemoryEstimate: static peak of forward (+ backward once compiled)
     saved_for_recompute: int = 0  # values tagged MUST_SAVE for sparse checkpointing
     _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
+    # (forward graph, backward graph or None, fusion_aware) for the memory estimate, made on first use
+    _graphs: tuple | None = dataclasses.field(default=None, repr=False)
+    _memory: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def memory(self) -> Any:
+        """passes.memory.MemoryEstimate of this graph's forward (+ backward once compiled), computed on
+        first access (it is a report: compiling does not pay for it); None if unavailable."""
+        if self._memory is None and self._graphs is not None:
+            from .passes import memory as peak_memory
+            fw, bw, fusion_aware = self._graphs
+            try:
+                self._memory = peak_memory.estimate(fw, bw, fusion_aware=fusion_aware)
+            except Exception as e:  # a bug in a report must not break training
+                log.warning("lemo: memory estimate of graph %d failed: %s: %s", self.graph_id, type(e).__name__, e)
+                self._graphs = None
+        return self._memory
 
     @property
     def sparsified(self) -> bool:
@@ -111,15 +127,11 @@ class AotPasses(_compat.custom_graph_pass_base()):
         log.debug("lemo AOT pass on %s graph (%d nodes)", "backward" if is_bw else "forward", len(graph.nodes))
 
     def _estimate(self, bw: fx.Graph | None) -> None:
-        """Static peak estimate; forward-only until the backward is compiled. Never fails a compile."""
-        from .passes import memory as peak_memory
-        if self._fw_graph is None:
-            return
-        try:
-            self.record.memory = peak_memory.estimate(self._fw_graph, bw, fusion_aware=self.fusion_aware)
-        except Exception as e:  # an estimate is a report: a bug in it must not break training
-            log.warning("lemo: memory estimate of graph %d failed: %s: %s", self.record.graph_id,
-                        type(e).__name__, e)
+        """Keep the graphs for the record's lazily computed memory estimate (forward-only until the
+        backward is compiled)."""
+        if self._fw_graph is not None:
+            self.record._graphs = (self._fw_graph, bw, self.fusion_aware)
+            self.record._memory = None
 
     def uuid(self) -> bytes:
         return _compat.hash_for_files(_source_files(), extra=self.cfg.to_json())
