@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "estimated peak fits in GB gigabytes")
     ex.add_argument("--memory-plot", default=None, metavar="PNG",
                     help="write the estimated memory timeline without lemo's rewrites and with them")
+    ex.add_argument("--keep-plot", default=None, metavar="PNG",
+                    help="write which token blocks each layer keeps on this input (layer x block heatmap)")
     ex.set_defaults(func=_cmd_explain)
 
     demo = sub.add_parser(
@@ -117,6 +119,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         plot_timeline({"without lemo": _main_estimate(dense), "with lemo": _main_estimate(explanation)},
                       args.memory_plot)
         print(f"wrote {args.memory_plot}")
+    if args.keep_plot:
+        from lemo_compile.demo import keep_sets_first_batch, plot_keep_sets
+
+        keep_sets, scorer = keep_sets_first_batch(model, cfg, batch["input_ids"])
+        title = f"tiny {args.arch}, sequence 0: kept blocks ({scorer}, keep {cfg.keep_ratio})"
+        print(f"keep plot: {plot_keep_sets(keep_sets, args.layers, args.seq, cfg, title, args.keep_plot)}")
     return 0
 
 

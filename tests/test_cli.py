@@ -55,10 +55,13 @@ def test_demo_tiny(capsys, tmp_path):
 
 def test_explain_fits_and_memory_plot(capsys, tmp_path):
     png = tmp_path / "mem.png"
-    argv = ["explain", "--seq", "130", "--layers", "2", "--fits", "0.01", "--memory-plot", str(png)]
+    keep_png = tmp_path / "keep.png"
+    argv = ["explain", "--seq", "130", "--layers", "2", "--fits", "0.01", "--memory-plot", str(png),
+            "--keep-plot", str(keep_png)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     line = [l for l in out.splitlines() if l.startswith("longest context")]
     assert line and int(line[0].split(": ")[1].split()[0]) > 130
     assert "peak bytes = " in out  # the symbolic formula
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert keep_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"keep plot: {keep_png}" in out
