@@ -5,10 +5,10 @@
     compiled = torch.compile(model, backend=lemo_compile.backend(LemoConfig(attn_mode="keys")))
 """
 
-from . import config
+from . import config, presets
 from .config import AttnMode, LemoConfig, MlpMode
 from .backend import make_backend as backend  # noqa: F811  (the factory shadows the submodule name)
 from .backend import records
 from .inspect import explain
 
-__all__ = ["AttnMode", "LemoConfig", "MlpMode", "backend", "config", "explain", "records"]
+__all__ = ["AttnMode", "LemoConfig", "MlpMode", "backend", "config", "explain", "presets", "records"]

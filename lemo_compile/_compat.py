@@ -19,6 +19,16 @@ def register_torch_log() -> None:
         log.debug("could not register lemo_compile with torch._logging")
 
 
+def activation_memory_budget(budget: float | None):
+    """Context for the min-cut partitioner's activation budget (a functorch config; it is part of
+    AOT autograd's cache key). The backward is partitioned inside compile_fx's first call."""
+    import contextlib
+    if budget is None:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+    return functorch_config.patch(activation_memory_budget=float(budget))
+
+
 def must_save_policy():
     from torch.utils.checkpoint import CheckpointPolicy
     return CheckpointPolicy.MUST_SAVE

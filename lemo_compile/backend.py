@@ -221,8 +221,9 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     joint = JointPasses(cfg, rec)
     if cfg.inner is Inner.EAGER:
         return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(gm, example_inputs)
-    return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes,
-                                                                  "joint_custom_pre_pass": joint})
+    with _compat.activation_memory_budget(cfg.activation_memory_budget):
+        return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes,
+                                                                      "joint_custom_pre_pass": joint})
 
 
 def make_backend(cfg: LemoConfig | None = None, **options: Any):

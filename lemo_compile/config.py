@@ -73,6 +73,10 @@ class LemoConfig:
     # Sparse activation checkpointing: a sparse layer inside an activation-checkpoint region keeps
     # only its kept rows and keep set for the recompute (attn_mode tokens; see DESIGN 2.4).
     sparse_checkpoint: bool = True
+    # Fraction of the activations AOT autograd's min-cut partitioner may keep for backward; below
+    # 1.0 it recomputes the rest (torch._functorch.config.activation_memory_budget, applied to lemo's
+    # compiles only; used by the Inductor inner compiler). None leaves torch's setting alone.
+    activation_memory_budget: float | None = None
     # Compute the LM head + cross-entropy loss in row segments (exact; never holds the full fp32
     # logits or their gradient). See passes.peak_cut.
     peak_cut: bool = True
@@ -114,6 +118,9 @@ class LemoConfig:
         if self.predictor not in BUILTIN_PREDICTORS:
             raise ValueError(f"LemoConfig.predictor must be one of {BUILTIN_PREDICTORS}, got {self.predictor!r} "
                              "(calibrated predictor files are not supported yet)")
+        amb = self.activation_memory_budget
+        if amb is not None and (isinstance(amb, bool) or not isinstance(amb, (int, float)) or not 0.0 <= amb <= 1.0):
+            raise ValueError(f"LemoConfig.activation_memory_budget must be None or a number in [0, 1], got {amb!r}")
         sb = self.segment_bytes
         if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
             raise ValueError(f"LemoConfig.segment_bytes must be a positive int, got {sb!r}")

@@ -235,3 +235,40 @@ def test_backend_factory_validates_eagerly():
         lemo_compile.backend(LemoConfig(), bogus=1)
     with pytest.raises(ValueError, match="keep_ratio"):
         lemo_compile.backend(keep_ratio=0)
+
+
+def test_presets_are_valid_configs_and_differ_in_recompute():
+    from lemo_compile import presets
+
+    mem, fast = presets.get("memory"), presets.get("speed")
+    assert mem.activation_memory_budget == 0.5 and fast.activation_memory_budget is None
+    assert mem.logits == fast.logits == "drop"
+    assert presets.get("speed", keep_ratio=0.3).keep_ratio == 0.3
+    with pytest.raises(ValueError, match="unknown lemo preset 'fast'; presets: memory, speed"):
+        presets.get("fast")
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "half"])
+def test_activation_memory_budget_validated(bad):
+    with pytest.raises(ValueError, match="activation_memory_budget"):
+        LemoConfig(activation_memory_budget=bad)
+
+
+def test_activation_memory_budget_applies_to_the_partitioner(monkeypatch):
+    """The budget is in effect while the inner compiler (which partitions) runs, and only then."""
+    import importlib
+
+    import torch._functorch.config as functorch_config
+
+    backend_mod = importlib.import_module("lemo_compile.backend")
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches):
+        seen.append(functorch_config.activation_memory_budget)
+        return gm.forward
+
+    monkeypatch.setattr(backend_mod._compat, "compile_fx", fake_compile_fx)
+    before = functorch_config.activation_memory_budget
+    fn = torch.compile(lambda x: torch.sin(x) * 2, backend=lemo_compile.backend(LemoConfig(activation_memory_budget=0.3)))
+    fn(torch.randn(4))
+    assert seen == [0.3] and functorch_config.activation_memory_budget == before
