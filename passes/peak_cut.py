@@ -115,6 +115,11 @@ def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
     while isinstance(node, fx.Node) and not is_call(node, *LINEAR_TARGETS):
         if is_call(node, *_CASTS):
             dt = value_of(node).dtype if isinstance(value_of(node), torch.Tensor) else None
+            src_dt = value_of(node.args[0]).dtype if isinstance(value_of(node.args[0]), torch.Tensor) else None
+            if dt is None or dt not in (torch.float32, src_dt):
+                res.skip("loss_chain", where, f"{node.name} casts the logits to {dt}; only an fp32 upcast is "
+                         "reproduced")
+                return None
             upcast = upcast or dt == torch.float32
         elif is_call(node, *_FLATTEN):
             if not _flattens_rows(node):

@@ -184,20 +184,21 @@ def test_inference_graph_computes_no_gradients():
 
 
 class _Head(nn.Module):
-    def __init__(self, softcap=None, smoothing=0.0):
+    def __init__(self, softcap=None, smoothing=0.0, cast=torch.float32):
         super().__init__()
         self.lin = nn.Linear(16, 40, bias=False)
-        self.softcap, self.smoothing = softcap, smoothing
+        self.softcap, self.smoothing, self.cast = softcap, smoothing, cast
 
     def forward(self, h, labels):
         logits = self.lin(h)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits.float().view(-1, 40), labels.view(-1), label_smoothing=self.smoothing)
+        return F.cross_entropy(logits.to(self.cast).view(-1, 40), labels.view(-1), label_smoothing=self.smoothing)
 
 
-@pytest.mark.parametrize("head,kind", [(dict(softcap=30.0), "loss_chain"), (dict(smoothing=0.1), "loss_form")],
-                         ids=["softcap", "label_smoothing"])
+@pytest.mark.parametrize("head,kind", [(dict(softcap=30.0), "loss_chain"), (dict(smoothing=0.1), "loss_form"),
+                                       (dict(cast=torch.bfloat16), "loss_chain")],
+                         ids=["softcap", "label_smoothing", "downcast"])
 def test_pass_leaves_unsupported_losses_alone(head, kind):
     mod = _Head(**head)
     h, labels = torch.randn(2, 30, 16), torch.randint(0, 40, (2, 30))
