@@ -44,6 +44,7 @@ class CompileRecord:
     sparsify: Any = None  # passes.sparsify.SparsifyResult
     peak_cut: Any = None  # passes.peak_cut.PeakCutResult
     fuse: Any = None  # passes.fuse.FuseResult
+    causal: Any = None  # passes.causal.CausalResult
     left_alone: str | None = None  # why nothing was rewritten
     before: str = ""  # readable graph before the rewrite
     after: str = ""  # ... and after
@@ -75,7 +76,8 @@ class CompileRecord:
 
     @property
     def rewritten(self) -> bool:
-        return self.sparsified or bool(self.peak_cut and self.peak_cut.losses)
+        return (self.sparsified or bool(self.peak_cut and self.peak_cut.losses)
+                or bool(self.causal and self.causal.counters["sdpa_made_causal"]))
 
 
 RECORDS: list[CompileRecord] = []  # the most recent compiles, oldest first
@@ -180,6 +182,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
     del RECORDS[:-_MAX_RECORDS]
     if cfg.enabled:
         rec.before = gm.print_readable(print_output=False)
+        if cfg.causal_mask:
+            from .passes.causal import make_causal
+            rec.causal = make_causal(gm)
         rec.detect = detect(gm)
         if rec.detect.layers:
             rec.sparsify = sparsify(gm, rec.detect, cfg)

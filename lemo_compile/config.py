@@ -67,6 +67,10 @@ class LemoConfig:
     num_layers: int | None = None
     # Compiler the rewritten graphs are handed to.
     inner: Inner = Inner.INDUCTOR
+    # Replace an attention mask that is provably the causal pattern (built from constants only, static
+    # length) by SDPA's is_causal=True, in every layer (passes.causal): HF materializes the n x n mask
+    # under torch.compile, which keeps SDPA off its causal flash kernel.
+    causal_mask: bool = True
     # Fused row kernels (passes.fuse, kernels/rows.py) at both ends of each kept-row block copy:
     # gather + RMSNorm, and GEMM + residual scatter-add. Triton on CUDA, PyTorch twins elsewhere.
     fused_kernels: bool = True
@@ -94,7 +98,7 @@ class LemoConfig:
         fix("attn_mode", _enum("attn_mode", AttnMode, self.attn_mode))
         fix("mlp_mode", _enum("mlp_mode", MlpMode, self.mlp_mode))
         fix("inner", _enum("inner", Inner, self.inner))
-        for name in ("enabled", "peak_cut", "fused_kernels", "sparse_checkpoint"):
+        for name in ("enabled", "peak_cut", "fused_kernels", "sparse_checkpoint", "causal_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
         b = self.block_size
