@@ -36,7 +36,7 @@ def test_causal_rewrite_exact_dense_and_sparse(arch):
     del batch["attention_mask"]  # no padding: HF builds its mask from positions only
     base = dict(inner="eager", keep_ratio=0.5, predictor="random")
     l0, g0, rec0 = _run(model, LemoConfig(**base, causal_mask=False), batch)
-    l1, g1, rec1 = _run(model, LemoConfig(**base), batch)
+    l1, g1, rec1 = _run(model, LemoConfig(**base, causal_mask=True), batch)
     assert rec0.causal is None
     assert rec1.causal.counters["sdpa_made_causal"] == MADE_CAUSAL[arch]
     assert rec1.sparsified
@@ -51,7 +51,7 @@ def test_causal_rewrite_inside_checkpointed_layers():
     del batch["attention_mask"]
     cfg = dict(inner="eager", keep_ratio=0.5, predictor="random")
     l0, g0, _ = _run(model, LemoConfig(**cfg, causal_mask=False), batch, ckpt=True)
-    l1, g1, rec = _run(model, LemoConfig(**cfg), batch, ckpt=True)
+    l1, g1, rec = _run(model, LemoConfig(**cfg, causal_mask=True), batch, ckpt=True)
     assert rec.causal.counters["sdpa_made_causal"] == 4
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
     for k in g0:
@@ -67,7 +67,7 @@ def test_masks_that_cannot_be_proven_causal_stay(case, why):
     batch = random_batch(256, 1, 140, seed=6)
     if case == "dynamic":
         del batch["attention_mask"]
-    _, _, rec = _run(model, LemoConfig(inner="eager", keep_ratio=0.5, predictor="random"), batch,
+    _, _, rec = _run(model, LemoConfig(inner="eager", keep_ratio=0.5, predictor="random", causal_mask=True), batch,
                      dynamic=(case == "dynamic"))
     assert rec.causal.counters["sdpa_made_causal"] == 0
     assert rec.causal.counters["skip_mask_not_causal"] == 4
