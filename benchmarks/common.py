@@ -18,23 +18,69 @@ ARCHS = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, head_dim=128, rope_theta=500000.0,
                      tie_word_embeddings=False),
+    # Qwen2-7B architecture (the second model family of BENCHMARKS.md; q/k/v projections carry a bias)
+    "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                     tie_word_embeddings=False),
+    # tiny sizes for CPU runs of the benchmark scripts (--tiny): every code path, no real numbers; 4 layers so
+    # that lemo's default schedule (first half and last layer dense) leaves one sparse layer
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=512, rope_theta=500000.0,
+                       tie_word_embeddings=False),
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512, rope_theta=1000000.0,
+                       tie_word_embeddings=False),
+}
+
+# LoRA settings of BENCHMARKS.md: name -> (rank, target modules); alpha is twice the rank.
+LORA_PRESETS = {
+    "r8-qkvo": (8, ("q_proj", "k_proj", "v_proj", "o_proj")),  # the paper's setting
+    "r16-all": (16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),  # users'
 }
 
 
-def build_model(arch: str, seq: int, lora_r: int, lora_targets: tuple[str, ...], dtype: str = "bfloat16"):
+def model_type(arch: str) -> str:
+    """Hugging Face model type of an ARCHS entry ("llama" unless the entry says otherwise)."""
+    return ARCHS[arch].get("model_type", "llama")
+
+
+def build_model(arch: str, seq: int, lora_r: int, lora_targets: tuple[str, ...], dtype: str = "bfloat16",
+                device: str = "cuda"):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**ARCHS[arch], max_position_embeddings=max(seq, 8192), attn_implementation="sdpa",
-                      use_cache=False)
+    sizes = dict(ARCHS[arch])
+    kind = sizes.pop("model_type", "llama")
+    if kind == "llama":
+        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
+    elif kind == "qwen2":
+        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+    else:
+        raise ValueError(f"build_model: unsupported model_type {kind!r} for arch {arch!r}")
+    cfg = Config(**sizes, max_position_embeddings=max(seq, 8192), attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    with torch.device(device):
+        model = Model(cfg).to(getattr(torch, dtype))
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                              target_modules=list(lora_targets)))
     model.train()
     return model
+
+
+def apply_liger_fused_linear_ce(arch: str) -> str | None:
+    """Patch the Hugging Face causal-LM forward of `arch`'s family with Liger's fused linear cross entropy
+    only (no RoPE, RMSNorm, SwiGLU or plain CE kernels); call before build_model. Returns Liger's version.
+    Raises ImportError when liger_kernel is not installed."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    liger = importlib.import_module("liger_kernel.transformers")
+    apply = getattr(liger, f"apply_liger_kernel_to_{model_type(arch)}")
+    apply(rope=False, rms_norm=False, swiglu=False, cross_entropy=False, fused_linear_cross_entropy=True)
+    try:
+        return version("liger-kernel")
+    except PackageNotFoundError:
+        return None
 
 
 def environment() -> dict[str, Any]:
