@@ -218,6 +218,22 @@ def make_step(model, step_model, ids, shapes: dict | None = None):
     return step
 
 
+def failure_record(res: dict, e: BaseException, phase: str, spec: dict, dev: str) -> dict:
+    """A worker's result for a step that raised: the error, the phase, the peak so far, and for lemo
+    variants what lemo did before the failure (e.g. whether passes.causal proved the mask causal)."""
+    import torch
+
+    out = {**res, **_failure(e), "phase": phase}
+    if dev == "cuda":
+        out["peak_allocated_at_failure_gb"] = torch.cuda.max_memory_allocated() / GB
+    if spec.get("compile") == "lemo" and phase != "setup":
+        try:
+            out.update(lemo_records_summary())
+        except Exception as e2:
+            out["lemo_summary_error"] = repr(e2)
+    return out
+
+
 def lemo_records_summary() -> dict:
     """Counts from lemo's compile records: graphs, sparse layers, segmented losses, SDPA calls made causal."""
     import lemo_compile
@@ -274,15 +290,7 @@ def worker(args) -> dict:
         times = _timed(step, args.steps, dev)
         peak, reserved = _memory_end(dev)
     except Exception as e:
-        out = {**res, **_failure(e), "phase": phase}
-        if dev == "cuda":
-            out["peak_allocated_at_failure_gb"] = torch.cuda.max_memory_allocated() / GB
-        if spec.get("compile") == "lemo" and phase != "setup":
-            try:  # what lemo did before the failure (e.g. whether passes.causal proved the mask causal)
-                out.update(lemo_records_summary())
-            except Exception as e2:
-                out["lemo_summary_error"] = repr(e2)
-        return out
+        return failure_record(res, e, phase, spec, dev)
     med = statistics.median(times)
     stats = _dynamo_stats()
     res.update(median_step_s=med, step_times_s=times, compile_s=res["first_step_s"] - med,

@@ -100,7 +100,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ARCHS, environment, merge_headline, run_variant_subprocess  # noqa: E402
-from benchmarks.finetune import (lemo_records_summary, make_step, prepare, step_guess_s)  # noqa: E402
+from benchmarks.finetune import (failure_record, lemo_records_summary, make_step, prepare,  # noqa: E402
+                                 step_guess_s)
 from benchmarks.peak_cut_bench import _failure, _lemo_report, _sync  # noqa: E402
 
 GB = 1e9
@@ -219,15 +220,7 @@ def worker(args) -> dict:
             res["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GB
             res["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
     except Exception as e:
-        out = {**res, **_failure(e), "phase": phase}
-        if dev == "cuda":
-            out["peak_allocated_at_failure_gb"] = torch.cuda.max_memory_allocated() / GB
-        if spec.get("compile") == "lemo" and phase != "setup":
-            try:  # what lemo did before the failure (e.g. whether passes.causal proved the mask causal)
-                out.update(lemo_records_summary())
-            except Exception as e2:
-                out["lemo_summary_error"] = repr(e2)
-        return out
+        return failure_record(res, e, phase, spec, dev)
     res["ok"] = True
     if spec.get("compile") == "lemo":
         res.update(lemo_records_summary())
