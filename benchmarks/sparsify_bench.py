@@ -11,6 +11,10 @@ subprocess, alternating in one invocation:
     lemo_keys        lemo, attn_mode=keys,     mlp_mode=backward
     lemo_tokens_eager  lemo_tokens with inner="eager" (AOT autograd, ATen graphs run eagerly)
     lemo_tokens_unfused  lemo_tokens without the fused row kernels (LemoConfig(fused_kernels=False))
+    lemo_dense       lemo with every layer dense and no loss rewrite: with "+causal", passes.causal alone
+
+Any lemo variant name with the suffix "+causal" runs with LemoConfig(causal_mask=True) (passes.causal:
+the provably causal n x n mask HF builds under torch.compile becomes SDPA is_causal=True).
 
 One step = forward + backward + AdamW step on the LoRA parameters. Timing: compile/first step, 2
 warm-up steps, then the median of --steps timed steps (device synchronised). Memory: peak allocated
@@ -47,7 +51,17 @@ VARIANTS = {
     "lemo_tokens_plainckpt": dict(attn_mode="tokens", mlp_mode="backward", sparse_checkpoint=False),
     # every layer dense: only the segmented loss (dense + chunked loss)
     "lemo_loss_only": dict(dense_layers="all"),
+    # every layer dense, no loss rewrite: the baseline for "lemo_dense+causal" (passes.causal alone)
+    "lemo_dense": dict(dense_layers="all", peak_cut=False),
 }
+
+
+def variant_spec(name: str):
+    base, _, suffix = name.partition("+")
+    if base not in VARIANTS or suffix not in ("", "causal") or (suffix and not isinstance(VARIANTS[base], dict)):
+        raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, lemo ones optionally +causal")
+    spec = VARIANTS[base]
+    return dict(spec, causal_mask=True) if suffix else spec
 
 
 def worker(args) -> dict:
@@ -60,7 +74,7 @@ def worker(args) -> dict:
     if args.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    spec = VARIANTS[variant]
+    spec = variant_spec(variant)
     if spec == "inductor":
         step_model = torch.compile(model, backend="inductor")
     elif isinstance(spec, dict):
@@ -119,6 +133,8 @@ def worker(args) -> dict:
         res["graphs"] = len(lemo_compile.records())
         res["fused"] = dict(sum((r.fuse.counters for r in recs if r.fuse is not None), collections.Counter()))
         res["losses_segmented"] = sum(r.peak_cut.counters["losses_segmented"] for r in recs if r.peak_cut)
+        res["sdpa_made_causal"] = sum(r.causal.counters["sdpa_made_causal"] for r in lemo_compile.records()
+                                      if r.causal is not None)
     return res
 
 
@@ -142,18 +158,43 @@ def main():
         return
     extra = ["--arch", args.arch, "--seq", str(args.seq), "--keep", str(args.keep), "--steps", str(args.steps),
              "--lora-r", str(args.lora_r), "--logits", args.logits] + (["--ckpt"] if args.ckpt else [])
+    for v in args.variants.split(","):
+        variant_spec(v)  # fail before any run
     results = []
     for v in args.variants.split(","):
         r = run_variant_subprocess(os.path.abspath(__file__), v, extra, args.timeout)
         print(json.dumps({k: r.get(k) for k in ("variant", "median_step_s", "peak_allocated_gb", "compile_s",
-                                                  "sparse_layers", "error")}), flush=True)
+                                                  "sparse_layers", "sdpa_made_causal", "error")}), flush=True)
         results.append(r)
+        doc = summarize(args, results)
+        if args.out:  # after every variant: a run cut short by a time limit keeps what it measured
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=2)
+    print("\nvariant                    step s   peak GB  reserved GB  compile s")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<26} ERROR {r['error']}")
+        else:
+            print(f"{r['variant']:<26} {r['median_step_s']:7.3f} {r['peak_allocated_gb']:8.1f} "
+                  f"{r['peak_reserved_gb']:11.1f} {r['compile_s']:9.1f}")
+    for key in ("fused_step_ratio", "sparse_ckpt_peak_ratio_vs_ckpt_chunked"):
+        if key in doc:
+            print(f"{key}: {doc[key]:.3f}")
+    if args.headline:
+        merge_headline(args.headline, doc["headline"])
+
+
+def summarize(args, results: list[dict]) -> dict:
     command = "python " + " ".join(sys.argv)
     doc = {"benchmark": "sparsify", "command": command, "env": environment(),
            "config": {"arch": args.arch, "seq": args.seq, "keep_ratio": args.keep, "lora": f"r={args.lora_r} q/k/v/o",
                       "dtype": "bfloat16", "batch": 1, "steps": args.steps, "checkpointing": args.ckpt,
-                      "lemo_logits": args.logits}, "results": results}
+                      "lemo_logits": args.logits}, "results": results, "headline": {}}
     ok = {r["variant"]: r for r in results if "error" not in r}
+    tag = f"{args.arch.split('-')[1]}_{args.seq // 1024}k"
+    src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
+    fig = dict(source=src, command=command, when=doc["env"]["when"][:10])
     dense = [ok[v] for v in ("eager_dense", "inductor_dense") if v in ok]
     if dense:
         best_t = min(d["median_step_s"] for d in dense)
@@ -161,44 +202,20 @@ def main():
         doc["ratios_vs_best_dense"] = {v: {"step": ok[v]["median_step_s"] / best_t,
                                            "peak": ok[v]["peak_allocated_gb"] / best_m}
                                        for v in ok if v.startswith("lemo")}
-    print("\nvariant            step s   peak GB  reserved GB  compile s")
-    for r in results:
-        if "error" in r:
-            print(f"{r['variant']:<18} ERROR {r['error']}")
-        else:
-            print(f"{r['variant']:<18} {r['median_step_s']:7.3f} {r['peak_allocated_gb']:8.1f} "
-                  f"{r['peak_reserved_gb']:11.1f} {r['compile_s']:9.1f}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
-    when = doc["env"]["when"][:10]
-    src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
-    if args.headline and "ratios_vs_best_dense" in doc and "lemo_tokens" in doc["ratios_vs_best_dense"]:
-        rt = doc["ratios_vs_best_dense"]["lemo_tokens"]
-        merge_headline(args.headline, {
-            "sparsify_peak_ratio_1b_16k": {"value": rt["peak"], "source": src, "command": command, "when": when},
-            "sparsify_step_ratio_1b_16k": {"value": rt["step"], "source": src, "command": command, "when": when}})
+        if "lemo_tokens" in doc["ratios_vs_best_dense"] and not args.ckpt:
+            rt = doc["ratios_vs_best_dense"]["lemo_tokens"]
+            doc["headline"][f"sparsify_peak_ratio_{tag}"] = dict(value=rt["peak"], **fig)
+            doc["headline"][f"sparsify_step_ratio_{tag}"] = dict(value=rt["step"], **fig)
     if "lemo_tokens" in ok and "lemo_tokens_unfused" in ok:
-        ratio = ok["lemo_tokens"]["median_step_s"] / ok["lemo_tokens_unfused"]["median_step_s"]
-        doc["fused_step_ratio"] = ratio
-        print(f"fused / unfused step time: {ratio:.3f}")
-        if args.headline:
-            merge_headline(args.headline, {"fused_step_ratio_1b_16k": {
-                "value": ratio, "target": "< 1.0 (fused faster)", "source": src, "command": command, "when": when}})
+        doc["fused_step_ratio"] = ok["lemo_tokens"]["median_step_s"] / ok["lemo_tokens_unfused"]["median_step_s"]
+        doc["headline"][f"fused_step_ratio_{tag}"] = dict(value=doc["fused_step_ratio"],
+                                                          target="< 1.0 (fused faster)", **fig)
     if args.ckpt and "lemo_tokens" in ok and "lemo_loss_only" in ok:
         ratio = ok["lemo_tokens"]["peak_allocated_gb"] / ok["lemo_loss_only"]["peak_allocated_gb"]
         doc["sparse_ckpt_peak_ratio_vs_ckpt_chunked"] = ratio
-        print(f"lemo sparse ckpt / dense ckpt + chunked loss, peak: {ratio:.3f}")
-        if args.headline:
-            name = f"sparse_ckpt_peak_ratio_{args.arch.split('-')[1]}_{args.seq // 1024}k"
-            merge_headline(args.headline, {name: {
-                "value": ratio, "target": "vs dense + checkpointing + chunked loss (lemo's, logits dropped)",
-                "source": src, "command": command, "when": when}})
-    if args.out:  # again, with the ratios
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
-
+        doc["headline"][f"sparse_ckpt_peak_ratio_{tag}"] = dict(
+            value=ratio, target="vs dense + checkpointing + chunked loss (lemo's, logits dropped)", **fig)
+    return doc
 
 if __name__ == "__main__":
     main()
