@@ -12,6 +12,7 @@ subprocess, alternating in one invocation:
     lemo_tokens_eager  lemo_tokens with inner="eager" (AOT autograd, ATen graphs run eagerly)
     lemo_tokens_unfused  lemo_tokens without the fused row kernels (LemoConfig(fused_kernels=False))
     lemo_dense       lemo with every layer dense and no loss rewrite: with "+causal", passes.causal alone
+    preset_memory, preset_speed   lemo_compile.presets.get("memory" | "speed")
 
 Any lemo variant name with the suffix "+causal" runs with LemoConfig(causal_mask=True) (passes.causal:
 the provably causal n x n mask HF builds under torch.compile becomes SDPA is_causal=True).
@@ -53,12 +54,16 @@ VARIANTS = {
     "lemo_loss_only": dict(dense_layers="all"),
     # every layer dense, no loss rewrite: the baseline for "lemo_dense+causal" (passes.causal alone)
     "lemo_dense": dict(dense_layers="all", peak_cut=False),
+    # the two documented presets (lemo_compile.presets)
+    "preset_memory": "preset:memory",
+    "preset_speed": "preset:speed",
 }
 
 
 def variant_spec(name: str):
     base, _, suffix = name.partition("+")
     if base not in VARIANTS or suffix not in ("", "causal") or (suffix and not isinstance(VARIANTS[base], dict)):
+        # (presets already turn causal_mask on: it is the default)
         raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, lemo ones optionally +causal")
     spec = VARIANTS[base]
     return dict(spec, causal_mask=True) if suffix else spec
@@ -77,6 +82,9 @@ def worker(args) -> dict:
     spec = variant_spec(variant)
     if spec == "inductor":
         step_model = torch.compile(model, backend="inductor")
+    elif isinstance(spec, str) and spec.startswith("preset:"):
+        cfg = lemo_compile.presets.get(spec.split(":", 1)[1], keep_ratio=args.keep)
+        step_model = torch.compile(model, backend=lemo_compile.backend(cfg))
     elif isinstance(spec, dict):
         spec = dict(spec)
         if spec.get("dense_layers") == "all":
@@ -105,7 +113,7 @@ def worker(args) -> dict:
                 "detail": str(e)[:300], "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
-    for _ in range(2):
+    for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -121,7 +129,7 @@ def worker(args) -> dict:
            "first_step_s": first, "compile_s": first - med,
            "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
-    if isinstance(spec, dict):
+    if variant.startswith(("lemo", "preset")):
         recs = [r for r in lemo_compile.records() if r.sparsify is not None]
         res["sparse_layers"] = sum(r.sparsify.counters["sparse_layers"] for r in recs)
         res["saved_for_recompute"] = sum(r.saved_for_recompute for r in lemo_compile.records())
@@ -144,6 +152,7 @@ def main():
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--keep", type=float, default=0.4)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--ckpt", action="store_true", help="HF gradient checkpointing (use_reentrant=False)")
     ap.add_argument("--logits", default="keep", choices=("keep", "drop"), help="LemoConfig.logits for lemo")
@@ -157,6 +166,7 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     extra = ["--arch", args.arch, "--seq", str(args.seq), "--keep", str(args.keep), "--steps", str(args.steps),
+             "--warmup", str(args.warmup),
              "--lora-r", str(args.lora_r), "--logits", args.logits] + (["--ckpt"] if args.ckpt else [])
     for v in args.variants.split(","):
         variant_spec(v)  # fail before any run
@@ -201,7 +211,16 @@ def summarize(args, results: list[dict]) -> dict:
         best_m = min(d["peak_allocated_gb"] for d in dense)
         doc["ratios_vs_best_dense"] = {v: {"step": ok[v]["median_step_s"] / best_t,
                                            "peak": ok[v]["peak_allocated_gb"] / best_m}
-                                       for v in ok if v.startswith("lemo")}
+                                       for v in ok if v.startswith(("lemo", "preset"))}
+        ratios = doc["ratios_vs_best_dense"]
+        for v, name in (("preset_memory", "e2e_mem_preset"), ("preset_speed", "e2e_speed_preset")):
+            if v in ratios and not args.ckpt:
+                doc["headline"][f"{name}_peak_ratio_{tag}"] = dict(value=ratios[v]["peak"], versus="best dense", **fig)
+                doc["headline"][f"{name}_step_ratio_{tag}"] = dict(value=ratios[v]["step"], versus="best dense", **fig)
+        if args.ckpt and "lemo_tokens" in ratios:
+            doc["headline"][f"e2e_ckpt_step_ratio_{tag}"] = dict(
+                value=ratios["lemo_tokens"]["step"], peak_ratio=ratios["lemo_tokens"]["peak"],
+                versus="best dense with checkpointing", **fig)
         if "lemo_tokens" in doc["ratios_vs_best_dense"] and not args.ckpt:
             rt = doc["ratios_vs_best_dense"]["lemo_tokens"]
             doc["headline"][f"sparsify_peak_ratio_{tag}"] = dict(value=rt["peak"], **fig)
