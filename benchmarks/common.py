@@ -109,8 +109,9 @@ def run_variant_subprocess(script: str, variant: str, extra: list[str], timeout:
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "error": f"timeout after {timeout}s"}
+    except subprocess.TimeoutExpired as e:
+        out = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        return {"variant": variant, "error": f"timeout after {timeout}s", "log_tail": (out[0] + out[1])[-3000:]}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

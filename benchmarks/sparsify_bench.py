@@ -75,6 +75,8 @@ def worker(args) -> dict:
     from lemo_compile import LemoConfig
 
     variant = args.worker
+    import faulthandler  # a variant about to time out prints where it is (captured in log_tail)
+    faulthandler.dump_traceback_later(max(args.timeout - 15, 5), exit=False)
     model = build_model(args.arch, args.seq, args.lora_r, ("q_proj", "k_proj", "v_proj", "o_proj"))
     if args.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -113,6 +115,7 @@ def worker(args) -> dict:
                 "detail": str(e)[:300], "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    print(f"[{variant}] first step {first:.1f} s, loss {float(loss0):.4f}", file=sys.stderr, flush=True)
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
@@ -124,6 +127,7 @@ def worker(args) -> dict:
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        print(f"[{variant}] step {times[-1]:.2f} s", file=sys.stderr, flush=True)
     med = statistics.median(times)
     res = {"variant": variant, "loss_first_step": float(loss0), "median_step_s": med, "step_times_s": times,
            "first_step_s": first, "compile_s": first - med,
@@ -140,7 +144,8 @@ def worker(args) -> dict:
         res["lemo_skips"] = [str(s) for r in recs for s in r.sparsify.skips]
         res["graphs"] = len(lemo_compile.records())
         res["fused"] = dict(sum((r.fuse.counters for r in recs if r.fuse is not None), collections.Counter()))
-        res["losses_segmented"] = sum(r.peak_cut.counters["losses_segmented"] for r in recs if r.peak_cut)
+        res["losses_segmented"] = sum(r.peak_cut.counters["losses_segmented"] for r in lemo_compile.records()
+                                      if r.peak_cut)
         res["sdpa_made_causal"] = sum(r.causal.counters["sdpa_made_causal"] for r in lemo_compile.records()
                                       if r.causal is not None)
     return res
@@ -166,7 +171,7 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     extra = ["--arch", args.arch, "--seq", str(args.seq), "--keep", str(args.keep), "--steps", str(args.steps),
-             "--warmup", str(args.warmup),
+             "--warmup", str(args.warmup), "--timeout", str(args.timeout),
              "--lora-r", str(args.lora_r), "--logits", args.logits] + (["--ckpt"] if args.ckpt else [])
     for v in args.variants.split(","):
         variant_spec(v)  # fail before any run
