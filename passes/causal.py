@@ -13,6 +13,13 @@ causal pattern, rewrites the call to
 
     out  = scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True)
 
+The evaluation never holds the n x n mask when it can avoid it: if the mask's rows come from one
+`arange` through row-local operations only (elementwise ops, broadcasting, None/slice indexing,
+indexing another constant by it, expand) — HF's mask functions are of that form — the subgraph is
+evaluated for a band of rows at a time, with that arange replaced by the band's positions, which is
+the same computation restricted to those rows. Otherwise the whole mask is evaluated when it is at
+most `FULL_EVAL_BYTES`, and left alone (with a reason) when larger.
+
 Masks that read an input (a user `attention_mask`, packed-sequence `position_ids`), sliding-window
 masks, and graphs with a dynamic sequence length are left alone with a SkipReason. Call it before
 passes.detect: token elimination then works on the causal form (kept indices are sorted, so causal
@@ -22,12 +29,19 @@ order on the compacted rows is causal order on the original positions).
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx as fx
 
 from .common import PassResult, is_call, shape_of
 from .detect import SDPA_TARGETS, subgraph_modules
+
+
+# Largest mask evaluated whole when its rows cannot be evaluated band by band.
+FULL_EVAL_BYTES = 1 << 31
+# Elements of one band of rows (rows x n) evaluated at a time.
+BAND_ELEMENTS = 1 << 28
 
 
 @dataclasses.dataclass
@@ -115,11 +129,23 @@ def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
             return f"mask depends on the input {n.name} (an attention_mask or position_ids)"
         if n.op not in ("call_function", "call_method", "get_attr"):
             return f"mask depends on {n.op} {n.name}"
+    n = shp[-1]
+    bands = _row_bands(gm, nodes, mask, n)
     try:
-        value = _evaluate(gm, nodes, mask)
+        if bands is not None:
+            step = max(1, BAND_ELEMENTS // n)
+            for r0 in range(0, n, step):
+                why = _compare_causal(bands(r0, min(step, n - r0)), r0)
+                if why:
+                    return why
+            return None
+        numel = shp[0] * shp[1] * n * n
+        if numel > FULL_EVAL_BYTES:
+            return (f"mask rows are not row-local in one arange and the whole mask ({numel / 2**30:.1f} GiB) "
+                    f"is too large to evaluate at compile time")
+        return _compare_causal(_evaluate(gm, nodes, mask), 0)
     except Exception as e:  # anything odd: leave the mask alone
         return f"could not evaluate the mask ({type(e).__name__}: {e})"
-    return _compare_causal(value)
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:
@@ -143,17 +169,162 @@ def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> torch.T
         return fx.GraphModule(gm, g)()
 
 
-def _compare_causal(m: torch.Tensor) -> str | None:
-    """None if m (..., n, n) allows exactly the causal pattern: bool (True = attend), or additive
-    (0 = attend, at most the dtype's minimum / 2 = blocked). Compared in row chunks."""
+# Row-local operations: row i of the output depends only on row i of the row-indexed inputs.
+_ELEMENTWISE_FNS = {
+    operator.add, operator.sub, operator.mul, operator.and_, operator.or_, operator.xor, operator.invert,
+    operator.neg, operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
+    torch.add, torch.sub, torch.mul, torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne,
+    torch.logical_and, torch.logical_or, torch.logical_not, torch.bitwise_and, torch.bitwise_or,
+    torch.bitwise_not, torch.where,
+}
+_ELEMENTWISE_METHODS = {
+    "to", "bool", "int", "long", "float", "type_as", "__and__", "__or__", "__invert__", "le", "lt", "ge",
+    "gt", "eq", "ne", "add", "sub", "mul", "logical_and", "logical_or", "logical_not",
+}
+
+
+def _right_axis(t_shape, axis_from_right: int) -> int | None:
+    """Size of a shape at a right-aligned axis (-1 = last), None when the shape has no such axis."""
+    return t_shape[axis_from_right] if len(t_shape) >= -axis_from_right else None
+
+
+def _probe_axis(shape, axis: int, index) -> int | None:
+    """Where axis `axis` (right-aligned) of a tensor of `shape` lands after basic indexing `index`
+    (None / full slices / Ellipsis only): found by indexing a tiny tensor."""
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or i == slice(None) for i in items):
+        return None
+    probe_shape = [1] * len(shape)
+    probe_shape[axis] = 2
+    out = torch.empty(probe_shape)[index]
+    hits = [i for i, s in enumerate(out.shape) if s == 2]
+    return hits[0] - out.dim() if len(hits) == 1 else None
+
+
+def _propagate_rows(nodes: list[fx.Node], start: fx.Node, n: int) -> dict[fx.Node, int] | None:
+    """Right-aligned row axis of every node that depends on `start` (a length-n arange), if each is
+    row-local in it; None as soon as one is not."""
+    rows: dict[fx.Node, int] = {start: -1}
+    for node in nodes[nodes.index(start) + 1:]:
+        ins = [a for a in node.all_input_nodes if a in rows]
+        if not ins:
+            continue
+        axes = {rows[a] for a in ins}
+        if len(axes) != 1:
+            return None
+        axis = axes.pop()
+        shp = shape_of(node)
+        if shp is None:
+            return None
+        others = [a for a in node.all_input_nodes if a not in rows]
+        if node.op == "call_function" and node.target is operator.getitem:
+            src, index = node.args
+            if src in rows:  # basic indexing of a row-indexed tensor
+                if any(isinstance(i, fx.Node) for i in (index if isinstance(index, tuple) else (index,))):
+                    return None
+                axis = _probe_axis(shape_of(src), rows[src], index)
+            else:  # a constant indexed by row-indexed index tensors (advanced indexing, all dims)
+                items = index if isinstance(index, tuple) else (index,)
+                if not all(isinstance(i, fx.Node) for i in items) or len(items) != len(shape_of(src)):
+                    return None
+                others = [i for i in items if i not in rows]
+        elif node.op == "call_method" and node.target == "expand":
+            pass  # sizes at the row axis are rewritten to -1 for a band
+        elif node.op == "call_method" and node.target == "unsqueeze":
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if not isinstance(dim, int):
+                return None
+            out_ndim = len(shp)
+            pos = out_ndim - 1 + axis  # the row axis, counted from the front, in the input
+            insert = dim if dim >= 0 else dim + out_ndim
+            axis = (pos + (insert <= pos)) - out_ndim
+        elif node.op == "call_method" and node.target in ("new_ones", "new_zeros", "new_full", "new_empty"):
+            continue  # a fresh constant: reads only the dtype and device of the row-indexed tensor
+        elif node.op == "call_function" and node.target in _ELEMENTWISE_FNS:
+            pass
+        elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            pass
+        else:
+            return None
+        if axis is None or _right_axis(shp, axis) != n:
+            return None
+        for o in others:  # broadcast partners must not vary along the row axis
+            oshp = shape_of(o)
+            if oshp is not None and _right_axis(oshp, axis) not in (None, 1):
+                return None
+        rows[node] = axis
+    return rows
+
+
+def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int):
+    """A function (r0, rows) -> mask[..., r0:r0 + rows, :], computed without the rest of the mask,
+    or None when no arange of the subgraph indexes the mask's rows row-locally."""
+    for a in nodes:
+        if not (is_call(a, torch.arange) and shape_of(a) == (n,)):
+            continue
+        bounds = _arange_bounds(a, n)
+        rows = _propagate_rows(nodes, a, n) if bounds is not None else None
+        if rows is None or rows.get(mask) != -2:
+            continue
+        g = fx.Graph()
+        band = g.placeholder("band")
+        env: dict[fx.Node, fx.Node] = {a: band}
+        for node in nodes:
+            if node is a:
+                continue
+            new = g.node_copy(node, lambda x: env[x])
+            if node.op == "call_method" and node.target == "expand" and node in rows:
+                new.args = _expand_args_for_band(new.args, rows[node])
+            env[node] = new
+        g.output(env[mask])
+        fn = fx.GraphModule(gm, g)
+        start, kwargs = bounds
+
+        def evaluate(r0: int, count: int, fn=fn, start=start, kwargs=kwargs) -> torch.Tensor:
+            with torch.no_grad():
+                return fn(torch.arange(start + r0, start + r0 + count, **kwargs))
+
+        return evaluate
+    return None
+
+
+def _arange_bounds(node: fx.Node, n: int):
+    """(start, kwargs) of `torch.arange(n)` / `torch.arange(start, start + n)` with unit step."""
+    args = node.args
+    if not all(isinstance(x, int) for x in args):
+        return None
+    if len(args) == 1:
+        start = 0
+    elif len(args) == 2 and args[1] - args[0] == n:
+        start = args[0]
+    else:
+        return None
+    kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device")}
+    if set(node.kwargs) - {"dtype", "device", "requires_grad"} or node.kwargs.get("requires_grad"):
+        return None
+    return start, kwargs
+
+
+def _expand_args_for_band(args: tuple, axis: int) -> tuple:
+    src, *sizes = args
+    nested = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+    sizes = list(sizes[0] if nested else sizes)
+    sizes[axis] = -1  # keep the band's own row count
+    return (src, tuple(sizes)) if nested else (src, *sizes)
+
+
+def _compare_causal(m: torch.Tensor, r0: int) -> str | None:
+    """None if rows r0.. of a mask, m (..., rows, n), allow exactly the causal pattern: bool (True =
+    attend), or additive (0 = attend, at most the dtype's minimum / 2 = blocked). Compared in chunks."""
     if m.dtype != torch.bool and not m.is_floating_point():
         return f"mask dtype {m.dtype}"
     n = m.shape[-1]
     cols = torch.arange(n, device=m.device)
     low = torch.finfo(m.dtype).min / 2 if m.is_floating_point() else None
-    for r0 in range(0, n, 2048):
-        rows = m[..., r0:r0 + 2048, :]
-        causal = cols[None, :] <= torch.arange(r0, r0 + rows.shape[-2], device=m.device)[:, None]
+    for c0 in range(0, m.shape[-2], 2048):
+        rows = m[..., c0:c0 + 2048, :]
+        first = r0 + c0
+        causal = cols[None, :] <= torch.arange(first, first + rows.shape[-2], device=m.device)[:, None]
         if m.dtype == torch.bool:
             allowed = rows
         else:

@@ -72,3 +72,94 @@ def test_masks_that_cannot_be_proven_causal_stay(case, why):
     assert rec.causal.counters["sdpa_made_causal"] == 0
     assert rec.causal.counters["skip_mask_not_causal"] == 4
     assert all(why in s.detail for s in rec.causal.skips), rec.causal.skips
+
+
+def _capture_masks(model, batch):
+    """Dynamo graph of the model and the distinct SDPA masks in it (HF's mask functions)."""
+    from lemo_compile.passes.causal import _mask_arg
+    from lemo_compile.passes.common import is_call
+    from lemo_compile.passes.detect import SDPA_TARGETS
+
+    got = {}
+
+    def backend(gm, example_inputs):
+        masks = [_mask_arg(n) for n in gm.graph.nodes if is_call(n, *SDPA_TARGETS)]
+        got["gm"], got["masks"] = gm, list(dict.fromkeys(m for m in masks if m is not None))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(**batch)
+    return got["gm"], got["masks"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mask_rows_evaluated_band_by_band_equal_the_whole_mask(arch):
+    # HF's mask functions are row-local in the query arange: evaluating a band of rows at a time
+    # (never the n x n mask) gives exactly the rows of the whole mask, sliding windows included
+    from lemo_compile.passes import causal
+    from lemo_compile.passes.common import shape_of
+
+    batch = random_batch(256, 2, 150, seed=4)
+    del batch["attention_mask"]
+    gm, masks = _capture_masks(tiny_model(arch), batch)
+    assert masks
+    for mask in masks:
+        nodes = causal._ancestors(mask)
+        n = shape_of(mask)[-1]
+        whole = causal._evaluate(gm, nodes, mask)
+        bands = causal._row_bands(gm, nodes, mask, n)
+        assert bands is not None, mask.name
+        rows = torch.cat([bands(r0, min(37, n - r0)) for r0 in range(0, n, 37)], dim=-2)
+        assert torch.equal(rows.expand_as(whole), whole), mask.name
+        assert (causal._compare_causal(whole, 0) is None) == all(
+            causal._compare_causal(bands(r0, min(37, n - r0)), r0) is None for r0 in range(0, n, 37))
+
+
+def test_long_masks_are_checked_in_bands_only(monkeypatch):
+    # a mask too large to evaluate whole is still proven causal band by band (HF models)
+    from lemo_compile.passes import causal
+
+    monkeypatch.setattr(causal, "FULL_EVAL_BYTES", 0)
+    monkeypatch.setattr(causal, "BAND_ELEMENTS", 16 * 140)
+    model = tiny_model("llama", lora=True)
+    batch = random_batch(256, 1, 140, seed=7)
+    del batch["attention_mask"]
+    base = dict(inner="eager", keep_ratio=0.5, predictor="random")
+    l0, g0, _ = _run(model, LemoConfig(**base, causal_mask=False), batch)
+    l1, g1, rec = _run(model, LemoConfig(**base, causal_mask=True), batch)
+    assert rec.causal.counters["sdpa_made_causal"] == 4
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+class _FlippedMaskAttention(torch.nn.Module):
+    """Builds its causal mask with flips (not row-local): provable only by evaluating it whole."""
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        upper = torch.ones(n, n, dtype=torch.bool, device=q.device).triu()
+        mask = torch.flip(upper, dims=(0, 1))[None, None]  # flip both axes of triu = tril
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("whole_limit, made", [(1 << 31, 1), (0, 0)])
+def test_mask_that_is_not_row_local_needs_whole_evaluation(monkeypatch, whole_limit, made):
+    from lemo_compile.passes import causal
+
+    monkeypatch.setattr(causal, "FULL_EVAL_BYTES", whole_limit)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    got = {}
+
+    def backend(gm, example_inputs):
+        got["res"] = causal.make_causal(gm)
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(_FlippedMaskAttention(), backend=backend)(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref)
+    res = got["res"]
+    assert res.counters["sdpa_made_causal"] == made
+    if not made:
+        assert "not row-local" in res.skips[0].detail
