@@ -84,7 +84,7 @@ if triton is not None:
                 s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION)
                 acc += tl.maximum(s, 0.0)
             # Every valid value is >= 0 and the tile has a valid pair (c <= m), so 0 is a neutral fill.
-            valid = row_in[:, None] & col_in[None, :] & (cols[None, :] <= rows[:, None] + 1)
+            valid = row_in[:, None] & col_in[None, :] & (cols[None, :] <= rows[:, None])
             best = tl.max(tl.max(tl.where(valid, acc, 0.0), axis=1), axis=0)
             tl.store(out_ptr + bi * stride_ob + m * stride_om + c, best / HQ)
 
@@ -158,7 +158,7 @@ if triton is not None:
             col_in = cols < N
             k_tile = k_ptr + bi * stride_kb + cols.to(tl.int64)[:, None] * stride_kn + ds[None, :]
             k_mask = col_in[:, None] & d_in[None, :]
-            valid = row_in[:, None] & col_in[None, :] & (cols[None, :] <= rows[:, None] + 1)
+            valid = row_in[:, None] & col_in[None, :] & (cols[None, :] <= rows[:, None])
             acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
             for h in range(0, HQ):
                 qt = tl.load(q_tile + h * stride_qh, mask=q_mask, other=0.0)

@@ -5,7 +5,7 @@ import torch
 
 import lemo_compile
 from lemo_compile import LemoConfig
-from lemo_compile.integrations import compile_for_training
+from lemo_compile.integrations import compile_for_training, drop_all_ones_attention_mask, strip_all_ones_attention_mask
 from lemo_compile.testing.models import random_batch, tiny_model
 
 
@@ -30,12 +30,15 @@ def test_trainer_steps_and_plain_adapter(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=1,
                                           max_steps=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
                                           report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Batches(3, 200))
+    # the batches are unpadded: without their all-ones attention_mask the graph's mask is provably causal
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Batches(3, 200),
+                                   data_collator=drop_all_ones_attention_mask(transformers.default_data_collator))
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     out = trainer.train()
     assert out.global_step == 3
     recs = [r for r in lemo_compile.records() if r.rewritten]
     assert recs and recs[-1].sparsify.counters["sparse_layers"] == 3
+    assert recs[-1].causal.counters["sdpa_made_causal"] == 4
     after = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -50,3 +53,15 @@ def test_trainer_steps_and_plain_adapter(tmp_path):
     for k in trained:
         torch.testing.assert_close(loaded_params[k], trained[k])
     assert torch.isfinite(got)
+
+
+def test_strip_all_ones_attention_mask_keeps_padded_batches():
+    full = random_batch(256, 2, 50, seed=1)
+    assert "attention_mask" not in strip_all_ones_attention_mask(full)
+    assert set(strip_all_ones_attention_mask(full)) == {"input_ids", "labels"}
+    padded = random_batch(256, 2, 50, seed=1, pad_right=[0, 3])
+    assert strip_all_ones_attention_mask(padded) is padded
+    no_mask = {"input_ids": full["input_ids"]}
+    assert strip_all_ones_attention_mask(no_mask) is no_mask
+    collate = drop_all_ones_attention_mask(lambda feats: padded if feats == ["pad"] else full)
+    assert "attention_mask" in collate(["pad"]) and "attention_mask" not in collate(["full"])
