@@ -111,7 +111,8 @@ if triton is not None:
         ds = tl.arange(0, BLOCK_D)
         row_in = rows < N
         d_in = ds < D
-        qt = tl.load(q_ptr + bi * stride_qb + h * stride_qh + rows.to(tl.int64)[:, None] * stride_qn + ds[None, :],
+        q_rows = q_ptr + bi * stride_qb + h * stride_qh + rows.to(tl.int64)[:, None] * stride_qn
+        qt = tl.load(q_rows + ds[None, :],
                      mask=row_in[:, None] & d_in[None, :], other=0.0)
         k_head = k_ptr + bi * stride_kb + (h // GROUP) * stride_kh
         run_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -125,7 +126,8 @@ if triton is not None:
             s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
             s = tl.where(col_in[None, :] & (cols[None, :] <= rows[:, None]), s, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(s, axis=1))
-            run_sum = run_sum * tl.math.exp2(run_max - new_max) + tl.sum(tl.math.exp2(s - new_max[:, None]), axis=1)
+            run_sum = (run_sum * tl.math.exp2(run_max - new_max)
+                       + tl.sum(tl.math.exp2(s - new_max[:, None]), axis=1))
             run_max = new_max
         tl.store(lse_ptr + bh * N + rows, run_max + tl.math.log2(run_sum), mask=row_in)
 
@@ -238,7 +240,8 @@ def _triton_setup(op: str, q: torch.Tensor, k: torch.Tensor, block: int):
     if q.dtype not in _TRITON_DTYPES:
         _fail(op, f"the Triton kernel takes fp16/bf16/fp32 `q`, got {q.dtype}; use the *_torch twin")
     if not 16 <= block <= _MAX_TRITON_BLOCK:
-        _fail(op, f"the Triton kernel takes `block` in [16, {_MAX_TRITON_BLOCK}], got {block}; use the *_torch twin")
+        _fail(op, f"the Triton kernel takes `block` in [16, {_MAX_TRITON_BLOCK}], got {block}; "
+                  "use the *_torch twin")
     d = q.shape[3]
     if d > _MAX_TRITON_D:
         _fail(op, f"the Triton kernel takes head dim d <= {_MAX_TRITON_D}, got {d}; use the *_torch twin")
@@ -263,7 +266,8 @@ def block_max_scores_triton(q: torch.Tensor, k: torch.Tensor, block: int) -> tor
     _block_max_scores_kernel[(nb, b)](
         out, q, k,
         n, nb, hq, hq // k.shape[1], d,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1),
         BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=warps,
     )
     return out
@@ -292,7 +296,8 @@ def block_attention_mass_triton(q: torch.Tensor, k: torch.Tensor, block: int, sc
     meta = dict(BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=warps)
     scale_log2 = float(scale) * _LOG2E  # exp(x) = exp2(x * log2(e)); lse is kept in log2 units
     _row_lse_kernel[(nb, b * hq)](lse, q, k, *sizes, *strides, scale_log2, **meta)
-    _block_mass_kernel[(nb, b)](out, lse, q, k, *sizes, *strides, out.stride(0), out.stride(1), scale_log2, **meta)
+    _block_mass_kernel[(nb, b)](out, lse, q, k, *sizes, *strides, out.stride(0), out.stride(1), scale_log2,
+                                **meta)
     return out
 
 
@@ -336,7 +341,8 @@ def block_max_scores_torch(q: torch.Tensor, k: torch.Tensor, block: int) -> torc
             s = torch.matmul(q[:, h, r0:r1].to(ct), k[:, h // group, :r1].to(ct).transpose(-1, -2))
             acc += s.clamp_min_(0)
         acc.masked_fill_(~_causal(r0, r1, q.device), 0)
-        out[:, r0 // block: -(-r1 // block), : -(-r1 // block)] = (_block_reduce(acc, block, "amax") / hq).float()
+        top = -(-r1 // block)
+        out[:, r0 // block: top, :top] = (_block_reduce(acc, block, "amax") / hq).float()
     return out
 
 
@@ -356,7 +362,8 @@ def block_attention_mass_torch(q: torch.Tensor, k: torch.Tensor, block: int, sca
         for h in range(hq):
             s = torch.matmul(q[:, h, r0:r1].to(ct), k[:, h // group, :r1].to(ct).transpose(-1, -2)) * scale
             acc += torch.softmax(s.masked_fill_(hidden, float("-inf")), dim=-1)
-        out[:, r0 // block: -(-r1 // block), : -(-r1 // block)] = (_block_reduce(acc, block, "sum") / hq).float()
+        top = -(-r1 // block)
+        out[:, r0 // block: top, :top] = (_block_reduce(acc, block, "sum") / hq).float()
     return out
 
 
