@@ -18,9 +18,9 @@ the per-row log-sum-exp (b, hq, n) of a first pass (flash-style: pass 1 lse, pas
 exp(s - lse) per key block). The PyTorch twins `*_torch` (same arguments; the CPU path and the
 oracle of the tests) do the same math on chunks of query rows, O(chunk * n) memory.
 
-Dispatch: Triton when the tensors are fp16/bf16/fp32 and on CUDA, or when the kernels were defined
-under TRITON_INTERPRET=1 (the interpreter, on CPU tensors), unless LEMO_KERNEL_IMPL=torch (read at
-call time); the twin otherwise.
+Dispatch: Triton when the tensors are fp16/bf16/fp32 and on CUDA, unless LEMO_KERNEL_IMPL=torch (read
+at call time); the twin otherwise (CPU tensors; tests run the Triton kernels in the interpreter by
+calling `*_triton` directly).
 """
 
 from __future__ import annotations
@@ -371,8 +371,9 @@ def _use_triton(t: torch.Tensor) -> bool:
     impl = os.environ.get("LEMO_KERNEL_IMPL", "triton")
     if impl not in ("triton", "torch"):
         raise ValueError(f"LEMO_KERNEL_IMPL must be 'triton' or 'torch', got {impl!r}")
-    return (triton is not None and impl == "triton" and t.dtype in _TRITON_DTYPES
-            and (t.is_cuda or triton_interpreted()))
+    # CUDA only, as kernels/rows.py: on a CPU the twin is the implementation (the interpreter is
+    # for testing the kernels, which tests call directly)
+    return triton is not None and impl == "triton" and t.dtype in _TRITON_DTYPES and t.is_cuda
 
 
 def block_max_scores(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
