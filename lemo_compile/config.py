@@ -57,7 +57,8 @@ class LemoConfig:
     # How the MLP treats eliminated tokens in sparse layers (see MlpMode).
     mlp_mode: MlpMode = MlpMode.BACKWARD
     # Block scorer: "pooled" (training-free, the layer's own W_q/W_k on block means), "random"
-    # (seeded, for tests and ablations). Calibrated predictors come with the predictor issue.
+    # (seeded, for tests and ablations), or the path of a predictor file written by
+    # lemo_compile.calibrate (low-rank factors per layer; the file's sizes must match the model).
     predictor: str = "pooled"
     # Seed of the "random" scorer.
     seed: int = 0
@@ -120,9 +121,18 @@ class LemoConfig:
             if not isinstance(fb, int) or isinstance(fb, bool):
                 raise ValueError(f"LemoConfig.forced_blocks must be ints, got {fb!r}")
         fix("forced_blocks", tuple(self.forced_blocks))
+        if not isinstance(self.predictor, str):
+            raise ValueError(f"LemoConfig.predictor must be one of {BUILTIN_PREDICTORS} or the path of a "
+                             f"predictor file, got {self.predictor!r}")
         if self.predictor not in BUILTIN_PREDICTORS:
-            raise ValueError(f"LemoConfig.predictor must be one of {BUILTIN_PREDICTORS}, got {self.predictor!r} "
-                             "(calibrated predictor files are not supported yet)")
+            import os
+
+            if not os.path.isfile(self.predictor):
+                raise ValueError(f"LemoConfig.predictor must be one of {BUILTIN_PREDICTORS} or the path of a "
+                                 f"predictor file (lemo_compile.calibrate), got {self.predictor!r}: no such file")
+            from .calibrate import read_metadata
+
+            read_metadata(self.predictor)  # a clear error now for a file that is not one of ours
         amb = self.activation_memory_budget
         if amb is not None and (isinstance(amb, bool) or not isinstance(amb, (int, float)) or not 0.0 <= amb <= 1.0):
             raise ValueError(f"LemoConfig.activation_memory_budget must be None or a number in [0, 1], got {amb!r}")

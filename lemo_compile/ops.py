@@ -56,6 +56,35 @@ def pooled_block_scores(x: torch.Tensor, token_valid: torch.Tensor, w_q: torch.T
     return predictors.pooled_qk_scores(x, token_valid, w_q, b_q, w_k, b_k, num_heads, num_kv_heads, block)
 
 
+_PREDICTOR_FILES: dict[tuple[str, float], tuple[dict, dict]] = {}
+
+
+def predictor_file(path: str) -> tuple[dict, dict]:
+    """(metadata, {layer: (q factors, k factors)}) of a calibrated predictor file, cached per mtime."""
+    from . import calibrate
+
+    key = (path, os.path.getmtime(path))
+    if key not in _PREDICTOR_FILES:
+        _PREDICTOR_FILES.clear()
+        _PREDICTOR_FILES[key] = calibrate.load(path)
+    return _PREDICTOR_FILES[key]
+
+
+@torch.library.custom_op("lemo::calibrated_block_scores", mutates_args=())
+def calibrated_block_scores(x: torch.Tensor, token_valid: torch.Tensor, path: str, layer: int,
+                            block: int) -> torch.Tensor:
+    """(b, nb) float32 scores of a calibrated low-rank predictor (lemo_compile.calibrate) for one layer."""
+    meta, factors = predictor_file(path)
+    q, k = (t.to(device=x.device, dtype=torch.float32) for t in factors[layer])
+    heads = meta["heads"]
+    return predictors.pooled_qk_scores(x.float(), token_valid, q, None, k, None, heads, heads, block)
+
+
+@calibrated_block_scores.register_fake
+def _(x, token_valid, path, layer, block):
+    return x.new_empty((x.shape[0], (x.shape[1] + block - 1) // block), dtype=torch.float32)
+
+
 def gather_seq(t: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
     """Rows of `t` along `axis` at idx (b, m); t's batch dim (0) may be 1 and is broadcast to b."""
     b, m = idx.shape

@@ -49,7 +49,14 @@ def pooled_qk_scores(x: torch.Tensor, token_valid: torch.Tensor | None, w_q: tor
     q_i, k_j are the mean pre-RoPE query of block i and key of block j, per head. Key block j scores
     sum over query blocks i >= j of the head-averaged relu(q_i . k_j) / sqrt(head_dim) (the paper's
     positive-score column sum, at block resolution). Cost: two (nb x d) @ (d x heads*hd) GEMMs."""
-    xb = block_mean(x, token_valid, block).to(w_q.dtype)
+    return qk_block_scores(block_mean(x, token_valid, block).to(w_q.dtype), w_q, b_q, w_k, b_k, num_heads,
+                           num_kv_heads)
+
+
+def qk_block_scores(xb: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | None, w_k: torch.Tensor,
+                    b_k: torch.Tensor | None, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """(b, nb, d) block means -> (b, nb) key-block scores: sum over query blocks i >= j of the
+    head mean of relu(q_i . k_j) / sqrt(head_dim), with q = xb W_q^T + b_q, k = xb W_k^T + b_k."""
     b, nb, _ = xb.shape
     q = torch.nn.functional.linear(xb, w_q, b_q).float()
     k = torch.nn.functional.linear(xb, w_k, b_k).float()

@@ -47,6 +47,11 @@ class SparsifyResult(PassResult):
 def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> SparsifyResult:
     res = SparsifyResult("sparsify")
     num_layers = det.num_layers if cfg.num_layers is None else cfg.num_layers
+    if cfg.predictor not in ("pooled", "random") and num_layers:
+        file_layers = ops.predictor_file(cfg.predictor)[0]["model"]["num_layers"]
+        if file_layers != num_layers:
+            raise ValueError(f"lemo predictors {cfg.predictor!r} were made for another model: "
+                             f"{file_layers} layers in the file, {num_layers} in the model")
     touched: dict[int, fx.GraphModule] = {}
     renamed: dict[fx.Node, fx.Node] = {}  # residual-stream nodes replaced by a rewrite
     first = True
@@ -97,8 +102,10 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     # validate everything that can refuse before the graph is touched
     _validate(attn, seq_ext)
     _validate(mlp, [])
-    if cfg.predictor != "random":
+    if cfg.predictor == "pooled":
         _predictor_weights(attn)
+    elif cfg.predictor != "random":
+        _check_predictor_file(cfg, layer, x_width=shape_of(h0)[-1])
 
     # --- keep set, inserted right before the attention call ----------------------------------
     with g.inserting_before(sdpa):
@@ -174,6 +181,10 @@ def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: 
     if cfg.predictor == "random":
         lid = layer.index if layer.index is not None else (cfg.layer_index or 0)
         return g.call_function(ops.random_block_scores, (x, lid, cfg.seed, cfg.block_size))
+    if cfg.predictor != "pooled":  # a calibrated predictor file
+        lid = layer.index if layer.index is not None else cfg.layer_index
+        return g.call_function(torch.ops.lemo.calibrated_block_scores.default,
+                               (x, valid, cfg.predictor, lid, cfg.block_size))
     kind, heads, hd, lin = _predictor_weights(attn)
     if kind == "separate":
         wq, bq = _weight_bias(lin["q_proj"])
@@ -189,6 +200,23 @@ def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: 
         bq = g.call_function(operator.getitem, (b, qs)) if b is not None else None
         bk = g.call_function(operator.getitem, (b, ks)) if b is not None else None
     return g.call_function(ops.pooled_block_scores, (x, valid, wq, bq, wk, bk, heads, kv_heads, cfg.block_size))
+
+
+def _check_predictor_file(cfg: LemoConfig, layer: Layer, x_width) -> None:
+    """A predictor file made for another model is an error (not a skip): the user asked for it."""
+    meta, factors = ops.predictor_file(cfg.predictor)
+    model = meta["model"]
+    lid = layer.index if layer.index is not None else cfg.layer_index
+    if lid is None:
+        raise CantRewrite("predictor_inputs", "a single-layer graph without LemoConfig(layer_index=...) cannot "
+                                              "use a calibrated predictor file")
+    if model["hidden_size"] != x_width or lid not in factors:
+        raise ValueError(f"lemo predictors {cfg.predictor!r} were made for another model: file hidden size "
+                         f"{model['hidden_size']} and {model['num_layers']} layers, graph hidden size {x_width} "
+                         f"at layer {lid}")
+    if meta.get("block_size", cfg.block_size) != cfg.block_size:
+        raise ValueError(f"lemo predictors {cfg.predictor!r} were calibrated with block size "
+                         f"{meta['block_size']}, LemoConfig.block_size is {cfg.block_size}")
 
 
 def _predictor_weights(attn: Block) -> tuple[str, int, int, dict]:

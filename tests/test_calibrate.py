@@ -1,0 +1,173 @@
+"""Calibration: oracle capture, rules and metrics, the low-rank predictor, predictor files, and a
+calibrated predictor in the compiled graph against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lemo_compile
+from lemo_compile import LemoConfig, calibrate
+from lemo_compile.predictors import block_mean, pooled_qk_scores
+from lemo_compile.reference import reference_forward
+from lemo_compile.testing.models import random_batch, tiny_model, trainable_grads
+
+BLOCK = 16
+
+
+def _chunks(count, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (1, n), generator=g) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model("llama", lora=True)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def caps(model):
+    return calibrate.capture(model, _chunks(3, 100), BLOCK, progress=False)
+
+
+def test_capture_shapes_and_mass(model, caps):
+    layers = calibrate.decoder_layers(model)
+    assert len(caps) == len(layers)
+    nb = -(-100 // BLOCK)
+    for cap in caps:
+        assert cap.block_means.shape == (3, nb, model.config.hidden_size)
+        assert cap.max_scores.shape == cap.mass.shape == (3, nb, nb)
+        rows = torch.tensor([BLOCK] * (nb - 1) + [100 - BLOCK * (nb - 1)], dtype=torch.float32)
+        torch.testing.assert_close(cap.mass.sum(-1), rows.expand(3, nb), rtol=1e-5, atol=1e-4)
+        assert torch.all(cap.max_scores.triu(1) == 0) and cap.max_scores.max() > 0
+
+
+def test_block_means_are_the_predictor_inputs(model, caps):
+    # the capture's block means are those of the normalized hidden states the attention reads
+    ids = _chunks(3, 100)[0]
+    seen = {}
+    layer = calibrate.decoder_layers(model)[1]
+    def grab(mod, args, kwargs):
+        seen.setdefault("x", kwargs["hidden_states"].detach())
+
+    h = layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    torch.testing.assert_close(caps[1].block_means[0], block_mean(seen["x"], None, BLOCK)[0])
+
+
+@pytest.mark.parametrize("rule", calibrate.RULES)
+def test_rules_and_metrics(caps, rule):
+    cap = caps[2]
+    s = calibrate.oracle_scores(cap, rule)
+    assert s.shape == cap.block_means.shape[:2]
+    own = calibrate.evaluate(s, cap, 0.5, rule)
+    assert own["recall"] == 1.0 and 0 < own["mass_kept"] <= 1.0 + 1e-6
+    flipped = calibrate.evaluate(-s, cap, 0.5, rule)  # keeps the rule's worst blocks
+    assert flipped["recall"] < 1.0
+    everything = calibrate.evaluate(s, cap, 1.0, rule)
+    assert everything["recall"] == 1.0 and abs(everything["mass_kept"] - 1.0) < 1e-5
+
+
+def test_lowrank_at_full_rank_is_the_pooled_predictor(model, caps):
+    layers = calibrate.decoder_layers(model)
+    att = layers[1].self_attn
+    full = calibrate.LowRankPredictor.from_model(model, att.head_dim)
+    x = torch.randn(2, 100, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    ref = pooled_qk_scores(x, None, att.q_proj.base_layer.weight, None, att.k_proj.base_layer.weight, None,
+                           full.heads, att.k_proj.base_layer.weight.shape[0] // att.head_dim, BLOCK)
+    got = full.scores(1, block_mean(x, None, BLOCK))
+    # relu(q.k) per head is invariant under the factorization; scores match to fp32 rounding
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    low = calibrate.LowRankPredictor.from_model(model, 2)
+    assert low.params_per_layer() == 2 * full.heads * 2 * model.config.hidden_size
+    with pytest.raises(ValueError, match="exceeds the head dimension"):
+        calibrate.LowRankPredictor.from_model(model, att.head_dim + 1)
+
+
+def test_training_lowers_its_loss(model, caps):
+    pred = calibrate.LowRankPredictor.from_model(model, 2)
+    first = calibrate.train(pred, caps, 0.5, "mass", steps=1, progress=False)
+    last = calibrate.train(pred, caps, 0.5, "mass", steps=40, progress=False)
+    assert sum(last) < sum(first)
+
+
+def test_file_round_trip_and_model_check(tmp_path, model):
+    pred = calibrate.LowRankPredictor.from_model(model, 2)
+    path = str(tmp_path / "pred.safetensors")
+    calibrate.save(path, pred, model, BLOCK, {"rule": "mass"})
+    meta, factors = calibrate.load(path)
+    assert meta["rule"] == "mass" and meta["block_size"] == BLOCK and meta["rank"] == 2
+    torch.testing.assert_close(factors[1][0], pred.q[1].detach())
+    calibrate.check_model(path, model)
+    other = tiny_model("llama", lora=True, seed=1)  # same sizes, other weights
+    with pytest.raises(ValueError, match="another model.*weights_sha256"):
+        calibrate.check_model(path, other)
+    assert LemoConfig(predictor=path).predictor == path
+    bogus = tmp_path / "not.safetensors"
+    bogus.write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="cannot read"):
+        LemoConfig(predictor=str(bogus))
+    with pytest.raises(ValueError, match="no such file"):
+        LemoConfig(predictor=str(tmp_path / "missing.safetensors"))
+
+
+def test_bad_calibration_input(model):
+    with pytest.raises(ValueError, match="empty dataset"):
+        calibrate.capture(model, [], BLOCK, progress=False)
+    with pytest.raises(ValueError, match="shorter than one block"):
+        calibrate.capture(model, _chunks(1, 10), BLOCK, progress=False)
+    with pytest.raises(ValueError, match="one length"):
+        calibrate.capture(model, _chunks(1, 40) + _chunks(1, 50), BLOCK, progress=False)
+
+
+def test_calibrated_predictor_in_the_graph_matches_the_reference(tmp_path):
+    model = tiny_model("llama", lora=True)
+    pred = calibrate.LowRankPredictor.from_model(model, 2)
+    with torch.no_grad():  # something training could have produced: not the SVD factors
+        for p in pred.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = str(tmp_path / "pred.safetensors")
+    calibrate.save(path, pred, model, 64)
+    batch = random_batch(256, 2, 200, seed=8)
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,), predictor=path)
+
+    torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)
+    out = torch.compile(model, backend=lemo_compile.backend(cfg))(**batch)
+    out.loss.backward()
+    grads = trainable_grads(model)
+    rec = [r for r in lemo_compile.records() if r.detect and r.detect.layers][-1]
+    assert rec.sparsify.counters["sparse_layers"] == 3
+
+    def scorer(i, x, valid):
+        return pooled_qk_scores(x.float(), valid, pred.q[i].detach(), None, pred.k[i].detach(), None,
+                                pred.heads, pred.heads, 64)
+
+    model.zero_grad(set_to_none=True)
+    res = reference_forward(model, cfg, scorer=scorer, **batch)
+    res.output.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), res.output.loss.detach(), rtol=1e-5, atol=0)
+    ref = trainable_grads(model)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-4 * ref[k].abs().max().item(), msg=k)
+    # and the selection differs from the pooled predictor's (the file is really used)
+    pooled_cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,), predictor="pooled")
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    out2 = torch.compile(model, backend=lemo_compile.backend(pooled_cfg))(**batch)
+    assert not torch.equal(out2.loss.detach(), out.loss.detach())
+
+
+def test_predictor_file_for_another_model_is_an_error(tmp_path):
+    small = tiny_model("llama", lora=True)
+    path = str(tmp_path / "pred.safetensors")
+    calibrate.save(path, calibrate.LowRankPredictor.from_model(small, 2), small, 64)
+    other = tiny_model("llama", lora=True, layers=5)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="another model: 4 layers in the file, 5 in the model"):
+        torch.compile(other, backend=lemo_compile.backend(
+            LemoConfig(inner="eager", keep_ratio=0.5, predictor=path)))(**random_batch(256, 1, 128, seed=1))
