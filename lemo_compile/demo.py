@@ -276,23 +276,10 @@ def keep_sets_first_batch(model, cfg, x):
     compiled graph is tested against), with the config's predictor. Returns (keep_sets, scorer name)."""
     import torch
 
-    from .predictors import pooled_qk_scores
-    from .reference import decoder_layers, reference_forward
+    from .reference import reference_forward, scorer_for
 
-    layers = decoder_layers(model)
-    mc = _text_config(model)
-    scorer, scorer_name = None, "random scorer"
-    if cfg.predictor == "pooled" and all(hasattr(layers[0].self_attn, p) for p in ("q_proj", "k_proj")):
-        heads = mc.num_attention_heads
-        kv_heads = getattr(mc, "num_key_value_heads", None) or heads
-
-        def scorer(layer: int, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-            attn = layers[layer].self_attn
-            q = getattr(attn.q_proj, "base_layer", attn.q_proj)  # the frozen projection under PEFT
-            k = getattr(attn.k_proj, "base_layer", attn.k_proj)
-            return pooled_qk_scores(h, valid, q.weight, q.bias, k.weight, k.bias, heads, kv_heads, cfg.block_size)
-
-        scorer_name = "pooled predictor"
+    scorer = scorer_for(model, cfg)
+    scorer_name = "random scorer" if scorer is None else f"{cfg.predictor} predictor"
     with torch.no_grad():
         ref = reference_forward(model, cfg, scorer=scorer, input_ids=x, labels=x)
     return ref.keep_sets, scorer_name

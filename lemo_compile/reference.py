@@ -53,6 +53,40 @@ def dense_forward(model: nn.Module, **model_kwargs: Any) -> Any:
     return model(**model_kwargs)
 
 
+def scorer_for(model: nn.Module, cfg: LemoConfig) -> Scorer | None:
+    """The scorer the compiled graph uses for `cfg.predictor` on this model, for reference runs:
+    None for "random" (reference_forward's default), the layer's frozen W_q/W_k on block means for
+    "pooled", a predictor file's low-rank factors otherwise. Models with fused qkv projections
+    get None for "pooled" (use the random scorer)."""
+    from .predictors import pooled_qk_scores
+
+    if cfg.predictor == "random":
+        return None
+    layers = decoder_layers(model)
+    if cfg.predictor != "pooled":
+        from .calibrate import load
+
+        meta, factors = load(cfg.predictor)
+
+        def calibrated(layer: int, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            q, k = (t.to(x.device) for t in factors[layer])
+            return pooled_qk_scores(x.float(), valid, q, None, k, None, meta["heads"], meta["heads"], cfg.block_size)
+
+        return calibrated
+    if not all(hasattr(layers[0].self_attn, p) for p in ("q_proj", "k_proj")):
+        return None
+
+    def pooled(layer: int, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        attn = layers[layer].self_attn
+        q = getattr(attn.q_proj, "base_layer", attn.q_proj)  # the frozen projection under PEFT
+        k = getattr(attn.k_proj, "base_layer", attn.k_proj)
+        hd = attn.head_dim
+        return pooled_qk_scores(x, valid, q.weight, q.bias, k.weight, k.bias, q.weight.shape[0] // hd,
+                                k.weight.shape[0] // hd, cfg.block_size)
+
+    return pooled
+
+
 def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None = None,
                       keep_sets: dict[int, KeepSet] | None = None, **model_kwargs: Any) -> ReferenceOutput:
     """Run `model(**model_kwargs)` with the sparse layers of `cfg` (DESIGN 2).

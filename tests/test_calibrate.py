@@ -147,6 +147,12 @@ def test_calibrated_predictor_in_the_graph_matches_the_reference(tmp_path):
         return pooled_qk_scores(x.float(), valid, pred.q[i].detach(), None, pred.k[i].detach(), None,
                                 pred.heads, pred.heads, 64)
 
+    from lemo_compile.reference import scorer_for
+
+    x = torch.randn(2, 200, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    valid = torch.ones(2, 200, dtype=torch.bool)
+    for i in (1, 3):  # the helper other tools use gives the same scores
+        torch.testing.assert_close(scorer_for(model, cfg)(i, x, valid), scorer(i, x, valid))
     model.zero_grad(set_to_none=True)
     res = reference_forward(model, cfg, scorer=scorer, **batch)
     res.output.loss.backward()

@@ -113,6 +113,11 @@ def test_pooled_predictor_matches_reference_scorer():
         return pooled_qk_scores(x, valid, att.q_proj.base_layer.weight, att.q_proj.base_layer.bias,
                                 att.k_proj.base_layer.weight, att.k_proj.base_layer.bias, 4, 2, 64)
 
+    from lemo_compile.reference import scorer_for
+
+    x = torch.randn(1, 256, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(1, 256, dtype=torch.bool)
+    torch.testing.assert_close(scorer_for(model, cfg)(2, x, valid), scorer(2, x, valid))
     loss, grads, _ = compiled_run(model, cfg, batch)
     model.zero_grad(set_to_none=True)
     res = reference_forward(model, cfg, scorer=scorer, **batch)
