@@ -128,3 +128,23 @@ def merge_headline(path: str, figures: dict[str, dict[str, Any]]) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def publish_figures(doc: dict[str, Any], figs: dict[str, dict[str, Any]], missing: list[str], out: str | None,
+                    headline: str | None, tiny: bool) -> None:
+    """Store a run's headline figures in its result document (rewritten at `out`), print them, and
+    merge them into `headline` -- except a --tiny run aimed at the project's own headline.json."""
+    doc["figures"], doc["figures_missing"] = figs, missing
+    if out:
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=2)
+    if missing:
+        print("figures not (all) written: " + "; ".join(missing), flush=True)
+    if figs:
+        print("headline figures: " + json.dumps({k: round(v["value"], 4) for k, v in figs.items()}), flush=True)
+    project = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "headline.json")
+    if headline and tiny and os.path.abspath(headline) == project:
+        print("--tiny: figures not merged into the project's headline.json", flush=True)
+    elif headline and figs:
+        merge_headline(headline, figs)
+        print(f"merged {len(figs)} figure(s) into {headline}", flush=True)

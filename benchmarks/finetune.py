@@ -87,7 +87,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (ARCHS, LORA_PRESETS, apply_liger_fused_linear_ce, build_model,  # noqa: E402
-                               environment, merge_headline, run_variant_subprocess)
+                               environment, publish_figures, run_variant_subprocess)
 from benchmarks.peak_cut_bench import (_dynamo_stats, _enable_auto_chunker, _failure, _lemo_report,  # noqa: E402
                                        _memory_end, _memory_start, _num_auto_chunking, _sync, _timed)
 
@@ -612,20 +612,7 @@ def main():
     print("\n" + doc["table"], flush=True)
     src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
     figs, missing = figures(doc, src, args.headline_lora)
-    doc["figures"], doc["figures_missing"] = figs, missing
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
-    if missing:
-        print("figures not written: " + "; ".join(missing), flush=True)
-    if figs:
-        print("headline figures: " + json.dumps({k: round(v["value"], 4) for k, v in figs.items()}), flush=True)
-    if args.headline and args.tiny and os.path.abspath(args.headline) == os.path.abspath(
-            os.path.join(os.path.dirname(script), "results", "headline.json")):
-        print("--tiny: figures not merged into the project's headline.json", flush=True)
-    elif args.headline and figs:
-        merge_headline(args.headline, figs)
-        print(f"merged {len(figs)} figure(s) into {args.headline}", flush=True)
+    publish_figures(doc, figs, missing, args.out, args.headline, args.tiny)
     print(f"{left_over} variant(s) left (skipped for budget or timed out): "
           + ("repeat the command with --resume" if left_over else "done"), flush=True)
 

@@ -99,7 +99,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ARCHS, environment, merge_headline, run_variant_subprocess  # noqa: E402
+from benchmarks.common import ARCHS, environment, publish_figures, run_variant_subprocess  # noqa: E402
 from benchmarks.finetune import (failure_record, lemo_records_summary, make_step, prepare,  # noqa: E402
                                  step_guess_s)
 from benchmarks.peak_cut_bench import _failure, _lemo_report, _sync  # noqa: E402
@@ -691,20 +691,7 @@ def main():
     print("\n" + doc["table"], flush=True)
     src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
     figs, missing = figures(doc, src)
-    doc["figures"], doc["figures_missing"] = figs, missing
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
-    if missing:
-        print("figures not (all) written: " + "; ".join(missing), flush=True)
-    if figs:
-        print("headline figures: " + json.dumps({k: round(v["value"], 4) for k, v in figs.items()}), flush=True)
-    if args.headline and tiny and os.path.abspath(args.headline) == os.path.abspath(
-            os.path.join(os.path.dirname(script), "results", "headline.json")):
-        print("--tiny: figures not merged into the project's headline.json", flush=True)
-    elif args.headline and figs:
-        merge_headline(args.headline, figs)
-        print(f"merged {len(figs)} figure(s) into {args.headline}", flush=True)
+    publish_figures(doc, figs, missing, args.out, args.headline, tiny)
     pending = [v for v in known if not doc["search"][v]["done"]]
     print("search complete for every variant" if not pending else
           f"search incomplete for {', '.join(pending)}: repeat the command with --resume {args.out or '<out>'}",
