@@ -16,26 +16,75 @@ causal (`passes.causal`), so attention runs the masked kernel (2x slower at 16K 
 collator so unpadded batches go without it:
 
     Trainer(..., data_collator=drop_all_ones_attention_mask(DataCollatorForLanguageModeling(tok, mlm=False)))
+
+Per-layer compilation (FSDP2, or any setup that compiles decoder layers one by one) goes through
+`compile_layers`: a graph of one decoder layer does not say which layer it is, so each layer is
+compiled with a config that names it (`layer_index`, `num_layers`):
+
+    compile_layers(model, LemoConfig(keep_ratio=0.4))
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping
 
 import torch
 
 from .backend import make_backend
-from .config import LemoConfig
+from .config import LemoConfig, get_default
+from .reference import decoder_layers
+
+log = logging.getLogger("lemo_compile")
 
 
 def compile_for_training(model: torch.nn.Module, cfg: LemoConfig | None = None, **compile_kwargs: Any) -> torch.nn.Module:
     """Compile `model` in place with the lemo backend (nn.Module.compile keeps state_dict keys
     unprefixed) and turn off the KV cache, which training graphs do not need. Returns the model."""
+    _no_kv_cache(model)
+    model.compile(backend=make_backend(cfg), **compile_kwargs)
+    return model
+
+
+def compile_layers(model: torch.nn.Module, cfg: LemoConfig | None = None, **compile_kwargs: Any) -> torch.nn.Module:
+    """Compile every decoder layer of `model` in place (`nn.Module.compile`), each with the lemo
+    config of its position: dense layers as the config says, sparse layers with their keep ratio.
+
+    Layers whose compiled graph does not depend on their index (same keep ratio, pooled predictor:
+    its weights are the layer's own, graph inputs) share one backend, so Dynamo compiles one graph
+    for them; with a random or calibrated predictor every layer gets its own. Dynamo counts each
+    layer's graph against `recompile_limit` of the shared `forward` code, and past the limit it
+    would run the remaining layers uncompiled, silently dense; the limit is raised to fit.
+    The rest of the model (embeddings, final norm, LM head and loss) stays eager unless compiled
+    separately. Returns the model."""
+    base = cfg if cfg is not None else get_default()
+    _no_kv_cache(model)
+    layers = decoder_layers(model)
+    n = len(layers)
+    backends: dict[Any, Callable] = {}
+    for i, layer in enumerate(layers):
+        keep = base.keep_fraction(i, n)
+        group = ("keep", keep) if base.predictor == "pooled" else ("layer", i)
+        if group not in backends:
+            backends[group] = make_backend(base.replace(layer_index=i, num_layers=n))
+        layer.compile(backend=backends[group], **compile_kwargs)
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    need = 2 * len(backends) + 8  # a static and a dynamic-length graph per backend, and room for the user's
+    if getattr(dynamo, name) < need:
+        log.info("lemo: torch._dynamo.config.%s %d -> %d for %d per-layer backends",
+                 name, getattr(dynamo, name), need, len(backends))
+        setattr(dynamo, name, need)
+    return model
+
+
+def _no_kv_cache(model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
-    model.compile(backend=make_backend(cfg), **compile_kwargs)
-    return model
 
 
 def strip_all_ones_attention_mask(batch: Mapping[str, Any]) -> Mapping[str, Any]:
