@@ -103,10 +103,12 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def run_variant_subprocess(script: str, variant: str, extra: list[str], timeout: int) -> dict[str, Any]:
-    """Run one variant in a fresh interpreter (own allocator and compile caches); parse its RESULT line."""
+def run_variant_subprocess(script: str, variant: str, extra: list[str], timeout: int,
+                           env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter (own allocator and compile caches); parse its RESULT line.
+    `env`: variables added to this process's environment (e.g. CUDA_VISIBLE_DEVICES)."""
     cmd = [sys.executable, script, "--worker", variant, *extra]
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", **(env or {}))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:

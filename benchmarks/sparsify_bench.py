@@ -151,6 +151,33 @@ def worker(args) -> dict:
     return res
 
 
+def run_variants(variants: list[str], extra: list[str], timeout: int, gpus: str | None):
+    """Yield each variant's result as it finishes: one after another, or with `gpus` one variant per GPU at
+    a time (CUDA_VISIBLE_DEVICES), in the order they finish."""
+    script = os.path.abspath(__file__)
+    if not gpus:
+        for v in variants:
+            yield run_variant_subprocess(script, v, extra, timeout)
+        return
+    import concurrent.futures
+    import queue
+
+    free = queue.Queue()
+    for g in gpus.split(","):
+        free.put(g.strip())
+
+    def on_free_gpu(v: str) -> dict:
+        g = free.get()
+        try:
+            return {**run_variant_subprocess(script, v, extra, timeout, env={"CUDA_VISIBLE_DEVICES": g}), "gpu": g}
+        finally:
+            free.put(g)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=free.qsize()) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(on_free_gpu, v) for v in variants]):
+            yield fut.result()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="llama-1b")
@@ -166,6 +193,8 @@ def main():
     ap.add_argument("--headline", default=None, help="write figures into this headline.json")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--gpus", default=None, help="e.g. 0,1: run variants concurrently, one per GPU of this host "
+                                                 "(identical GPUs; each variant still has its GPU to itself)")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -176,10 +205,9 @@ def main():
     for v in args.variants.split(","):
         variant_spec(v)  # fail before any run
     results = []
-    for v in args.variants.split(","):
-        r = run_variant_subprocess(os.path.abspath(__file__), v, extra, args.timeout)
+    for r in run_variants(args.variants.split(","), extra, args.timeout, args.gpus):
         print(json.dumps({k: r.get(k) for k in ("variant", "median_step_s", "peak_allocated_gb", "compile_s",
-                                                  "sparse_layers", "sdpa_made_causal", "error")}), flush=True)
+                                                  "sparse_layers", "sdpa_made_causal", "error", "gpu")}), flush=True)
         results.append(r)
         doc = summarize(args, results)
         if args.out:  # after every variant: a run cut short by a time limit keeps what it measured
@@ -205,7 +233,7 @@ def summarize(args, results: list[dict]) -> dict:
     doc = {"benchmark": "sparsify", "command": command, "env": environment(),
            "config": {"arch": args.arch, "seq": args.seq, "keep_ratio": args.keep, "lora": f"r={args.lora_r} q/k/v/o",
                       "dtype": "bfloat16", "batch": 1, "steps": args.steps, "checkpointing": args.ckpt,
-                      "lemo_logits": args.logits}, "results": results, "headline": {}}
+                      "lemo_logits": args.logits, "concurrent_gpus": args.gpus}, "results": results, "headline": {}}
     ok = {r["variant"]: r for r in results if "error" not in r}
     tag = f"{args.arch.split('-')[1]}_{args.seq // 1024}k"
     src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
