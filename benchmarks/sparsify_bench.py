@@ -148,6 +148,8 @@ def worker(args) -> dict:
                                       if r.peak_cut)
         res["sdpa_made_causal"] = sum(r.causal.counters["sdpa_made_causal"] for r in lemo_compile.records()
                                       if r.causal is not None)
+        res["causal_skips"] = sorted({str(s) for r in lemo_compile.records() if r.causal is not None
+                                      for s in r.causal.skips})
     return res
 
 

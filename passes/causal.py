@@ -180,6 +180,10 @@ _ELEMENTWISE_FNS = {
 _ELEMENTWISE_METHODS = {
     "to", "bool", "int", "long", "float", "type_as", "__and__", "__or__", "__invert__", "le", "lt", "ge",
     "gt", "eq", "ne", "add", "sub", "mul", "logical_and", "logical_or", "logical_not",
+    # Dynamo records some operators as tensor dunder methods (on CUDA, HF's packed-sequence mask
+    # `a == b` comes out as call_method __eq__ where the CPU trace has operator.eq)
+    "__eq__", "__ne__", "__le__", "__lt__", "__ge__", "__gt__", "__add__", "__radd__", "__sub__", "__rsub__",
+    "__mul__", "__rmul__", "__xor__", "__rand__", "__ror__", "__rxor__", "__neg__",
 }
 
 

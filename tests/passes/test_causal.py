@@ -115,6 +115,38 @@ def test_mask_rows_evaluated_band_by_band_equal_the_whole_mask(arch):
             causal._compare_causal(bands(r0, min(37, n - r0)), r0) is None for r0 in range(0, n, 37))
 
 
+_DUNDERS = {"eq": "__eq__", "ne": "__ne__", "le": "__le__", "lt": "__lt__", "ge": "__ge__", "gt": "__gt__",
+            "add": "__add__", "sub": "__sub__", "mul": "__mul__", "and_": "__and__", "or_": "__or__"}
+
+
+def test_band_evaluation_accepts_dunder_method_nodes():
+    # Dynamo on CUDA records e.g. HF's packed-sequence `a == b` as call_method __eq__ (operator.eq on
+    # CPU); the band path must treat those like the operators, else masks above FULL_EVAL_BYTES stay
+    # (seen on an H200: the 128K mask of an 8B model was left alone)
+    import operator
+
+    from lemo_compile.passes import causal
+    from lemo_compile.passes.common import shape_of
+
+    batch = random_batch(256, 1, 150, seed=4)
+    del batch["attention_mask"]
+    gm, masks = _capture_masks(tiny_model("llama"), batch)
+    nodes = causal._ancestors(masks[0])
+    whole = causal._evaluate(gm, nodes, masks[0])
+    renamed = 0
+    for node in nodes:
+        name = getattr(node.target, "__name__", None)
+        if node.op == "call_function" and getattr(operator, name or "", None) is node.target and name in _DUNDERS:
+            node.op, node.target = "call_method", _DUNDERS[name]
+            renamed += 1
+    assert renamed >= 2
+    n = shape_of(masks[0])[-1]
+    bands = causal._row_bands(gm, nodes, masks[0], n)
+    assert bands is not None
+    rows = torch.cat([bands(r0, min(64, n - r0)) for r0 in range(0, n, 64)], dim=-2)
+    assert torch.equal(rows.expand_as(whole), whole)
+
+
 def test_long_masks_are_checked_in_bands_only(monkeypatch):
     # a mask too large to evaluate whole is still proven causal band by band (HF models)
     from lemo_compile.passes import causal
