@@ -99,3 +99,34 @@ def test_compile_layers_matches_reference_past_the_recompile_limit(predictor):
         assert (grads[k] - ref_grads[k]).abs().max() <= 1e-4 * scale, k
     dense = model(**batch).loss
     assert abs(dense - out.loss) > 1e-4  # the sparse layers really ran sparse
+
+
+def test_trl_sft_trainer_steps(tmp_path):
+    """TRL's SFTTrainer on a model compiled with lemo beforehand (pre-tokenized data, a word-level
+    tokenizer built in place: nothing downloaded). TRL's loss needs the attention_mask, so the graph
+    keeps HF's mask (no is_causal); token elimination still runs."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(256)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  pad_token="t0", eos_token="t1", unk_token="t0")
+    model = tiny_model("llama", lora=True).train()
+    compile_for_training(model, LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,)))
+    rows = [random_batch(256, 1, 200, seed=i)["input_ids"][0].tolist() for i in range(3)]
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=1, max_steps=3, learning_rate=1e-3,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                         max_length=None)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
+                             processing_class=tok)
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    clear_records()
+    out = trainer.train()
+    assert out.global_step == 3
+    recs = [r for r in lemo_compile.records() if r.rewritten]
+    assert recs and recs[-1].sparsify.counters["sparse_layers"] == 3
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(4.0 < x < 7.5 for x in losses)  # ~ln(256) on random tokens
+    assert any(not torch.equal(before[k], v.detach()) for k, v in model.named_parameters() if v.requires_grad)
