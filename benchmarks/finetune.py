@@ -252,6 +252,23 @@ def _unique_graphs() -> int:
     return int(_dynamo_stats().get("unique_graphs", 0))
 
 
+def prepare_worker(args, spec: dict, lora: str, res: dict, **options):
+    """`prepare` for the worker's variant, then the step's token ids (seeded): (model, step_model,
+    patch_ctx, ids), or None when the variant cannot run here (`res` then says why)."""
+    import torch
+
+    dev = res["device"]
+    built = prepare(spec, args.worker, args.arch, args.seq, lora, dev, res, inner=args.inner,
+                    segment_bytes=args.segment_bytes, tiny=args.tiny, **options)
+    if built is None:
+        if "error" in res:
+            res["phase"] = "setup"
+        return None
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, built[0].config.vocab_size, (1, args.seq), device=dev, generator=gen)
+    return (*built, ids)
+
+
 def worker(args) -> dict:
     import torch
     torch.manual_seed(0)
@@ -263,15 +280,10 @@ def worker(args) -> dict:
     spec = VARIANTS[variant]
     phase = "setup"
     try:
-        built = prepare(spec, variant, args.arch, args.seq, args.lora, dev, res, inner=args.inner,
-                        segment_bytes=args.segment_bytes, tiny=args.tiny, chunker_ratio=args.chunker_ratio)
+        built = prepare_worker(args, spec, args.lora, res, chunker_ratio=args.chunker_ratio)
         if built is None:
-            if "error" in res:
-                res["phase"] = "setup"
             return res
-        model, step_model, patch_ctx = built
-        gen = torch.Generator(device=dev).manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device=dev, generator=gen)
+        model, step_model, patch_ctx, ids = built
         shapes: dict = {}
         step = make_step(model, step_model, ids, shapes)
         phase = "first step"

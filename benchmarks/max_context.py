@@ -100,7 +100,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ARCHS, environment, publish_figures, run_variant_subprocess  # noqa: E402
-from benchmarks.finetune import (failure_record, lemo_records_summary, make_step, prepare,  # noqa: E402
+from benchmarks.finetune import (failure_record, lemo_records_summary, make_step, prepare_worker,  # noqa: E402
                                  step_guess_s)
 from benchmarks.peak_cut_bench import _failure, _lemo_report, _sync  # noqa: E402
 
@@ -186,15 +186,10 @@ def worker(args) -> dict:
     spec = VARIANTS[variant]
     phase = "setup"
     try:
-        built = prepare(spec, variant, args.arch, args.seq, LORA, dev, res, inner=args.inner,
-                        segment_bytes=args.segment_bytes, tiny=args.tiny)
+        built = prepare_worker(args, spec, LORA, res)
         if built is None:
-            if "error" in res:
-                res["phase"] = "setup"
             return res
-        model, step_model, patch_ctx = built
-        gen = torch.Generator(device=dev).manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device=dev, generator=gen)
+        model, step_model, patch_ctx, ids = built
         if predict:
             torch._dynamo.mark_dynamic(ids, 1)  # also the labels: the same tensor
         step = make_step(model, step_model, ids)
