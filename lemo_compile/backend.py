@@ -172,6 +172,19 @@ def lemo_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | No
     return compile_graph(gm, example_inputs, cfg)
 
 
+def _log_masks_left(rec: CompileRecord) -> None:
+    """One line when attention keeps an explicit mask: a warning when that mask is large (n^2 memory and
+    SDPA's masked kernel), info otherwise (e.g. a padded batch's mask, which has to stay)."""
+    from .passes.causal import LARGE_MASK_BYTES
+
+    res = rec.causal
+    if not res.skips:
+        return
+    level = logging.WARNING if res.largest_mask_left >= LARGE_MASK_BYTES else logging.INFO
+    log.log(level, "lemo: graph %d: %d attention call(s) keep an explicit mask (largest %.2f GiB), so SDPA runs "
+            "its masked kernel: %s", rec.graph_id, len(res.skips), res.largest_mask_left / 2**30, res.skips[0].detail)
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
     from .passes.detect import detect
     from .passes.peak_cut import peak_cut
@@ -185,6 +198,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
         if cfg.causal_mask:
             from .passes.causal import make_causal
             rec.causal = make_causal(gm)
+            _log_masks_left(rec)
         rec.detect = detect(gm)
         if rec.detect.layers:
             rec.sparsify = sparsify(gm, rec.detect, cfg)

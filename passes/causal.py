@@ -44,9 +44,14 @@ FULL_EVAL_BYTES = 1 << 31
 BAND_ELEMENTS = 1 << 28
 
 
+# A mask left in place that is at least this large is worth a warning (the backend logs it).
+LARGE_MASK_BYTES = 1 << 30
+
+
 @dataclasses.dataclass
 class CausalResult(PassResult):
-    pass
+    # bytes of the largest mask left in place (0 when every mask was made causal or there was none)
+    largest_mask_left: int = 0
 
 
 def make_causal(gm: fx.GraphModule) -> CausalResult:
@@ -66,6 +71,7 @@ def make_causal(gm: fx.GraphModule) -> CausalResult:
             why = verdicts[src] or _why_not_square(node)
             if why:
                 res.skip("mask_not_causal", node.name, why)
+                res.largest_mask_left = max(res.largest_mask_left, _nbytes(src))
                 continue
             _set_causal(node)
             res.counters["sdpa_made_causal"] += 1
@@ -96,6 +102,16 @@ def _graphs(gm: fx.GraphModule):
             return n
 
         yield sub, outer
+
+
+def _nbytes(node: fx.Node) -> int:
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(val, torch.Tensor):
+        return 0
+    try:
+        return int(val.numel()) * val.element_size()
+    except Exception:  # symbolic sizes
+        return 0
 
 
 def _mask_arg(node: fx.Node):

@@ -195,3 +195,25 @@ def test_mask_that_is_not_row_local_needs_whole_evaluation(monkeypatch, whole_li
     assert res.counters["sdpa_made_causal"] == made
     if not made:
         assert "not row-local" in res.skips[0].detail
+        assert res.largest_mask_left == 70 * 70  # the bool mask left in place
+    else:
+        assert res.largest_mask_left == 0
+
+
+def test_large_mask_left_in_place_is_a_warning(monkeypatch, caplog):
+    # the user learns from one log line that attention keeps an n x n mask (as in the 128K run)
+    import logging
+
+    from lemo_compile.passes import causal
+
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    monkeypatch.setattr(causal, "FULL_EVAL_BYTES", 0)
+    for limit, level in ((1 << 30, logging.INFO), (4096, logging.WARNING)):
+        monkeypatch.setattr(causal, "LARGE_MASK_BYTES", limit)
+        torch._dynamo.reset()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lemo_compile"):
+            torch.compile(_FlippedMaskAttention(), backend=lemo_compile.backend(LemoConfig(inner="eager")))(q, k, v)
+        lines = [r for r in caplog.records if "keep an explicit mask" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == level, [r.getMessage() for r in caplog.records]
+        assert "0.00 GiB" in lines[0].getMessage() and "not row-local" in lines[0].getMessage()
