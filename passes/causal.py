@@ -29,6 +29,7 @@ order on the compacted rows is causal order on the original positions).
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
@@ -105,13 +106,12 @@ def _graphs(gm: fx.GraphModule):
 
 
 def _nbytes(node: fx.Node) -> int:
+    """Bytes of a node's value from its fake tensor; 0 for symbolic sizes (reading those as ints would
+    add a guard, i.e. specialize a dynamic length)."""
     val = node.meta.get("example_value", node.meta.get("val"))
-    if not isinstance(val, torch.Tensor):
+    if not isinstance(val, torch.Tensor) or not all(type(d) is int for d in val.shape):
         return 0
-    try:
-        return int(val.numel()) * val.element_size()
-    except Exception:  # symbolic sizes
-        return 0
+    return math.prod(val.shape) * val.element_size()
 
 
 def _mask_arg(node: fx.Node):
