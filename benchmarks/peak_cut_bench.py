@@ -745,7 +745,7 @@ def main():
                          "compiling one (1)")
     ap.add_argument("--inner", default=None, help="lemo's inner compiler: inductor (default) or eager "
                                                   "(default with --tiny)")
-    ap.add_argument("--segment-bytes", type=int, default=None, help="LemoConfig.segment_bytes (1 GiB; tiny: 64 KiB "
+    ap.add_argument("--segment-bytes", type=int, default=None, help="LemoConfig.segment_bytes (128 MiB; tiny: 64 KiB "
                                                                      "so that the tiny loss has several segments)")
     ap.add_argument("--chunker-ratio", type=float, default=2.0,
                     help="auto_chunker_tuned: auto_chunker.amplify_ratio_threshold (torch's default is 8)")

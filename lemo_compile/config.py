@@ -87,7 +87,7 @@ class LemoConfig:
     # logits or their gradient). See passes.peak_cut.
     peak_cut: bool = True
     # Bytes of temporaries one loss segment may hold; sets the rows per segment.
-    segment_bytes: int = 1 << 30
+    segment_bytes: int = 1 << 27
     # Logits a training graph returns when its loss is segmented: "keep" (the model's logits, as
     # without lemo) or "drop" (an empty (batch, seq, 0) tensor: saves the head's full matmul and
     # its n x vocab output; any use of the logits then fails loudly).

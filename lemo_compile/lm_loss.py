@@ -6,6 +6,8 @@ softmax of the backward and its cast: at 32K tokens and a 128K vocabulary that i
 with respect to the hidden states (and the head's weight, when trainable) segment by segment during
 the forward, so the backward is a scale by the incoming gradient of the scalar loss and the head's
 matmul runs twice instead of three times (the same trick as Liger's fused linear cross entropy).
+Per segment, the losses and the logits' gradient come from kernels.cross_entropy: on CUDA one Triton
+kernel that writes the gradient over the logits (a segment holds only its logits), else its twin.
 
 Rounding follows the graph it replaces: logits = linear(x, w, b) in x's dtype, upcast to fp32 when
 the model upcasts, log-softmax in that dtype; the logits' gradient is cast back to x's dtype before
@@ -19,14 +21,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels import cross_entropy
+
 REDUCTIONS = ("mean", "sum")
 
 
-def segment_rows(vocab: int, budget_bytes: int, upcast: bool, itemsize: int) -> int:
+def segment_rows(vocab: int, budget_bytes: int, upcast: bool, itemsize: int, fused: bool = False) -> int:
     """Rows per segment so that one segment's temporaries fit in `budget_bytes`: the logits in the
-    model dtype, their fp32 copy (in-place softmax and gradient reuse it) and the cast gradient."""
-    per_row = vocab * (itemsize * 2 + (4 if upcast else 0))
-    return max(1, budget_bytes // max(1, per_row))
+    model dtype, plus, unless the fused kernel runs (`fused`: kernels.cross_entropy.use_triton), the
+    twin's copy in the compute dtype. Above 128 rows, a multiple of 128 (whole GEMM tiles)."""
+    per_row = vocab * (itemsize + (0 if fused else 4 if upcast else itemsize))
+    rows = max(1, budget_bytes // max(1, per_row))
+    return rows - rows % 128 if rows > 128 else rows
+
+
+def fused_kernel_applies(device: torch.device, dtype: torch.dtype, upcast: bool) -> bool:
+    """Whether the op's segments run the fused cross-entropy kernel for hidden states of this device
+    and dtype (the logits share both)."""
+    return cross_entropy.use_triton(device, dtype, upcast)
 
 
 def linear_cross_entropy_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -52,7 +64,6 @@ def linear_cross_entropy_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     acc = torch.float64 if cdtype == torch.float64 else torch.float32  # accumulators
     count = valid.sum()
     scale = (1.0 / count.to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
-    tgt = torch.where(valid, target, torch.zeros_like(target))
     total = torch.zeros((), dtype=acc, device=x.device)
     dx = torch.empty_like(x) if grad_x else x.new_empty(0)
     dw = torch.zeros(w.shape, dtype=acc, device=w.device) if grad_w else w.new_empty(0)
@@ -61,26 +72,17 @@ def linear_cross_entropy_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
         e = min(s + rows, n)
         xs = x[s:e]
         logits = F.linear(xs, w, bias)
-        lf = logits.to(cdtype) if upcast else logits.clone()
-        del logits
-        lse = torch.logsumexp(lf, dim=-1)
-        picked = lf.gather(1, tgt[s:e, None]).squeeze(1)
-        v = valid[s:e]
-        total += torch.where(v, lse - picked, torch.zeros_like(lse)).sum(dtype=acc)
-        if not (grad_x or grad_w):
-            continue
-        # gradient of the per-row losses for upstream 1: softmax - onehot, rows of ignored targets zero
-        lf.sub_(lse.unsqueeze(1)).exp_()
-        lf.scatter_add_(1, tgt[s:e, None], -torch.ones_like(picked).unsqueeze(1))
-        lf.mul_((v.to(cdtype) * scale.to(cdtype)).unsqueeze(1))
-        g = lf.to(x.dtype)
-        del lf
+        # per-row losses; with a gradient to form, the logits' gradient (softmax - onehot, scaled,
+        # in x's dtype) overwrites the logits: a segment holds nothing else
+        total += cross_entropy.ce_rows(logits, target[s:e], scale, ignore_index, grad_x or grad_w,
+                                       upcast).sum(dtype=acc)
         if grad_x:
-            dx[s:e] = g @ w
+            torch.matmul(logits, w, out=dx[s:e])
         if grad_w:
-            dw += (g.t() @ xs).to(acc)
+            dw += (logits.t() @ xs).to(acc)
             if bias is not None:
-                db += g.to(acc).sum(0)
+                db += logits.to(acc).sum(0)
+        del logits
     loss = total * scale if reduction == "mean" else total
     return loss.to(cdtype), dx, dw.to(w.dtype) if grad_w else dw, db.to(w.dtype) if db.numel() else db
 

@@ -13,7 +13,9 @@ segment of rows at a time, so neither the fp32 logits nor their gradient ever ex
 
 The logits themselves stay a graph output (the model returns them) unless LemoConfig.logits is
 "drop", in which case the graph returns an empty (b, n, 0) tensor for them and the head's full
-matmul disappears. Rows per segment come from LemoConfig.segment_bytes.
+matmul disappears. Rows per segment come from LemoConfig.segment_bytes. On CUDA each segment's loss
+and logits' gradient are one Triton kernel (kernels/cross_entropy.py) that writes the gradient over
+the logits, so a segment holds only its logits.
 
 Left alone, with a SkipReason: losses with class weights or label smoothing, reductions other than
 mean/sum, anything between the linear and the loss that is not a cast or a flattening view (logit
@@ -176,7 +178,8 @@ def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dic
     grad_on = torch.is_grad_enabled()
     grad_x = bool(grad_on and h_val.requires_grad)
     grad_w = bool(grad_on and isinstance(w_val, torch.Tensor) and w_val.requires_grad)
-    rows = lm_loss.segment_rows(int(vocab), cfg.segment_bytes, m.upcast, h_val.dtype.itemsize)
+    fused = lm_loss.fused_kernel_applies(h_val.device, h_val.dtype, m.upcast)
+    rows = lm_loss.segment_rows(int(vocab), cfg.segment_bytes, m.upcast, h_val.dtype.itemsize, fused)
     with g.inserting_before(m.ce):
         x2 = g.call_method("reshape", (m.hidden, -1, d))
         t1 = g.call_method("reshape", (m.target, -1))

@@ -82,7 +82,10 @@ def test_op_rejects_targets_out_of_range():
 
 
 def test_segment_rows_from_budget():
-    assert lm_loss.segment_rows(128256, 1 << 30, True, 2) == (1 << 30) // (128256 * 8)
+    # bf16 logits + their fp32 copy (the twin): 6 bytes per logit; rounded down to whole 128-row tiles
+    assert lm_loss.segment_rows(128256, 1 << 30, True, 2) == 1280  # 1395 rows fit
+    assert lm_loss.segment_rows(128256, 1 << 30, True, 2, fused=True) == 4096  # the kernel: logits only
+    assert lm_loss.segment_rows(128256, 100 * 128256 * 4, False, 4) == 50  # fp32 kept: logits + a clone
     assert lm_loss.segment_rows(128256, 10, True, 2) == 1  # the finest segmentation is one row
 
 
@@ -102,7 +105,7 @@ def _run(model, backend, batch, fn=None, **kw):
 
 
 def _dense_cfg(**kw):
-    return LemoConfig(inner="eager", dense_layers=(0, 1, 2, 3), segment_bytes=40 * 256 * 12, **kw)
+    return LemoConfig(inner="eager", dense_layers=(0, 1, 2, 3), segment_bytes=40 * 256 * 8, **kw)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -114,7 +117,7 @@ def test_pass_exact_on_every_arch(arch, lora):
     out, grads = _run(model, lemo_compile.backend(_dense_cfg()), batch)
     rec = lemo_compile.records()[-1]
     assert rec.peak_cut.counters["losses_segmented"] == 1 and not rec.peak_cut.skips
-    assert rec.peak_cut.losses[0]["segment_rows"] == 40  # fp32: 12 bytes per logit; 300 rows in 8 segments
+    assert rec.peak_cut.losses[0]["segment_rows"] == 40  # fp32: 8 bytes per logit; 300 rows in 8 segments
     torch.testing.assert_close(out.loss, ref.loss, rtol=2e-6, atol=0)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
     for k in ref_grads:
@@ -133,7 +136,7 @@ def test_pass_with_sparse_layers_checkpointing_and_num_items():
     ref, ref_grads = _run(model, lemo_compile.backend(LemoConfig(**sparse, peak_cut=False)), batch, **kw)
     torch._dynamo.reset()
     clear_records()
-    out, grads = _run(model, lemo_compile.backend(LemoConfig(**sparse, segment_bytes=8 * 256 * 12)), batch, **kw)
+    out, grads = _run(model, lemo_compile.backend(LemoConfig(**sparse, segment_bytes=8 * 256 * 8)), batch, **kw)
     recs = lemo_compile.records()
     assert sum(r.peak_cut.counters["losses_segmented"] for r in recs if r.peak_cut) == 1
     assert any(r.sparsified for r in recs)
