@@ -44,7 +44,8 @@ max_memory_allocated over the first (compiling) step, so it also holds what comp
 Figures (--headline PATH; a figure only once the variants it needs have finished their search):
     max_context_tokens_8b                 lemo_ckpt's result                      (goal 1,000,000)
     max_context_ratio_vs_ckpt_8b          lemo_ckpt / dense_ckpt                   (target >= 4)
-    max_context_ratio_vs_ckpt_chunked_8b  lemo_ckpt / max(dense_ckpt_liger, lemo_ckpt_loss_only)  (>= 2)
+    max_context_ratio_vs_ckpt_chunked_8b  lemo_ckpt / max(dense_ckpt_liger, lemo_ckpt_loss_only)  (>= 2; of
+                                          those finished, the others named in baselines_not_measured)
     max_context_prediction_error          |predicted - measured| / measured, lemo_ckpt_loss_only  (<= 0.15)
     max_context_prediction_error_lemo_ckpt   the same for lemo_ckpt
 (other --arch: the suffix becomes the arch's, e.g. _1b, _qwen2_7b.)
@@ -63,6 +64,11 @@ between calls; `--resume` of a missing file starts afresh):
         --starts lemo_ckpt=131072,lemo_ckpt_loss_only=65536 \
         --resume benchmarks/results/max_context_8b.json --out $OUT/max_context_8b.json \
         --headline $OUT/headline.json --budget 540 --timeout 520
+
+Two GPUs: run one search per GPU at the same time (CUDA_VISIBLE_DEVICES=0 / =1, each its own --out),
+then combine them without probing: `--resume a.json,b.json --merge-only --out ... --headline ...` (with
+the same --resolution and --max-len as the searches; a variant capped by --max-len is reported as
+bounded by it, a lower bound).
 
 Repeat each until it prints "search complete for every variant" (the two commands share one JSON; the
 headline figures come out of whichever call completes the last variant they need). Expected cost on an H200
@@ -483,19 +489,34 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
         return {"tokens": st["max_tokens"], "bounded_by": st.get("bounded_by"),
                 "first_failure": st.get("first_failure")}
 
+    def capped(v):  # a search stopped at --max-len with every probe fitting: its length is a lower bound
+        if search[v].get("bounded_by") != "max_len":
+            return {}
+        return {"note": f"lower bound: {v} fit at every length probed up to --max-len "
+                        f"{doc['config']['max_len']}; no longer length was probed"}
+
     if done("lemo_ckpt"):
         lemo = search["lemo_ckpt"]["max_tokens"]
-        fig(f"max_context_tokens_{sfx}", "max_context_tokens", lemo, variant="lemo_ckpt", **info("lemo_ckpt"))
+        fig(f"max_context_tokens_{sfx}", "max_context_tokens", lemo, variant="lemo_ckpt", **info("lemo_ckpt"),
+            **capped("lemo_ckpt"))
         if done("dense_ckpt") and search["dense_ckpt"]["max_tokens"]:
             fig(f"max_context_ratio_vs_ckpt_{sfx}", "max_context_ratio_vs_ckpt",
                 lemo / search["dense_ckpt"]["max_tokens"], lemo_ckpt=info("lemo_ckpt"),
-                dense_ckpt=info("dense_ckpt"))
-        chunked = [v for v in ("dense_ckpt_liger", "lemo_ckpt_loss_only") if done(v)]
+                dense_ckpt=info("dense_ckpt"), **capped("lemo_ckpt"))
+        # against the better of the chunked-loss baselines that finished; one not run is named, as the
+        # ratio then holds against the measured one only
+        chunked = [v for v in ("dense_ckpt_liger", "lemo_ckpt_loss_only") if search.get(v, {}).get("done")]
         best = max(chunked, key=lambda v: search[v]["max_tokens"]) if chunked else None
-        if len(chunked) == 2 and search[best]["max_tokens"]:
+        if best and search[best]["max_tokens"]:
+            extra = {v: info(v) for v in chunked}
+            absent = [v for v in ("dense_ckpt_liger", "lemo_ckpt_loss_only") if v not in chunked]
+            if absent:
+                extra["baselines_not_measured"] = absent
             fig(f"max_context_ratio_vs_ckpt_chunked_{sfx}", "max_context_ratio_vs_ckpt_chunked",
-                lemo / search[best]["max_tokens"], baseline=best, lemo_ckpt=info("lemo_ckpt"),
-                **{v: info(v) for v in chunked})
+                lemo / search[best]["max_tokens"], baseline=best, lemo_ckpt=info("lemo_ckpt"), **extra,
+                **capped("lemo_ckpt"))
+        else:
+            missing.append("max_context_ratio_vs_ckpt_chunked: no chunked-loss baseline finished its search")
     for v, name in (("lemo_ckpt_loss_only", "max_context_prediction_error"),
                     ("lemo_ckpt", "max_context_prediction_error_lemo_ckpt")):
         name = name.replace("max_context_prediction_error", "max_context_prediction_error" +
@@ -541,7 +562,10 @@ def main():
                     help="Inductor/Triton cache directory shared by the probes of a variant (one sub-folder per "
                          "variant; default: a folder under the system temp dir, kept between calls)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--resume", default=None, help="an earlier JSON of this benchmark: continue its search")
+    ap.add_argument("--resume", default=None, help="earlier JSON(s) of this benchmark, comma-separated (e.g. "
+                    "searches run at the same time on different GPUs): continue from their probes together")
+    ap.add_argument("--merge-only", action="store_true", help="start no probe: only combine --resume files, "
+                    "then write the table and figures")
     ap.add_argument("--headline", default=None, help="merge the figures into this headline.json")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--mode", default="probe", choices=("probe", "predict"))
@@ -575,18 +599,22 @@ def main():
     t_start = time.perf_counter()
     command = "python " + " ".join(sys.argv)
     probes, predictions, prior_commands, prior_envs = [], {}, [], []
-    if args.resume and os.path.exists(args.resume):
-        with open(args.resume) as f:
+    for path in filter(None, (args.resume or "").split(",")):  # several: searches run apart, one per GPU
+        if not os.path.exists(path):
+            print(f"{path} does not exist: nothing to resume from it", flush=True)
+            continue
+        with open(path) as f:
             old = json.load(f)
         if old.get("benchmark") != "max_context" or old["config"]["arch"] != args.arch:
-            ap.error(f"{args.resume} is not a max_context result for {args.arch}")
-        probes = [r for r in old.get("probes", []) if status(r) != "skipped"]
-        predictions = old.get("predictions", {})
-        prior_commands = old.get("commands", [old.get("command")])
-        prior_envs = old.get("envs", [old.get("env")])
-        print(f"{len(probes)} earlier probe(s), {len(predictions)} prediction(s) from {args.resume}", flush=True)
-    elif args.resume:
-        print(f"{args.resume} does not exist: starting afresh", flush=True)
+            ap.error(f"{path} is not a max_context result for {args.arch}")
+        probes += [r for r in old.get("probes", []) if status(r) != "skipped"]
+        predictions.update(old.get("predictions", {}))
+        prior_commands += [c for c in old.get("commands", [old.get("command")]) if c not in prior_commands]
+        prior_envs += old.get("envs", [old.get("env")])
+        print(f"{len(old.get('probes', []))} earlier probe(s), {len(old.get('predictions', {}))} prediction(s) "
+              f"from {path}", flush=True)
+    if args.merge_only and not args.resume:
+        ap.error("--merge-only needs --resume")
     env = environment()
     known = sorted(set(variants) | {r["variant"] for r in probes} | set(predictions), key=list(VARIANTS).index)
     doc = {"benchmark": "max_context", "command": command, "commands": prior_commands + [command], "env": env,
@@ -634,7 +662,7 @@ def main():
     blocked: set[str] = set()
     rnd = 0
     write()
-    while True:
+    while not args.merge_only:
         progressed = False
         for v in (variants if rnd % 2 == 0 else list(reversed(variants))):
             if v in blocked:

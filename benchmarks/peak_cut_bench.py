@@ -779,7 +779,8 @@ def main():
     if args.inner is None:
         args.inner = "eager" if args.tiny else "inductor"
     if args.segment_bytes is None:
-        args.segment_bytes = 1 << 16 if args.tiny else 1 << 30
+        from lemo_compile.config import LemoConfig
+        args.segment_bytes = 1 << 16 if args.tiny else LemoConfig().segment_bytes
     if args.worker:
         import torch
         torch.manual_seed(0)
