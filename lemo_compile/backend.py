@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from . import _compat, config as _config
 from . import lm_loss as _lm_loss  # noqa: F401  (registers lemo::linear_cross_entropy)
+from . import mlp as _mlp  # noqa: F401  (registers lemo::swiglu_mlp)
 from . import ops as _ops  # noqa: F401  (registers the lemo:: ops)
 from .config import Inner, LemoConfig
 
@@ -45,6 +46,7 @@ class CompileRecord:
     peak_cut: Any = None  # passes.peak_cut.PeakCutResult
     fuse: Any = None  # passes.fuse.FuseResult
     causal: Any = None  # passes.causal.CausalResult
+    mlp_segment: Any = None  # passes.mlp_segment.MlpSegmentResult
     left_alone: str | None = None  # why nothing was rewritten
     before: str = ""  # readable graph before the rewrite
     after: str = ""  # ... and after
@@ -77,6 +79,7 @@ class CompileRecord:
     @property
     def rewritten(self) -> bool:
         return (self.sparsified or bool(self.peak_cut and self.peak_cut.losses)
+                or bool(self.mlp_segment and self.mlp_segment.mlps)
                 or bool(self.causal and self.causal.counters["sdpa_made_causal"]))
 
 
@@ -204,6 +207,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
             rec.sparsify = sparsify(gm, rec.detect, cfg)
         if cfg.peak_cut:
             rec.peak_cut = peak_cut(gm, cfg)
+        if cfg.segment_mlp:  # before fuse: the down projection becomes part of the segmented op
+            from .passes.mlp_segment import segment_mlps
+            rec.mlp_segment = segment_mlps(gm, cfg)
         if rec.sparsified and cfg.fused_kernels:
             from .passes.fuse import fuse
             rec.fuse = fuse(gm)
@@ -211,12 +217,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
             rec.after = gm.print_readable(print_output=False)
             n_sparse = len(rec.sparsify.layers) if rec.sparsify else 0
             log.info("lemo: graph %d: %d sparse layers rewritten (attn=%s, mlp=%s), %d dense, %d skipped; "
-                     "%d losses segmented", rec.graph_id, n_sparse, cfg.attn_mode.value, cfg.mlp_mode.value,
+                     "%d losses segmented, %d MLPs segmented", rec.graph_id, n_sparse, cfg.attn_mode.value, cfg.mlp_mode.value,
                      rec.sparsify.counters["dense_layers"] if rec.sparsify else 0,
-                     len(rec.sparsify.skips) if rec.sparsify else 0, len(rec.peak_cut.losses) if rec.peak_cut else 0)
+                     len(rec.sparsify.skips) if rec.sparsify else 0, len(rec.peak_cut.losses) if rec.peak_cut else 0,
+                     len(rec.mlp_segment.mlps) if rec.mlp_segment else 0)
         else:
             skips = (rec.detect.skips + (rec.sparsify.skips if rec.sparsify else [])
-                     + (rec.peak_cut.skips if rec.peak_cut else []))
+                     + (rec.peak_cut.skips if rec.peak_cut else [])
+                     + (rec.mlp_segment.skips if rec.mlp_segment else []))
             if rec.sparsify is not None and not rec.sparsify.skips:
                 rec.left_alone = "every detected decoder layer is dense under the configuration"
             else:

@@ -86,8 +86,12 @@ class LemoConfig:
     # Compute the LM head + cross-entropy loss in row segments (exact; never holds the full fp32
     # logits or their gradient). See passes.peak_cut.
     peak_cut: bool = True
-    # Bytes of temporaries one loss segment may hold; sets the rows per segment.
+    # Bytes of temporaries one loss segment may hold; sets the rows per segment (of the MLP too).
     segment_bytes: int = 1 << 27
+    # Compute SwiGLU MLPs (Llama, Mistral, Qwen) in row segments: the backward keeps only the MLP's
+    # input and recomputes its intermediates a segment at a time (exact; costs the gate and up GEMMs
+    # once more). See passes.mlp_segment.
+    segment_mlp: bool = False
     # Logits a training graph returns when its loss is segmented: "keep" (the model's logits, as
     # without lemo) or "drop" (an empty (batch, seq, 0) tensor: saves the head's full matmul and
     # its n x vocab output; any use of the logits then fails loudly).
@@ -100,7 +104,7 @@ class LemoConfig:
         fix("attn_mode", _enum("attn_mode", AttnMode, self.attn_mode))
         fix("mlp_mode", _enum("mlp_mode", MlpMode, self.mlp_mode))
         fix("inner", _enum("inner", Inner, self.inner))
-        for name in ("enabled", "peak_cut", "fused_kernels", "sparse_checkpoint", "causal_mask"):
+        for name in ("enabled", "peak_cut", "fused_kernels", "sparse_checkpoint", "causal_mask", "segment_mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
         b = self.block_size

@@ -35,6 +35,14 @@ def format_record(rec: Any, graphs: bool = False) -> str:
                          f"logits {d['logits']}")
         for s in pc.skips:
             lines.append(f"  loss left alone {s}")
+    ms = getattr(rec, "mlp_segment", None)
+    if ms is not None:
+        if ms.mlps:
+            d = ms.mlps[0]
+            lines.append(f"  MLPs segmented: {len(ms.mlps)} SwiGLU MLP(s), {d['rows']} rows x intermediate "
+                         f"{d['inter']} in segments of {d['segment_rows']} rows (backward keeps the input only)")
+        for s in ms.skips:
+            lines.append(f"  MLP left alone {s}")
     if rec.left_alone:
         lines.append(f"  left alone: {rec.left_alone}")
     if rec.saved:
