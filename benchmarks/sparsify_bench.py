@@ -50,6 +50,8 @@ VARIANTS = {
     "lemo_tokens_unfused": dict(attn_mode="tokens", mlp_mode="backward", fused_kernels=False),
     # with --ckpt: checkpointed sparse layers keep their full input (plain lemo + checkpointing)
     "lemo_tokens_plainckpt": dict(attn_mode="tokens", mlp_mode="backward", sparse_checkpoint=False),
+    # lemo_tokens with the MLPs in row segments (LemoConfig.segment_mlp): the MLP keeps only its input
+    "lemo_tokens_mlpseg": dict(attn_mode="tokens", mlp_mode="backward", segment_mlp=True),
     # every layer dense: only the segmented loss (dense + chunked loss)
     "lemo_loss_only": dict(dense_layers="all"),
     # every layer dense, no loss rewrite: the baseline for "lemo_dense+causal" (passes.causal alone)
