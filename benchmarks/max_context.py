@@ -42,6 +42,12 @@ not: the prediction is then pessimistic; `peak_formula` in the JSON shows the te
 records the static estimate of its own length against its measured peak (estimate_error); that peak is
 max_memory_allocated over the first (compiling) step, so it also holds what compiling allocates on the GPU.
 
+--predict-static L1,L2 replaces the dynamic compile: the variant is compiled and stepped at two short
+static lengths (as every probe is compiled, so passes.causal removes HF's mask there too), the largest
+estimated peak of each is taken, and peak(n) = peak(L1) + slope * (n - L1) is inverted at the same
+budget. Linear terms only: right when the static graphs have no quadratic term (flash attention, no
+mask), which the probes' own `sdpa_made_causal` shows.
+
 Figures (--headline PATH; a figure only once the variants it needs have finished their search):
     max_context_tokens_8b                 lemo_ckpt's result                      (goal 1,000,000)
     max_context_ratio_vs_ckpt_8b          lemo_ckpt / dense_ckpt                   (target >= 4)
@@ -198,7 +204,8 @@ def worker(args) -> dict:
         if built is None:
             return res
         model, step_model, patch_ctx, ids = built
-        if predict:
+        static_lens = [int(n) for n in args.predict_static.split(",")] if predict and args.predict_static else []
+        if predict and not static_lens:
             torch._dynamo.mark_dynamic(ids, 1)  # also the labels: the same tensor
         step = make_step(model, step_model, ids)
         if args.tiny and not predict and args.seq > args.tiny_capacity:
@@ -233,7 +240,10 @@ def worker(args) -> dict:
     if predict:
         phase = "prediction"
         try:
-            res.update(prediction(args, model, step.optimizer, ids, dev))
+            if static_lens:
+                res.update(static_prediction(args, model, step_model, step, ids, static_lens, dev))
+            else:
+                res.update(prediction(args, model, step.optimizer, ids, dev))
             if "error" in res:  # the step ran, the prediction did not come out
                 res.pop("ok", None)
                 res["phase"] = phase
@@ -245,20 +255,82 @@ def worker(args) -> dict:
     return res
 
 
-def prediction(args, model, opt, ids, dev: str) -> dict:
-    """The static estimate's longest context (see the module docstring for the budget)."""
+def _device_memory(model, opt, ids, dev: str) -> tuple[int, int | None, int]:
+    """(allocated now, the device's total memory (None on --tiny), memory outside torch's allocator)."""
     import torch
-    import lemo_compile
     gc.collect()
     if dev == "cuda":
         torch.cuda.synchronize()
-        allocated = torch.cuda.memory_allocated()
-        free, total = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info()
         total = torch.cuda.get_device_properties(0).total_memory
-        outside_torch = total - free - torch.cuda.memory_reserved()
-    else:
-        allocated = _tensor_bytes(*_resident_tensors(model, opt, ids))
-        total, outside_torch = None, 0
+        return torch.cuda.memory_allocated(), total, total - free - torch.cuda.memory_reserved()
+    return _tensor_bytes(*_resident_tensors(model, opt, ids)), None, 0
+
+
+def _largest_estimate():
+    import lemo_compile
+    ests = [r.memory for r in lemo_compile.records() if r.memory is not None]
+    return (max(ests, key=lambda e: e.peak_hint) if ests else None), len(ests), len(lemo_compile.records())
+
+
+def static_prediction(args, model, step_model, step, ids, lens: list[int], dev: str) -> dict:
+    """--predict-static L1,L2: the longest context from the static estimates of two short lengths.
+
+    The step at L1 has run (compiled for that length, as every probe is); the model is compiled again
+    for L2 and stepped. Each compile's estimate (the graph with the largest peak) is a number; the two
+    give peak(n) = peak(L1) + slope * (n - L1), exact for the terms linear in n (saved activations, the
+    segmented loss, flash attention's buffers) and blind to anything quadratic (which the causal rewrite
+    removes from static graphs). Budget as for the dynamic prediction: total memory minus what is
+    resident outside the graph."""
+    import torch
+    from lemo_compile.backend import clear_records
+
+    if len(lens) != 2 or lens[0] >= lens[1]:
+        return {"error": f"--predict-static needs two increasing lengths, got {lens}"}
+    est1, n_est, n_graphs = _largest_estimate()
+    if est1 is None:
+        return {"error": "no memory estimate was recorded at the first length"}
+    seq_syms = [str(k) for k, v in est1.hints.items() if v == lens[0]]
+    if seq_syms:  # other symbols (e.g. a kept-row count) are evaluated at their hints by peak_hint
+        return {"error": f"the estimate at {lens[0]} is symbolic in the length ({seq_syms}): not a static compile"}
+    allocated, total, outside_torch = _device_memory(model, step.optimizer, ids, dev)
+    inputs = int(est1.inputs_bytes)
+    peak1 = int(est1.peak_hint)
+    clear_records()
+    gen = torch.Generator(device=ids.device).manual_seed(1)
+    ids2 = torch.randint(0, model.config.vocab_size, (1, lens[1]), device=ids.device, generator=gen)
+    step2 = make_step(model, step_model, ids2)
+    step2()
+    _sync(dev)
+    est2, _, _ = _largest_estimate()
+    if est2 is None:
+        return {"error": f"no memory estimate was recorded at {lens[1]}"}
+    peak2 = int(est2.peak_hint)
+    slope = (peak2 - peak1) / (lens[1] - lens[0])
+    resident_outside = max(0, allocated - inputs)
+    out = {"method": f"static estimates at {lens[0]} and {lens[1]}, linear in the length",
+           "estimated_peak_gb_at": {str(lens[0]): peak1 / GB, str(lens[1]): peak2 / GB},
+           "slope_bytes_per_token": slope, "estimated_graphs": n_est, "graphs": n_graphs,
+           "allocated_before_step_gb": allocated / GB, "estimate_inputs_gb": inputs / GB,
+           "resident_outside_gb": resident_outside / GB, "outside_torch_allocator_gb": outside_torch / GB}
+    if slope <= 0:
+        return {**out, "error": "the estimate does not grow with the length"}
+    if total is None:  # --tiny: a fake device exactly as large as the fitted peak at the fake capacity
+        total = int(peak1 + slope * (args.tiny_capacity - lens[0])) + resident_outside
+        out["tiny_fake_total"] = True
+    budget = total - resident_outside
+    out.update(total_memory_gb=total / GB, budget_gb=budget / GB,
+               predicted_max_tokens=int(lens[0] + (budget - peak1) // slope))
+    out["alternative_predictions"] = {
+        "budget_total_minus_all_allocated": int(lens[0] + (total - allocated - peak1) // slope),
+        "budget_excluding_memory_outside_allocator": int(lens[0] + (budget - outside_torch - peak1) // slope)}
+    return out
+
+
+def prediction(args, model, opt, ids, dev: str) -> dict:
+    """The static estimate's longest context (see the module docstring for the budget)."""
+    import lemo_compile
+    allocated, total, outside_torch = _device_memory(model, opt, ids, dev)
     ests = [r.memory for r in lemo_compile.records() if r.memory is not None]
     out: dict = {"estimated_graphs": len(ests), "graphs": len(lemo_compile.records())}
     if not ests:
@@ -533,8 +605,9 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
             measured_max_tokens=search[v]["max_tokens"], bounded_by=search[v].get("bounded_by"),
             predict_len=pr.get("seq"), resident_outside_gb=pr.get("resident_outside_gb"),
             budget_gb=pr.get("budget_gb"), alternative_predictions=pr.get("alternative_predictions"),
-            measure="|predicted - measured| / measured; predicted = static estimate (dynamic length, compiled at "
-                    "predict_len) inverted at total memory - resident outside the graph")
+            method=pr.get("method", "dynamic-length compile at predict_len"),
+            measure="|predicted - measured| / measured; predicted = static estimate (see method) inverted at "
+                    "total memory - resident outside the graph")
     return figs, sorted(set(missing))
 
 
@@ -550,6 +623,9 @@ def main():
     ap.add_argument("--predict-len", type=int, default=None, help="length of the dynamic compile for the "
                                                                   "prediction (4096; tiny: 256)")
     ap.add_argument("--no-predict", action="store_true", help="skip the lemo predictions")
+    ap.add_argument("--predict-static", default=None, metavar="L1,L2",
+                    help="predict from the static estimates of two short lengths (two compiles, linear fit) "
+                         "instead of one dynamic-length compile")
     ap.add_argument("--predict-extras-s", type=float, default=120.0,
                     help="skip the alternative predictions and the curve when max_length took longer than this")
     ap.add_argument("--inner", default=None, help="lemo's inner compiler (inductor; tiny: eager)")
@@ -625,7 +701,7 @@ def main():
                       "batch": 1, "variants": known, "run_variants": variants,
                       "variant_specs": {v: VARIANTS[v] for v in known}, "start": start, "starts": starts,
                       "growth": args.growth, "resolution": resolution, "max_len": max_len,
-                      "predict_len": predict_len, "inner": args.inner, "segment_bytes": args.segment_bytes,
+                      "predict_len": predict_len, "predict_static": args.predict_static, "inner": args.inner, "segment_bytes": args.segment_bytes,
                       "timeout_s": args.timeout, "budget_s": args.budget,
                       "optimizer": "AdamW lr 1e-4 on LoRA params", "gradient_checkpointing": "HF, non-reentrant",
                       "step": "one step (forward + backward + AdamW) per probe, fresh subprocess",
@@ -686,7 +762,12 @@ def main():
             t_timeout = int(args.timeout if left is None else min(args.timeout, left - 10))
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_root, v)
             os.environ["TRITON_CACHE_DIR"] = os.path.join(cache_root, v, "triton")
-            extra = ["--arch", args.arch, "--mode", mode, "--seq", str(seq), "--inner", args.inner,
+            if mode == "predict" and args.predict_static:
+                extra_predict = ["--predict-static", args.predict_static]
+                seq = int(args.predict_static.split(",")[0])
+            else:
+                extra_predict = []
+            extra = extra_predict + ["--arch", args.arch, "--mode", mode, "--seq", str(seq), "--inner", args.inner,
                      "--tiny-capacity", str(args.tiny_capacity), "--predict-extras-s", str(args.predict_extras_s)]
             if args.segment_bytes is not None:
                 extra += ["--segment-bytes", str(args.segment_bytes)]
