@@ -12,7 +12,8 @@ segments' GEMM rounding. Rows per segment come from LemoConfig.segment_bytes.
 
 Left alone, with a SkipReason: an activation other than SiLU (Gemma's GELU), projections with a bias
 or an adapter (LoRA on the MLP: the product's inputs are then not plain linears), fused gate/up
-projections (Phi-3), intermediates used elsewhere.
+projections (Phi-3), intermediates used elsewhere, graphs with an autocast region (the op computes in
+the weights' dtype).
 """
 
 from __future__ import annotations
@@ -46,9 +47,17 @@ def segment_mlps(gm: fx.GraphModule, cfg: LemoConfig) -> MlpSegmentResult:
     return res
 
 
+def _autocast(g: fx.Graph) -> bool:
+    return any("autocast" in getattr(n.target, "__name__", str(n.target)) for n in g.nodes
+               if n.op in ("call_function", "call_method"))
+
+
 def _segment_in(gm: fx.GraphModule, cfg: LemoConfig, res: MlpSegmentResult, where: str) -> None:
     g = gm.graph
     changed = False
+    if _autocast(g):  # the op would compute in the weights' dtype, not autocast's
+        res.skip("autocast", where or "graph", "the graph has an autocast region; MLPs left alone")
+        return
     for down in [n for n in g.nodes if is_call(n, *LINEAR_TARGETS)]:
         prod = down.args[0]
         if not is_call(prod, *MUL):

@@ -172,6 +172,20 @@ def test_lora_on_the_mlp_is_left_alone():
     assert not any(r.mlps for r in res) and any("adapter" in s.detail for r in res for s in r.skips)
 
 
+def test_autocast_graph_left_alone():
+    model = tiny_model("llama", lora=True)
+    batch = random_batch(256, 1, 80, seed=11)
+    cfg = LemoConfig(inner="eager", dense_layers=(0, 1, 2, 3), segment_mlp=True)
+    compiled = torch.compile(model, backend=lemo_compile.backend(cfg))
+    torch._dynamo.reset()
+    clear_records()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    res = [r.mlp_segment for r in lemo_compile.records() if r.mlp_segment]
+    assert res and not any(r.mlps for r in res) and any(s.kind == "autocast" for r in res for s in r.skips)
+
+
 def test_dynamic_length_one_compile():
     model = tiny_model("llama", lora=True)
     cfg = LemoConfig(inner="eager", dense_layers=(0, 1, 2, 3), segment_mlp=True, segment_bytes=SEGMENT)
