@@ -48,6 +48,10 @@ def segment_mlps(gm: fx.GraphModule, cfg: LemoConfig) -> MlpSegmentResult:
 
 
 def _autocast(g: fx.Graph) -> bool:
+    """An autocast region in the graph, or autocast entered around the compiled call (Dynamo then
+    traces under it without recording it as nodes)."""
+    if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        return True
     return any("autocast" in getattr(n.target, "__name__", str(n.target)) for n in g.nodes
                if n.op in ("call_function", "call_method"))
 
