@@ -217,8 +217,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
             rec.after = gm.print_readable(print_output=False)
             n_sparse = len(rec.sparsify.layers) if rec.sparsify else 0
             log.info("lemo: graph %d: %d sparse layers rewritten (attn=%s, mlp=%s), %d dense, %d skipped; "
-                     "%d losses segmented, %d MLPs segmented", rec.graph_id, n_sparse, cfg.attn_mode.value, cfg.mlp_mode.value,
-                     rec.sparsify.counters["dense_layers"] if rec.sparsify else 0,
+                     "%d losses segmented, %d MLPs segmented", rec.graph_id, n_sparse, cfg.attn_mode.value,
+                     cfg.mlp_mode.value, rec.sparsify.counters["dense_layers"] if rec.sparsify else 0,
                      len(rec.sparsify.skips) if rec.sparsify else 0, len(rec.peak_cut.losses) if rec.peak_cut else 0,
                      len(rec.mlp_segment.mlps) if rec.mlp_segment else 0)
         else:

@@ -26,19 +26,18 @@ from .kernels import cross_entropy
 REDUCTIONS = ("mean", "sum")
 
 
-def segment_rows(vocab: int, budget_bytes: int, upcast: bool, itemsize: int, fused: bool = False) -> int:
-    """Rows per segment so that one segment's temporaries fit in `budget_bytes`: the logits in the
-    model dtype, plus, unless the fused kernel runs (`fused`: kernels.cross_entropy.use_triton), the
-    twin's copy in the compute dtype. Above 128 rows, a multiple of 128 (whole GEMM tiles)."""
-    per_row = vocab * (itemsize + (0 if fused else 4 if upcast else itemsize))
-    rows = max(1, budget_bytes // max(1, per_row))
+def rows_for_budget(budget_bytes: int, per_row_bytes: int) -> int:
+    """Rows whose temporaries fit in `budget_bytes` (at least one); above 128, a multiple of 128
+    (whole GEMM tiles). Shared by the loss and MLP segmentations."""
+    rows = max(1, budget_bytes // max(1, per_row_bytes))
     return rows - rows % 128 if rows > 128 else rows
 
 
-def fused_kernel_applies(device: torch.device, dtype: torch.dtype, upcast: bool) -> bool:
-    """Whether the op's segments run the fused cross-entropy kernel for hidden states of this device
-    and dtype (the logits share both)."""
-    return cross_entropy.use_triton(device, dtype, upcast)
+def segment_rows(vocab: int, budget_bytes: int, upcast: bool, itemsize: int, fused: bool = False) -> int:
+    """Rows per segment so that one segment's temporaries fit in `budget_bytes`: the logits in the
+    model dtype, plus, unless the fused kernel runs (`fused`: kernels.cross_entropy.use_triton), the
+    twin's copy in the compute dtype."""
+    return rows_for_budget(budget_bytes, vocab * (itemsize + (0 if fused else 4 if upcast else itemsize)))
 
 
 def linear_cross_entropy_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,

@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .lm_loss import rows_for_budget
+
 
 def segment_rows(inter: int, budget_bytes: int, itemsize: int) -> int:
     """Rows per segment so that one segment's temporaries fit in `budget_bytes`: about eight
     (rows x intermediate) tensors live at once in the backward (gate, up, their activation and
-    product, and four gradients). Above 128 rows, a multiple of 128 (whole GEMM tiles)."""
-    rows = max(1, budget_bytes // max(1, 8 * inter * itemsize))
-    return rows - rows % 128 if rows > 128 else rows
+    product, and four gradients)."""
+    return rows_for_budget(budget_bytes, 8 * inter * itemsize)
 
 
 def _check(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, rows: int) -> None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from lemo_compile import lm_loss
 from lemo_compile.config import LemoConfig
+from lemo_compile.kernels import cross_entropy
 
 from .common import PassResult, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS
@@ -178,7 +179,7 @@ def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dic
     grad_on = torch.is_grad_enabled()
     grad_x = bool(grad_on and h_val.requires_grad)
     grad_w = bool(grad_on and isinstance(w_val, torch.Tensor) and w_val.requires_grad)
-    fused = lm_loss.fused_kernel_applies(h_val.device, h_val.dtype, m.upcast)
+    fused = cross_entropy.use_triton(h_val.device, h_val.dtype, m.upcast)
     rows = lm_loss.segment_rows(int(vocab), cfg.segment_bytes, m.upcast, h_val.dtype.itemsize, fused)
     with g.inserting_before(m.ce):
         x2 = g.call_method("reshape", (m.hidden, -1, d))
