@@ -20,9 +20,9 @@ which is the op graphs see.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .rows import _TRITON_DTYPES, kernel_impl
 
 try:
     import triton
@@ -30,7 +30,6 @@ try:
 except ImportError:  # the twin still works; CUDA dispatch falls back to it
     triton = None
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_V = 4096
 
 
@@ -132,10 +131,7 @@ def use_triton(device: torch.device, dtype: torch.dtype, upcast: bool) -> bool:
     """Whether ce_rows runs the kernel for logits of this device and dtype: CUDA, Triton installed,
     fp16/bf16/fp32, computing in fp32 (the model upcasts, or the logits are fp32), and
     LEMO_KERNEL_IMPL not 'torch' (read at call time)."""
-    impl = os.environ.get("LEMO_KERNEL_IMPL", "triton")
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"LEMO_KERNEL_IMPL must be 'triton' or 'torch', got {impl!r}")
-    return (triton is not None and impl == "triton" and torch.device(device).type == "cuda"
+    return (triton is not None and kernel_impl() == "triton" and torch.device(device).type == "cuda"
             and dtype in _TRITON_DTYPES and (upcast or dtype == torch.float32))
 
 

@@ -541,11 +541,16 @@ def linear_scatter_add_torch(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     return h.scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), rows.to(h.dtype))
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def kernel_impl() -> str:
+    """LEMO_KERNEL_IMPL, read at call time: 'triton' (default) or 'torch' (the twins everywhere)."""
     impl = os.environ.get("LEMO_KERNEL_IMPL", "triton")
     if impl not in ("triton", "torch"):
         raise ValueError(f"LEMO_KERNEL_IMPL must be 'triton' or 'torch', got {impl!r}")
-    return triton is not None and impl == "triton" and t.is_cuda and t.dtype in _TRITON_DTYPES
+    return impl
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return triton is not None and kernel_impl() == "triton" and t.is_cuda and t.dtype in _TRITON_DTYPES
 
 
 # -------------------------------------------------------------------------------------------------
