@@ -53,8 +53,8 @@ Figures (--headline PATH; a figure only once the variants it needs have finished
     max_context_ratio_vs_ckpt_8b          lemo_ckpt / dense_ckpt                   (target >= 4)
     max_context_ratio_vs_ckpt_chunked_8b  lemo_ckpt / max(dense_ckpt_liger, lemo_ckpt_loss_only)  (>= 2; of
                                           those finished, the others named in baselines_not_measured)
-    max_context_prediction_error          |predicted - measured| / measured, lemo_ckpt_loss_only  (<= 0.15)
-    max_context_prediction_error_lemo_ckpt   the same for lemo_ckpt
+    max_context_prediction_error          |predicted - measured| / measured, lemo_ckpt  (<= 0.15)
+    max_context_prediction_error_loss_only   the same for lemo_ckpt_loss_only
 (other --arch: the suffix becomes the arch's, e.g. _1b, _qwen2_7b.)
 
 GPU commands (1x H200, no network; carry=[".whl"]). A call may run 600 s at most: --budget 540 stops
@@ -591,8 +591,8 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
                 **capped("lemo_ckpt"))
         else:
             missing.append("max_context_ratio_vs_ckpt_chunked: no chunked-loss baseline finished its search")
-    for v, name in (("lemo_ckpt_loss_only", "max_context_prediction_error"),
-                    ("lemo_ckpt", "max_context_prediction_error_lemo_ckpt")):
+    for v, name in (("lemo_ckpt", "max_context_prediction_error"),
+                    ("lemo_ckpt_loss_only", "max_context_prediction_error_loss_only")):
         name = name.replace("max_context_prediction_error", "max_context_prediction_error" +
                             ("" if sfx == "8b" else f"_{sfx}"))
         err = search.get(v, {}).get("prediction_error")

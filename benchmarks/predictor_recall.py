@@ -33,7 +33,10 @@ from benchmarks.common import environment, merge_headline  # noqa: E402
 from lemo_compile import calibrate  # noqa: E402
 from lemo_compile.demo import find_smollm2, load_smollm2  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+# ../shared/data beside the checkout; LEMO_DATA names another folder with the same files (the GPU machine
+# gets only the repository, so the text travels in a carried folder there)
+DATA = os.environ.get("LEMO_DATA") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                   "..", "shared", "data")
 
 
 def smollm2():
