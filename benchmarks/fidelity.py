@@ -10,7 +10,8 @@ untrained model against its dense forward on the held-out KJV chunks (reference 
 Variants: "dense" (lemo disabled: the inner compiler alone), and one per --modes entry
 ("attn/mlp", e.g. tokens/backward). Figures (headline.json), for the --default mode at this length:
 `fidelity_heldout_loss_gap_pct` (lemo-trained minus dense-trained held-out KJV loss, % of dense) and
-`fidelity_forward_loss_gap_pct`. Writes JSON and a PNG of the training curves.
+`fidelity_forward_loss_gap_pct` (at 16K; other lengths add a suffix, e.g. `_8k`). Writes JSON and a PNG of
+the training curves.
 
 GPU (the real run; 16K needs RoPE scaling beyond SmolLM2's 8K context: --rope-factor 2):
     python benchmarks/fidelity.py --device cuda --seq 16384 --rope-factor 2 --steps 100 --out $OUT/fidelity_16k.json --headline $OUT/headline.json
@@ -164,9 +165,10 @@ def main():
         fig_ = dict(source=src, command=command, when=doc["env"]["when"][:10],
                     note=f"mode {args.default}, {args.seq} tokens, {args.steps} steps, held-out KJV")
         r = results[args.default]
+        sfx = "" if args.seq == 16384 else f"_{args.seq // 1024}k"  # the issue's figures are at 16K
         merge_headline(args.headline, {
-            "fidelity_heldout_loss_gap_pct": dict(value=r["held_out_gap_pct"]["kjv"], target="<= 1.0", **fig_),
-            "fidelity_forward_loss_gap_pct": dict(value=r["forward_gap_pct_untrained"], **fig_)})
+            f"fidelity_heldout_loss_gap_pct{sfx}": dict(value=r["held_out_gap_pct"]["kjv"], target="<= 1.0", **fig_),
+            f"fidelity_forward_loss_gap_pct{sfx}": dict(value=r["forward_gap_pct_untrained"], **fig_)})
 
 
 if __name__ == "__main__":
