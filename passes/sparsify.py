@@ -121,8 +121,9 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
         m = g.call_method("size", (idx, 1))
     # Sparse checkpointing (DESIGN 2.4): inside an activation-checkpoint body, the keep set and the
     # kept rows are marked saved, and the kept rows of the MLP's input are formed from them, so the
-    # recompute in backward starts from m rows instead of the layer's full input.
-    sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.attn_mode is AttnMode.TOKENS
+    # recompute in backward starts from m rows instead of the layer's full input. attn_mode="backward"
+    # also saves the dense attention's output and log-sum-exp at the kept queries (they need every key).
+    sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD)
                    and cfg.mlp_mode is not MlpMode.DENSE)
     if sparse_ckpt:
         with g.inserting_before(sdpa):
@@ -142,7 +143,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     elif mode is AttnMode.KEYS:
         _attn_keys(g, attn, seq_ext, idx, ok, m)
     else:
-        _attn_backward(g, attn, seq_ext, idx, ok, m, scale)
+        compact = _attn_backward(g, attn, seq_ext, idx, ok, m, scale, save_rows=sparse_ckpt)
 
     before = _tag_new_nodes(g, before, attn_stack)
     mmode = cfg.mlp_mode
@@ -311,7 +312,7 @@ def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
     sdpa.args, sdpa.kwargs = tuple(args), kwargs
 
 
-def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale) -> None:
+def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool = False) -> tuple[fx.Node, fx.Node]:
     sdpa = attn.sdpa
     h0 = attn.residual_in
     q, k, v = sdpa.args[:3]
@@ -327,6 +328,8 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale) -> None:
         env = _gather_inputs(g, h0, seq_ext, idx)
         out_g = g.call_function(ops.gather_seq, (dense_out, idx, 2))
         lse_g = g.call_function(ops.gather_seq, (dense_lse, idx, 2))
+        if save_rows:  # the recompute in backward starts from these, never from the full input
+            env[h0], out_g, lse_g = (g.call_function(torch.ops.lemo.saved.default, (t,)) for t in (env[h0], out_g, lse_g))
         if attn.mask is not None:
             mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok))
         else:
@@ -343,6 +346,7 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale) -> None:
     attn.nodes = [n for n in attn.nodes if n is not sdpa]
     _detach_block_input(g, attn, h0)
     attn.residual_add.replace_input_with(attn.output, a_st)
+    return env[h0], out_c  # out_c equals the attention update at the kept rows (attention_kept is the identity)
 
 
 def _set_mask(node: fx.Node, mask_c: fx.Node | None) -> None:

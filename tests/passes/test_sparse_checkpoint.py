@@ -33,21 +33,25 @@ def _run(model, cfg, batch, ckpt):
 
 
 @pytest.mark.parametrize("b", [1, 2])
-@pytest.mark.parametrize("mlp_mode", ["backward", "tokens"])
-def test_checkpointed_equals_not_checkpointed_and_saves_kept_rows(mlp_mode, b):
+@pytest.mark.parametrize("attn_mode,mlp_mode", [("tokens", "backward"), ("tokens", "tokens"),
+                                                ("backward", "backward"), ("backward", "tokens")])
+def test_checkpointed_equals_not_checkpointed_and_saves_kept_rows(attn_mode, mlp_mode, b):
     model = tiny_model("llama", lora=True)
     batch = random_batch(256, b, N, seed=b, pad_right=[0, 17][:b])
-    cfg = LemoConfig(inner="eager", keep_ratio=0.25, mlp_mode=mlp_mode, predictor="random", dense_layers=(0, 3))
+    cfg = LemoConfig(inner="eager", keep_ratio=0.25, attn_mode=attn_mode, mlp_mode=mlp_mode, predictor="random",
+                     dense_layers=(0, 3))
     ref_loss, ref_grads, _ = _run(model, cfg, batch, ckpt=False)
     loss, grads, rec = _run(model, cfg, batch, ckpt=True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
-    # layers 1 and 2 are sparse: keep set and kept rows marked saved, and nothing else of them kept
-    assert rec.saved_for_recompute == 2 * 3
+    # layers 1 and 2 are sparse: keep set and kept rows marked saved (attn_mode="backward": also the
+    # dense attention's output and log-sum-exp at the kept queries), and nothing else of them kept
+    assert rec.saved_for_recompute == 2 * (3 if attn_mode == "tokens" else 5)
     assert [d["checkpoint_saves"] for d in rec.sparsify.layers] == ["kept rows"] * 2
     m = N // 4  # keep 0.25 of 4 blocks of 64
-    kept_rows = b * m * D * 4
+    heads = model.config.num_attention_heads
+    kept_rows = b * m * D * 4 if attn_mode == "tokens" else b * m * (2 * D + heads) * 4
     full_input = b * N * D * 4
     per_layer = {k: sum(v.values()) for k, v in saved_by_block(rec.saved).items()}
     assert kept_rows <= per_layer["layers.1"] <= kept_rows + 4 * 1024, per_layer
