@@ -7,7 +7,9 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
 - `lemo::attention_lse`     dense attention forward returning the output and the log-sum-exp
                             (used under no-grad by the forward-exact `backward` mode).
 - `lemo::attention_kept`    identity on the dense output of kept queries; its backward is the
-                            dropped-term attention gradient over kept queries x kept keys.
+                            dropped-term attention gradient over kept queries x kept keys, masked
+                            by a gathered mask or, causally, by the kept rows' positions (no m x m
+                            mask is ever held: the backward builds it a chunk of queries at a time).
 - `lemo::assert_has_tokens` raises ValueError on a batch row that is all padding.
 - `lemo::saved`             identity that marks a value for saving in a checkpointed layer.
 On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path;
@@ -238,14 +240,24 @@ def _(q, k, v, mask, scale, is_causal):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _positions_bias(pos: torch.Tensor, valid: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """(b, 1, e - s, m) fp32 bias of queries s:e of the kept rows: 0 where key j is valid and not
+    after the query (pos[j] <= pos[i]), else -inf. The chunk of causal_positions_mask(pos, pos, valid)."""
+    ok = (pos[:, None, :] <= pos[:, s:e, None]) & valid[:, None, :]
+    return torch.zeros(ok.shape, dtype=torch.float32, device=pos.device).masked_fill(~ok, float("-inf"))[:, None]
+
+
 def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  scale: float, pos: torch.Tensor | None = None,
+                                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dropped-term attention gradient over kept queries x kept keys (DESIGN 2, attn_mode backward).
 
     P_ij = exp(scale q_i.k_j + bias_ij - lse_i) with the dense lse; D_i = dO_i . O_i with the dense O;
     dS = P (dO v^T - D); dq = scale dS k; dk = scale dS^T q; dv = P^T dO. Shapes (b, H, m, hd); k/v may
-    have fewer (GQA) heads, their gradients are summed over each group."""
+    have fewer (GQA) heads, their gradients are summed over each group. The bias comes from `mask`
+    (b|1, H|1, m, m) or, when it is None and `pos` (b, m) is given, causally from the kept rows'
+    positions and `valid` (b, m), one chunk of queries at a time."""
     kv_heads = k.shape[1]
     ke, ve = _expand_kv(q, k, v)
     b, h, m, _ = q.shape
@@ -261,6 +273,8 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
         sc = torch.matmul(qf[:, :, s:e], kf.transpose(-1, -2)) * scale
         if bias is not None:
             sc = sc + bias[:, :, s:e]
+        elif pos is not None:
+            sc = sc + _positions_bias(pos, valid, s, e)
         p = torch.exp(sc - lse[:, :, s:e].unsqueeze(-1))
         dv += torch.matmul(p.transpose(-1, -2), go[:, :, s:e])
         dp = torch.matmul(go[:, :, s:e], vf.transpose(-1, -2))
@@ -276,38 +290,40 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
 
 @torch.library.custom_op("lemo::attention_kept", mutates_args=())
 def attention_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                   mask: torch.Tensor | None, pos: torch.Tensor | None, valid: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
     return out.clone()
 
 
 @attention_kept.register_fake
-def _(q, k, v, out, lse, mask, scale):
+def _(q, k, v, out, lse, mask, pos, valid, scale):
     return torch.empty_like(out)
 
 
 def _kept_setup(ctx, inputs, output):
-    q, k, v, out, lse, mask, scale = inputs
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    q, k, v, out, lse, mask, pos, valid, scale = inputs
+    ctx.save_for_backward(q, k, v, out, lse, mask, pos, valid)
     ctx.scale = scale
 
 
 def _kept_backward(ctx, grad):
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = attention_kept_backward(grad.contiguous(), q, k, v, out, lse, mask, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, mask, pos, valid = ctx.saved_tensors
+    dq, dk, dv = attention_kept_backward(grad.contiguous(), q, k, v, out, lse, mask, pos, valid, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 @torch.library.custom_op("lemo::attention_kept_backward", mutates_args=())
 def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                            pos: torch.Tensor | None, valid: torch.Tensor | None,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # A CUDA path through aten's memory-efficient attention backward gave wrong gradients and an
     # illegal memory access on torch 2.11 (tests/gpu); until the kernel issue lands, the twin runs.
-    return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale)
+    return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale, pos, valid)
 
 
 @attention_kept_backward.register_fake
-def _(grad_out, q, k, v, out, lse, mask, scale):
+def _(grad_out, q, k, v, out, lse, mask, pos, valid, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

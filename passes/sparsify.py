@@ -330,14 +330,14 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
         lse_g = g.call_function(ops.gather_seq, (dense_lse, idx, 2))
         if save_rows:  # the recompute in backward starts from these, never from the full input
             env[h0], out_g, lse_g = (g.call_function(torch.ops.lemo.saved.default, (t,)) for t in (env[h0], out_g, lse_g))
-        if attn.mask is not None:
-            mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok))
-        else:
-            mask_c = g.call_function(ops.causal_positions_mask, (idx, idx, ok))
+        # the model's mask gathered to kept x kept; without one, causal by the kept rows' positions,
+        # which the op's backward expands a chunk of queries at a time (never an m x m mask)
+        mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok)) if attn.mask is not None else None
+        pos, valid = (None, None) if attn.mask is not None else (idx, ok)
 
         def kept_attention(node: fx.Node) -> fx.Node:
             return g.call_function(torch.ops.lemo.attention_kept.default,
-                                   (env[q], env[k], env[v], out_g, lse_g, mask_c, float(scale)))
+                                   (env[q], env[k], env[v], out_g, lse_g, mask_c, pos, valid, float(scale)))
 
         out_c = _clone(g, attn, attn.nodes, env, m, replace={sdpa: kept_attention})[attn.output]
         a_st = _like(g.call_function(ops.straight_through_rows, (attn.output, out_c, idx, ok)), attn.output)

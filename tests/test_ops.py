@@ -1,0 +1,47 @@
+"""The attention ops' PyTorch twins: the causal-by-positions path of the dropped-term backward against
+the same computation with the explicit kept x kept mask (CPU, fp64)."""
+
+import pytest
+import torch
+
+from lemo_compile import ops
+
+
+def _kept_problem(b, h, kvh, m, hd, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(b, h, m, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(b, kvh, m, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    # kept positions: increasing, with gaps; the second sequence's last 5 kept slots are padding
+    pos = torch.sort(torch.randperm(4 * m, generator=g)[:m]).values.expand(b, m).clone()
+    valid = torch.ones(b, m, dtype=torch.bool)
+    if b > 1 and m > 5:
+        valid[1, -5:] = False
+    mask = ops.causal_positions_mask(pos, pos, valid)
+    out, lse = ops.attention_lse_torch(q, k, v, mask, hd ** -0.5, False)  # a stand-in for the dense O, lse
+    return q, k, v, dout, out, lse, mask, pos, valid
+
+
+@pytest.mark.parametrize("b,h,kvh,m,hd", [(1, 4, 2, 70, 16), (2, 4, 4, 129, 8), (2, 6, 1, 1, 16)])
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_kept_backward_positions_equal_explicit_mask(b, h, kvh, m, hd, chunk_rows, monkeypatch):
+    q, k, v, dout, out, lse, mask, pos, valid = _kept_problem(b, h, kvh, m, hd, seed=m)
+    scale = hd ** -0.5
+    if chunk_rows is not None:  # several query chunks: each builds its own slice of the bias
+        chunks = ops._chunks
+        monkeypatch.setattr(ops, "_chunks", lambda n, per_row, budget=0: chunks(n, 1, chunk_rows))
+    want = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, mask, scale)
+    got = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, None, scale, pos, valid)
+    assert got[2].abs().max() > 0  # (one kept row: dq = dk = 0 exactly, dv = dout)
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)
+
+
+def test_kept_op_autograd_uses_positions():
+    q, k, v, dout, out, lse, mask, pos, valid = _kept_problem(2, 4, 2, 50, 16, seed=3)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    y = torch.ops.lemo.attention_kept(q, k, v, out, lse, None, pos, valid, 0.25)
+    assert torch.equal(y, out)
+    y.backward(dout)
+    want = ops.attention_kept_backward_torch(dout, q.detach(), k.detach(), v.detach(), out, lse, mask, 0.25)
+    for t, w in zip((q, k, v), want):
+        torch.testing.assert_close(t.grad, w, rtol=1e-12, atol=1e-12)
