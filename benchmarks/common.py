@@ -150,3 +150,27 @@ def publish_figures(doc: dict[str, Any], figs: dict[str, dict[str, Any]], missin
     elif headline and figs:
         merge_headline(headline, figs)
         print(f"merged {len(figs)} figure(s) into {headline}", flush=True)
+
+
+def plot_losses(curves: dict[str, list[float]], path: str, title: str, ylabel: str) -> bool:
+    """One line per variant of its loss per step, as a PNG. False (and a message) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (name, losses), style in zip(curves.items(), ("-", "--", ":", "-.") * 4):
+        ax.plot(range(1, len(losses) + 1), losses, style, label=name, linewidth=1.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, merge_headline  # noqa: E402
+from benchmarks.common import environment, merge_headline, plot_losses  # noqa: E402
 from benchmarks.predictor_recall import DATA, smollm2  # noqa: E402
 from lemo_compile import LemoConfig  # noqa: E402
 from lemo_compile.demo import dense_loss, train_variant  # noqa: E402
@@ -144,22 +144,9 @@ def main():
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
         plot = args.plot or os.path.splitext(args.out)[0] + ".png"
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for name, r in results.items():
-                ax.plot(r["train_losses"], label=name)
-            ax.set_xlabel("step")
-            ax.set_ylabel("training loss (the variant's own forward)")
-            ax.set_title(f"SmolLM2-135M LoRA, {args.seq} tokens, keep {args.keep}")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(plot, dpi=120)
-        except ImportError:
-            print("matplotlib not installed: no plot")
+        plot_losses({name: r["train_losses"] for name, r in results.items()}, plot,
+                    f"SmolLM2-135M LoRA, {args.seq} tokens, keep {args.keep}",
+                    "training loss (the variant's own forward)")
     if args.headline and args.default in results:
         src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
         fig_ = dict(source=src, command=command, when=doc["env"]["when"][:10],

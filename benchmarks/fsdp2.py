@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (LORA_PRESETS, build_model, environment, publish_figures,  # noqa: E402
+from benchmarks.common import (LORA_PRESETS, build_model, environment, plot_losses, publish_figures,  # noqa: E402
                                run_variant_subprocess)
 
 VARIANTS = ("dense", "lemo_keep1", "lemo")
@@ -169,23 +169,8 @@ def summarize(args, results: list[dict]) -> tuple[dict, list[str], list[str]]:
 
 
 def plot(results: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r, style in zip(results, ("-", "--", ":")):
-        if "error" not in r:
-            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], style, label=r["variant"], linewidth=1.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over ranks)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_losses({r["variant"]: r["losses"] for r in results if "error" not in r}, path, title,
+                "training loss (mean over ranks)")
 
 
 def main() -> None:

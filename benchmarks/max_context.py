@@ -691,8 +691,10 @@ def main():
         prior_envs += old.get("envs", [old.get("env")])
         print(f"{len(old.get('probes', []))} earlier probe(s), {len(old.get('predictions', {}))} prediction(s) "
               f"from {path}", flush=True)
-    seen: set[str] = set()  # files resumed from one another repeat their shared probes: keep each once
-    probes = [r for r in probes if not (json.dumps(r, sort_keys=True) in seen or seen.add(json.dumps(r, sort_keys=True)))]
+    unique: dict[str, dict] = {}  # files resumed from one another repeat their shared probes: keep each once
+    for r in probes:
+        unique.setdefault(json.dumps(r, sort_keys=True), r)
+    probes = list(unique.values())
     if args.merge_only and not args.resume:
         ap.error("--merge-only needs --resume")
     env = environment()
