@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 ARCHS = {
     # Llama-3.2-1B architecture (BENCHMARKS.md workloads)
@@ -119,6 +119,33 @@ def run_variant_subprocess(script: str, variant: str, extra: list[str], timeout:
             return json.loads(line[len("RESULT "):])
     tail = (p.stdout + p.stderr)[-3000:]
     return {"variant": variant, "error": f"exit {p.returncode}", "log_tail": tail}
+
+
+def on_gpus(jobs: list, run: Callable[[Any, dict[str, str]], dict[str, Any]], gpus: str | None):
+    """Yield run(job, env) for every job as it finishes: one after another (env {}), or with `gpus`
+    ("0,1") one job per GPU of this host at a time (env {"CUDA_VISIBLE_DEVICES": g}; the result gets
+    "gpu": g). `run` starts the job's subprocess itself, so each job still has its GPU to itself."""
+    if not gpus:
+        for job in jobs:
+            yield run(job, {})
+        return
+    import concurrent.futures
+    import queue
+
+    free: queue.Queue = queue.Queue()
+    for g in gpus.split(","):
+        free.put(g.strip())
+
+    def on_free_gpu(job) -> dict[str, Any]:
+        g = free.get()
+        try:
+            return {**run(job, {"CUDA_VISIBLE_DEVICES": g}), "gpu": g}
+        finally:
+            free.put(g)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=free.qsize()) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(on_free_gpu, job) for job in jobs]):
+            yield fut.result()
 
 
 def merge_headline(path: str, figures: dict[str, dict[str, Any]]) -> None:

@@ -51,8 +51,14 @@ On the GPU machine (no network; the Liger wheel travels in .whl/, downloaded on 
     python3 benchmarks/peak_cut_bench.py --part loss --out $OUT/peak_cut_loss_32k.json \
         --headline $OUT/headline.json --budget 540
 
-The step part does not fit one 10-minute run (a compiled 8B variant takes 130-200 s, mostly compiling):
-repeat the same command, each time with the previous run's JSON put back at benchmarks/results/, until
+The step part does not fit one 10-minute run on one GPU (a compiled 8B variant takes 130-200 s, mostly
+compiling). On the 4-GPU kind, --gpus 0,1,2,3 runs four variants at a time (each on its own GPU), which
+fits both lengths into about one call:
+
+    python3 benchmarks/peak_cut_bench.py --part step --seqs 32768,16384 --gpus 0,1,2,3 \
+        --out $OUT/peak_cut_step_8b_v2.json --headline $OUT/headline.json --budget 540
+
+On one GPU, repeat the same command, each time with the previous run's JSON put back at benchmarks/results/, until
 it says every variant was kept or measured (--budget stops starting variants in time; --resume skips
 the ones already done):
 
@@ -82,7 +88,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ARCHS, build_model, environment, merge_headline, run_variant_subprocess  # noqa: E402
+from benchmarks.common import (ARCHS, build_model, environment, merge_headline, on_gpus,  # noqa: E402
+                               run_variant_subprocess)
 
 # run order: lemo between the baselines; reversed from one length to the next
 LOSS_VARIANTS = ("hf", "lemo", "hf_inductor", "liger", "auto_chunker", "auto_chunker_tuned")
@@ -755,6 +762,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny sizes on CPU: every code path, no real numbers")
     ap.add_argument("--device", default=None)
     ap.add_argument("--timeout", type=int, default=None, help="per-variant seconds (loss: 170, step: 420)")
+    ap.add_argument("--gpus", default=None, help="e.g. 0,1,2,3: run variants concurrently, one per GPU of this host "
+                                                 "(identical GPUs; each variant still has its GPU to itself)")
     ap.add_argument("--budget", type=float, default=None,
                     help="wall seconds for the whole invocation: a variant gets at most what is left, and is "
                          "skipped when less than 45 s are left")
@@ -827,6 +836,7 @@ def main():
                       "warmup": args.warmup, "inner": args.inner, "segment_bytes": args.segment_bytes,
                       "auto_chunker_tuned_ratio": args.chunker_ratio,
                       "shared_cache": args.shared_cache, "timeout_s": timeout, "budget_s": args.budget,
+                      "concurrent_gpus": args.gpus,
                       "alloc_conf": "expandable_segments:True",
                       **({"ignored_label_fraction": IGNORED_FRACTION} if loss else
                          {"lora": f"r={LORA_R} alpha={2 * LORA_R} q/k/v/o", "gradient_checkpointing": "HF, non-reentrant",
@@ -847,41 +857,46 @@ def main():
 
     script = os.path.abspath(__file__)
     have = {(r["variant"], r.get("seq")) for r in merged if _final(r)} if args.resume else set()
+    jobs = []
     for i, seq in enumerate(seqs):
-        order = variants if i % 2 == 0 else list(reversed(variants))
-        for v in order:
+        for v in (variants if i % 2 == 0 else list(reversed(variants))):
             if (v, seq) in have:
                 print(f"[{time.perf_counter() - t_start:6.0f} s] {v} at {seq}: kept from {args.resume}", flush=True)
-                continue
-            left = None if args.budget is None else args.budget - (time.perf_counter() - t_start)
-            need = _need_s(v, loss, args.tiny)
-            if left is not None and left < need:
-                r = {"variant": v, "part": args.part, "seq": seq,
-                     "skipped": f"budget: {left:.0f} s of {args.budget:.0f} s left, {v} needs about {need} s"}
             else:
-                t_timeout = int(timeout if left is None else min(timeout, left - 15))
-                cache = None
-                if not args.shared_cache:
-                    cache = tempfile.mkdtemp(prefix=f"pc_{v}_{seq}_")
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-                    os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
-                t0 = time.perf_counter()
-                r = run_variant_subprocess(script, v, extra + ["--seq", str(seq)], t_timeout)
-                r.setdefault("seq", seq)
-                r.setdefault("part", args.part)
-                r["wall_s"] = time.perf_counter() - t0
-                r["run"] = len(prior_commands)  # index into "commands" / "envs"
-                if "error" in r and "oom" not in r and "out of memory" in (r.get("log_tail") or "").lower():
-                    r["oom"] = True
-                if cache:
-                    shutil.rmtree(cache, ignore_errors=True)
-            fresh.append(r)
-            write()
-            keys = ("variant", "seq", "median_step_s", "peak_above_inputs_gb" if loss else "peak_allocated_gb",
-                    "peak_reserved_gb", "first_step_s", "estimated_peak_gb", "estimate_error", "grad_max_abs_diff",
-                    "oom", "unavailable", "skipped", "error")
-            print(f"[{time.perf_counter() - t_start:6.0f} s] " + json.dumps({k: r[k] for k in keys if k in r}),
-                  flush=True)
+                jobs.append((v, seq))
+
+    def run_job(job: tuple[str, int], env: dict[str, str]) -> dict:
+        v, seq = job
+        left = None if args.budget is None else args.budget - (time.perf_counter() - t_start)
+        need = _need_s(v, loss, args.tiny)
+        if left is not None and left < need:
+            return {"variant": v, "part": args.part, "seq": seq,
+                    "skipped": f"budget: {left:.0f} s of {args.budget:.0f} s left, {v} needs about {need} s"}
+        t_timeout = int(timeout if left is None else min(timeout, left - 15))
+        cache = None
+        if not args.shared_cache:
+            cache = tempfile.mkdtemp(prefix=f"pc_{v}_{seq}_")
+            env = {**env, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+        t0 = time.perf_counter()
+        r = run_variant_subprocess(script, v, extra + ["--seq", str(seq)], t_timeout, env=env)
+        r.setdefault("seq", seq)
+        r.setdefault("part", args.part)
+        r["wall_s"] = time.perf_counter() - t0
+        r["run"] = len(prior_commands)  # index into "commands" / "envs"
+        if "error" in r and "oom" not in r and "out of memory" in (r.get("log_tail") or "").lower():
+            r["oom"] = True
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+        return r
+
+    for r in on_gpus(jobs, run_job, args.gpus):
+        fresh.append(r)
+        write()
+        keys = ("variant", "seq", "median_step_s", "peak_above_inputs_gb" if loss else "peak_allocated_gb",
+                "peak_reserved_gb", "first_step_s", "estimated_peak_gb", "estimate_error", "grad_max_abs_diff",
+                "oom", "unavailable", "skipped", "error", "gpu")
+        print(f"[{time.perf_counter() - t_start:6.0f} s] " + json.dumps({k: r[k] for k in keys if k in r}),
+              flush=True)
     write()
     print("\n" + doc["table"], flush=True)
     src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None

@@ -36,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import build_model, environment, merge_headline, run_variant_subprocess  # noqa: E402
+from benchmarks.common import build_model, environment, merge_headline, on_gpus, run_variant_subprocess  # noqa: E402
 
 VARIANTS = {
     "eager_dense": None,
@@ -159,27 +159,7 @@ def run_variants(variants: list[str], extra: list[str], timeout: int, gpus: str 
     """Yield each variant's result as it finishes: one after another, or with `gpus` one variant per GPU at
     a time (CUDA_VISIBLE_DEVICES), in the order they finish."""
     script = os.path.abspath(__file__)
-    if not gpus:
-        for v in variants:
-            yield run_variant_subprocess(script, v, extra, timeout)
-        return
-    import concurrent.futures
-    import queue
-
-    free = queue.Queue()
-    for g in gpus.split(","):
-        free.put(g.strip())
-
-    def on_free_gpu(v: str) -> dict:
-        g = free.get()
-        try:
-            return {**run_variant_subprocess(script, v, extra, timeout, env={"CUDA_VISIBLE_DEVICES": g}), "gpu": g}
-        finally:
-            free.put(g)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=free.qsize()) as pool:
-        for fut in concurrent.futures.as_completed([pool.submit(on_free_gpu, v) for v in variants]):
-            yield fut.result()
+    yield from on_gpus(variants, lambda v, env: run_variant_subprocess(script, v, extra, timeout, env=env), gpus)
 
 
 def main():
