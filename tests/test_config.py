@@ -244,7 +244,9 @@ def test_presets_are_valid_configs_and_differ_in_recompute():
     assert mem.activation_memory_budget == 0.5 and fast.activation_memory_budget is None
     assert mem.logits == fast.logits == "drop"
     assert presets.get("speed", keep_ratio=0.3).keep_ratio == 0.3
-    with pytest.raises(ValueError, match="unknown lemo preset 'fast'; presets: memory, speed"):
+    faithful = presets.get("fidelity")
+    assert (faithful.attn_mode.value, faithful.mlp_mode.value) == ("backward", "backward")  # exact forward
+    with pytest.raises(ValueError, match="unknown lemo preset 'fast'; presets: memory, speed, fidelity"):
         presets.get("fast")
 
 

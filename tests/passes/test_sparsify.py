@@ -179,3 +179,27 @@ def test_random_tiny_configurations(arch, b, n, keep, attn, mlp, block, seed):
     ref_loss, ref_grads, _ = reference_run(model, cfg, batch)
     assert rec.sparsify.counters["sparse_layers"] == 3
     assert_close(loss, grads, ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize("name", ["speed", "memory", "fidelity"])
+def test_presets_match_reference_under_checkpointing(name):
+    """Each preset as users run it: HF non-reentrant checkpointing (sparse checkpointing applies), logits
+    dropped; loss and every LoRA gradient against the reference of the same config."""
+    from lemo_compile import presets
+
+    model = tiny_model("llama", lora=True)
+    batch = random_batch(256, 2, 200, seed=5, pad_right=[0, 23])
+    cfg = presets.get(name, inner="eager", predictor="random", dense_layers=(0,))
+    ref_loss, ref_grads, _ = reference_run(model, cfg, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        loss, grads, rec = compiled_run(model, cfg, batch)
+    finally:
+        model.gradient_checkpointing_disable()
+    assert rec.sparsify.counters["sparse_layers"] == 3
+    assert {d["checkpoint_saves"] for d in rec.sparsify.layers} == {"kept rows"}
+    assert_close(loss, grads, ref_loss, ref_grads)
+    if name == "fidelity":  # the forward is the dense model's
+        dense_loss, _ = dense_run(model, batch)
+        torch.testing.assert_close(loss, dense_loss, rtol=1e-6, atol=0)
