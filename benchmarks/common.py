@@ -140,6 +140,8 @@ def on_gpus(jobs: list, run: Callable[[Any, dict[str, str]], dict[str, Any]], gp
         g = free.get()
         try:
             return {**run(job, {"CUDA_VISIBLE_DEVICES": g}), "gpu": g}
+        except Exception as e:  # one job's failure must not lose the others' results
+            return {"variant": str(job[0] if isinstance(job, tuple) else job), "error": repr(e), "gpu": g}
         finally:
             free.put(g)
 

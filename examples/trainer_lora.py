@@ -76,9 +76,8 @@ def main():
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     data = Chunks(stdlib_tokens(encode, args.steps * args.seq), args.seq, args.steps)
-    held = [torch.tensor(stdlib_tokens(encode, args.eval_chunks * args.seq, reverse=True)[i * args.seq:
-                                                                                        (i + 1) * args.seq])[None]
-            for i in range(args.eval_chunks)]
+    tail = stdlib_tokens(encode, args.eval_chunks * args.seq, reverse=True)
+    held = [torch.tensor(tail[i * args.seq:(i + 1) * args.seq])[None] for i in range(args.eval_chunks)]
 
     # CPU: inner="eager" (Inductor also works, but its cold compile on a small CPU takes minutes).
     compile_for_training(model, LemoConfig(inner="inductor" if cuda else "eager", keep_ratio=0.4))
@@ -102,6 +101,7 @@ def main():
                 output_dir=out, per_device_train_batch_size=1, max_steps=args.steps, learning_rate=args.lr,
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda, disable_tqdm=True))
         trainer.train()
+        train_peak_gb = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
         model.save_pretrained(f"{out}/adapter")
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         sparse = []
@@ -127,7 +127,7 @@ def main():
                "median_step_s_after_first": statistics.median(times[1:]) if len(times) > 1 else None,
                "sparse_layers": sparse, "held_out_tokens": args.eval_chunks * args.seq,
                "held_out_loss_base": base_loss, "held_out_loss_finetuned_plain_peft": tuned_loss,
-               "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+               "peak_allocated_gb_training": train_peak_gb}
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
 

@@ -77,7 +77,8 @@ class LemoConfig:
     # gather + RMSNorm, and GEMM + residual scatter-add. Triton on CUDA, PyTorch twins elsewhere.
     fused_kernels: bool = True
     # Sparse activation checkpointing: a sparse layer inside an activation-checkpoint region keeps
-    # only its kept rows and keep set for the recompute (attn_mode tokens; see DESIGN 2.4).
+    # only its kept rows and keep set for the recompute (attn_mode tokens or backward, the latter
+    # also the dense attention's output and log-sum-exp at the kept queries; see DESIGN 2.4).
     sparse_checkpoint: bool = True
     # Fraction of the activations AOT autograd's min-cut partitioner may keep for backward; below
     # 1.0 it recomputes the rest (torch._functorch.config.activation_memory_budget, applied to lemo's

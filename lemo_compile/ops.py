@@ -249,7 +249,7 @@ def _positions_bias(pos: torch.Tensor, valid: torch.Tensor, s: int, e: int) -> t
 
 def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
-                                  scale: float, pos: torch.Tensor | None = None,
+                                  scale: float, *, pos: torch.Tensor | None = None,
                                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dropped-term attention gradient over kept queries x kept keys (DESIGN 2, attn_mode backward).
 
@@ -258,6 +258,8 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
     have fewer (GQA) heads, their gradients are summed over each group. The bias comes from `mask`
     (b|1, H|1, m, m) or, when it is None and `pos` (b, m) is given, causally from the kept rows'
     positions and `valid` (b, m), one chunk of queries at a time."""
+    if (pos is None) != (valid is None):
+        raise ValueError("attention_kept_backward_torch: pos and valid go together")
     kv_heads = k.shape[1]
     ke, ve = _expand_kv(q, k, v)
     b, h, m, _ = q.shape
@@ -319,7 +321,7 @@ def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # A CUDA path through aten's memory-efficient attention backward gave wrong gradients and an
     # illegal memory access on torch 2.11 (tests/gpu); until the kernel issue lands, the twin runs.
-    return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale, pos, valid)
+    return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale, pos=pos, valid=valid)
 
 
 @attention_kept_backward.register_fake

@@ -371,8 +371,9 @@ def _mlp_input(mlp: Block) -> fx.Node:
 
 
 def _kept_rows(g, h1: fx.Node, idx, ok, rows) -> fx.Node:
-    """The rows idx of the MLP's input: gathered from h1, or, given (x_c, out_c) of a tokens-mode
-    attention, formed as x_c + out_c, which equals h1 at the rows that are kept and does not read h1."""
+    """The rows idx of the MLP's input: gathered from h1, or, given (x_c, out_c) of the attention's kept
+    rows, formed as x_c + out_c, which does not read h1. In tokens mode that equals h1 at the kept rows
+    exactly; in backward mode up to the rounding of the output projection over m rows instead of n."""
     if rows is None:
         return g.call_function(ops.gather_seq, (h1, idx, 1))
     return g.call_function(ops.add_rows, (rows[0], rows[1], ok))

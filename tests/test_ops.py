@@ -11,8 +11,9 @@ def _kept_problem(b, h, kvh, m, hd, seed):
     g = torch.Generator().manual_seed(seed)
     q, dout = (torch.randn(b, h, m, hd, generator=g, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(b, kvh, m, hd, generator=g, dtype=torch.float64) for _ in range(2))
-    # kept positions: increasing, with gaps; the second sequence's last 5 kept slots are padding
-    pos = torch.sort(torch.randperm(4 * m, generator=g)[:m]).values.expand(b, m).clone()
+    # kept positions: increasing, with gaps, different in every sequence; the second sequence's last 5
+    # kept slots are out of range
+    pos = torch.stack([torch.sort(torch.randperm(4 * m, generator=g)[:m]).values for _ in range(b)])
     valid = torch.ones(b, m, dtype=torch.bool)
     if b > 1 and m > 5:
         valid[1, -5:] = False
@@ -30,7 +31,7 @@ def test_kept_backward_positions_equal_explicit_mask(b, h, kvh, m, hd, chunk_row
         chunks = ops._chunks
         monkeypatch.setattr(ops, "_chunks", lambda n, per_row, budget=0: chunks(n, 1, chunk_rows))
     want = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, mask, scale)
-    got = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, None, scale, pos, valid)
+    got = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, None, scale, pos=pos, valid=valid)
     assert got[2].abs().max() > 0  # (one kept row: dq = dk = 0 exactly, dv = dout)
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)
@@ -45,3 +46,10 @@ def test_kept_op_autograd_uses_positions():
     want = ops.attention_kept_backward_torch(dout, q.detach(), k.detach(), v.detach(), out, lse, mask, 0.25)
     for t, w in zip((q, k, v), want):
         torch.testing.assert_close(t.grad, w, rtol=1e-12, atol=1e-12)
+
+
+def test_kept_op_registration_opcheck():
+    """Schema, fake and autograd registration of lemo::attention_kept with the positions arguments."""
+    q, k, v, dout, out, lse, mask, pos, valid = _kept_problem(2, 4, 2, 24, 8, seed=4)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), out, lse, None, pos, valid, 0.3)
+    torch.library.opcheck(torch.ops.lemo.attention_kept.default, args)
