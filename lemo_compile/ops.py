@@ -240,13 +240,6 @@ def _(q, k, v, mask, scale, is_causal):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _positions_bias(pos: torch.Tensor, valid: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """(b, 1, e - s, m) fp32 bias of queries s:e of the kept rows: 0 where key j is valid and not
-    after the query (pos[j] <= pos[i]), else -inf. The chunk of causal_positions_mask(pos, pos, valid)."""
-    ok = (pos[:, None, :] <= pos[:, s:e, None]) & valid[:, None, :]
-    return torch.zeros(ok.shape, dtype=torch.float32, device=pos.device).masked_fill(~ok, float("-inf"))[:, None]
-
-
 def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                                   scale: float, *, pos: torch.Tensor | None = None,
@@ -275,8 +268,8 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
         sc = torch.matmul(qf[:, :, s:e], kf.transpose(-1, -2)) * scale
         if bias is not None:
             sc = sc + bias[:, :, s:e]
-        elif pos is not None:
-            sc = sc + _positions_bias(pos, valid, s, e)
+        elif pos is not None:  # queries s:e of causal_positions_mask(pos, pos, valid)
+            sc = sc + _bias(causal_positions_mask(pos[:, s:e], pos, valid), torch.float32)
         p = torch.exp(sc - lse[:, :, s:e].unsqueeze(-1))
         dv += torch.matmul(p.transpose(-1, -2), go[:, :, s:e])
         dp = torch.matmul(go[:, :, s:e], vf.transpose(-1, -2))

@@ -123,8 +123,8 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     # kept rows are marked saved, and the kept rows of the MLP's input are formed from them, so the
     # recompute in backward starts from m rows instead of the layer's full input. attn_mode="backward"
     # also saves the dense attention's output and log-sum-exp at the kept queries (they need every key).
-    sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD)
-                   and cfg.mlp_mode is not MlpMode.DENSE)
+    sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.mlp_mode is not MlpMode.DENSE
+                   and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD))
     if sparse_ckpt:
         with g.inserting_before(sdpa):
             idx = g.call_function(torch.ops.lemo.saved.default, (idx,))
@@ -329,7 +329,8 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
         out_g = g.call_function(ops.gather_seq, (dense_out, idx, 2))
         lse_g = g.call_function(ops.gather_seq, (dense_lse, idx, 2))
         if save_rows:  # the recompute in backward starts from these, never from the full input
-            env[h0], out_g, lse_g = (g.call_function(torch.ops.lemo.saved.default, (t,)) for t in (env[h0], out_g, lse_g))
+            env[h0], out_g, lse_g = (g.call_function(torch.ops.lemo.saved.default, (t,))
+                                     for t in (env[h0], out_g, lse_g))
         # the model's mask gathered to kept x kept; without one, causal by the kept rows' positions,
         # which the op's backward expands a chunk of queries at a time (never an m x m mask)
         mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok)) if attn.mask is not None else None
