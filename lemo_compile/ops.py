@@ -12,9 +12,11 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
                             mask is ever held: the backward builds it a chunk of queries at a time).
 - `lemo::assert_has_tokens` raises ValueError on a batch row that is all padding.
 - `lemo::saved`             identity that marks a value for saving in a checkpointed layer.
-On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path;
-on CUDA `attention_lse` calls PyTorch's memory-efficient attention kernel, which returns the
-log-sum-exp. The dropped-term backward is plain PyTorch everywhere for now.
+On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path.
+On CUDA `attention_lse` calls PyTorch's flash attention kernel (its memory-efficient one under a
+model mask), which returns the log-sum-exp; without a model mask the dropped-term backward is
+PyTorch's flash attention backward on the compact kept rows (sorted by position, so the kernel's
+causal mask is the positions' one). With a model mask the backward is plain PyTorch.
 """
 
 from __future__ import annotations
@@ -218,9 +220,19 @@ def _dense_bias(mask: torch.Tensor | None, q: torch.Tensor, nk: int) -> torch.Te
     return bias.expand(q.shape[0], q.shape[1], q.shape[2], nk)
 
 
+def _flash_supported(q: torch.Tensor) -> bool:
+    """The shapes and dtypes PyTorch's flash attention kernels take."""
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
 def attention_lse_cuda(q, k, v, mask, scale, is_causal):
-    """CUDA: PyTorch's memory-efficient attention kernel, which returns the log-sum-exp."""
+    """CUDA: PyTorch's flash attention kernel without a mask, its memory-efficient kernel with one;
+    both return the log-sum-exp."""
     k, v = _expand_kv(q, k, v)
+    if mask is None and _flash_supported(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False,
+                                                                       scale=scale)[:2]
+        return out, lse[..., : q.shape[2]].float().contiguous()
     bias = _dense_bias(mask, q, k.shape[2])
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, is_causal, scale=scale)
@@ -283,6 +295,32 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA, causal by the kept rows' positions: PyTorch's flash attention backward on the compact rows.
+
+    Kept rows are sorted by position, so "kept key j is at or before kept query i" is j <= i in compact
+    order, the kernel's causal mask; given the dense O and lse, the kernel's backward is exactly the
+    dropped-term gradient of `attention_kept_backward_torch`. Rows out of range sit at the end (no valid
+    query sees them); their upstream gradient is zeroed (the residual scatter already drops it), which
+    makes every term they take part in zero."""
+    kv_heads = k.shape[1]
+    b, h, m, _ = q.shape
+    ke, ve = _expand_kv(q, k, v)
+    go = grad_out.masked_fill(~valid[:, None, :, None], 0)
+    seed = torch.zeros(2, dtype=torch.uint64, device=q.device)  # dropout 0: the kernel reads neither
+    offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        go.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(), out.contiguous(),
+        lse.float().contiguous(), None, None, m, m, 0.0, True, seed, offset, scale=scale)
+    if kv_heads != h:
+        rep = h // kv_heads
+        dk = dk.view(b, kv_heads, rep, *dk.shape[2:]).sum(2)
+        dv = dv.view(b, kv_heads, rep, *dv.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 @torch.library.custom_op("lemo::attention_kept", mutates_args=())
 def attention_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    mask: torch.Tensor | None, pos: torch.Tensor | None, valid: torch.Tensor | None,
@@ -312,8 +350,10 @@ def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                             pos: torch.Tensor | None, valid: torch.Tensor | None,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # A CUDA path through aten's memory-efficient attention backward gave wrong gradients and an
-    # illegal memory access on torch 2.11 (tests/gpu); until the kernel issue lands, the twin runs.
+    if mask is None and pos is not None and _use_cuda_kernels(q) and _flash_supported(q):
+        return attention_kept_backward_flash(grad_out, q, k, v, out, lse, valid, scale)
+    # With a model mask the twin runs (a path through aten's memory-efficient attention backward gave
+    # wrong gradients and an illegal memory access on torch 2.11).
     return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale, pos=pos, valid=valid)
 
 

@@ -36,3 +36,85 @@ def test_attention_lse_matches_twin(dtype, b, h, kvh, n, hd):
     o, l = ops.attention_lse_cuda(q, k, v, mask, scale, False)
     assert err(o, ref_o) <= 2 * err(low_o, ref_o) + 1e-5
     assert err(l, ref_l) <= 2 * err(low_l, ref_l) + 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("b,h,kvh,n,hd", [(1, 4, 2, 200, 64), (2, 8, 8, 256, 128)])
+def test_attention_lse_causal_without_mask_matches_twin(b, h, kvh, n, hd):
+    """The flash path (no mask, bf16)."""
+    q, k, v, _ = problem(b, h, kvh, n, hd, torch.bfloat16, seed=1)
+    scale = hd ** -0.5
+    ref_o, ref_l = ops.attention_lse_torch(q.double(), k.double(), v.double(), None, scale, True)
+    low_o, low_l = ops.attention_lse_torch(q, k, v, None, scale, True)
+    o, l = ops.attention_lse_cuda(q, k, v, None, scale, True)
+    assert err(o, ref_o) <= 2 * err(low_o, ref_o) + 1e-5
+    assert err(l, ref_l) <= 2 * err(low_l, ref_l) + 1e-4
+
+
+def kept_problem(b, h, kvh, m, hd, seed):
+    """Kept rows of a longer sequence: sorted positions with gaps, different per sequence; in the second
+    sequence the last 5 slots are out of range (clamped to the last position, as selection does) and
+    their upstream gradient is zero (the residual scatter drops them)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, dout = (torch.randn(b, h, m, hd, device="cuda", generator=g).bfloat16() for _ in range(2))
+    k, v = (torch.randn(b, kvh, m, hd, device="cuda", generator=g).bfloat16() for _ in range(2))
+    pos = torch.stack([torch.sort(torch.randperm(3 * m, device="cuda", generator=g)[:m]).values for _ in range(b)])
+    valid = torch.ones(b, m, dtype=torch.bool, device="cuda")
+    if b > 1 and m > 5:
+        valid[1, -5:] = False
+        pos[1, -5:] = pos[1, -6]
+    dout = dout.masked_fill(~valid[:, None, :, None], 0)
+    # a stand-in for the dense O and lse: attention over the kept keys plus 40 extra keys per query
+    extra_k, extra_v = (torch.randn(b, kvh, 40, hd, device="cuda", generator=g).bfloat16() for _ in range(2))
+    mask = torch.cat([torch.ones(b, 1, m, 40, dtype=torch.bool, device="cuda"),
+                      ops.causal_positions_mask(pos, pos, valid)], dim=-1)
+    out, lse = ops.attention_lse_torch(q.double(), torch.cat([extra_k, k], 2).double(),
+                                       torch.cat([extra_v, v], 2).double(), mask, hd ** -0.5, False)
+    return q, k, v, dout, out.bfloat16(), lse.float(), pos, valid
+
+
+@cuda
+@pytest.mark.parametrize("b,h,kvh,m,hd", [(1, 4, 2, 200, 64), (2, 8, 8, 256, 128), (2, 4, 1, 130, 64),
+                                          (2, 2, 2, 64, 64)])
+def test_kept_backward_flash_matches_twin(b, h, kvh, m, hd):
+    """Against the twin in fp64 on the same bf16 inputs; the allowed error is twice that of PyTorch's own
+    bf16 SDPA backward (the same kernel) on the dense causal problem of these shapes, plus a floor."""
+    q, k, v, dout, out, lse, pos, valid = kept_problem(b, h, kvh, m, hd, seed=m)
+    scale = hd ** -0.5
+    got = ops.attention_kept_backward_flash(dout, q, k, v, out, lse, valid, scale)
+    ref = ops.attention_kept_backward_torch(dout.double(), q.double(), k.double(), v.double(), out.double(),
+                                            lse.double(), None, scale, pos=pos, valid=valid)
+    # the kernel's own rounding: bf16 vs fp64 autograd of dense causal SDPA on q, k, v
+    grads = []
+    for dt in (torch.bfloat16, torch.float64):
+        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(qq, kk.repeat_interleave(h // kvh, 1),
+                                                             vv.repeat_interleave(h // kvh, 1), is_causal=True,
+                                                             scale=scale)
+        y.backward(dout.to(dt))
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for name, g_, r, lo, hi in zip("qkv", got, ref, *grads):
+        assert g_.dtype == torch.bfloat16 and r.abs().max() > 0
+        assert torch.isfinite(g_).all()
+        assert err(g_, r) <= 2 * err(lo, hi) + 1e-3 * r.abs().max().item(), name
+
+
+@cuda
+def test_kept_backward_flash_with_every_row_kept_is_the_sdpa_backward():
+    """All rows kept, positions 0..m-1, the dense forward's O and lse: the dropped-term gradient is the
+    ordinary attention gradient."""
+    b, h, kvh, m, hd = 2, 4, 2, 300, 64
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(b, h, m, hd, device="cuda", generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(b, kvh, m, hd, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(2))
+    dout = torch.randn(b, h, m, hd, device="cuda", generator=g).bfloat16()
+    y = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                         is_causal=True)
+    y.backward(dout)
+    out, lse = ops.attention_lse_cuda(q.detach(), k.detach(), v.detach(), None, hd ** -0.5, True)
+    pos = torch.arange(m, device="cuda").expand(b, m)
+    valid = torch.ones(b, m, dtype=torch.bool, device="cuda")
+    dq, dk, dv = torch.ops.lemo.attention_kept_backward(dout, q.detach(), k.detach(), v.detach(), out, lse,
+                                                        None, pos, valid, hd ** -0.5)
+    for got, want in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
