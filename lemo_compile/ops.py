@@ -252,6 +252,11 @@ def _(q, k, v, mask, scale, is_causal):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _contiguous(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients in a fixed (contiguous) layout, whatever the inputs' strides: the fake says so."""
+    return tuple(t.contiguous() for t in ts)
+
+
 def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                                   scale: float, *, pos: torch.Tensor | None = None,
@@ -292,7 +297,7 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
         rep = h // kv_heads
         dk = dk.view(b, kv_heads, rep, *dk.shape[2:]).sum(2)
         dv = dv.view(b, kv_heads, rep, *dv.shape[2:]).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _contiguous(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
 
 
 def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -318,7 +323,7 @@ def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: to
         rep = h // kv_heads
         dk = dk.view(b, kv_heads, rep, *dk.shape[2:]).sum(2)
         dv = dv.view(b, kv_heads, rep, *dv.shape[2:]).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _contiguous(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
 
 
 @torch.library.custom_op("lemo::attention_kept", mutates_args=())
@@ -359,7 +364,7 @@ def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
 
 @attention_kept_backward.register_fake
 def _(grad_out, q, k, v, out, lse, mask, pos, valid, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 attention_kept.register_autograd(_kept_backward, setup_context=_kept_setup)
