@@ -59,6 +59,7 @@ VARIANTS = {
     # the two documented presets (lemo_compile.presets)
     "preset_memory": "preset:memory",
     "preset_speed": "preset:speed",
+    "preset_fidelity": "preset:fidelity",
 }
 
 

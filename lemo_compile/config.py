@@ -53,7 +53,7 @@ class LemoConfig:
     # Blocks every keep set contains (negative counts from the end); block 0 is the attention sink.
     forced_blocks: tuple[int, ...] = (0,)
     # How attention treats eliminated tokens in sparse layers (see AttnMode).
-    attn_mode: AttnMode = AttnMode.TOKENS
+    attn_mode: AttnMode = AttnMode.BACKWARD
     # How the MLP treats eliminated tokens in sparse layers (see MlpMode).
     mlp_mode: MlpMode = MlpMode.BACKWARD
     # Block scorer: "pooled" (training-free, the layer's own W_q/W_k on block means), "random"

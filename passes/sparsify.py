@@ -102,6 +102,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     # validate everything that can refuse before the graph is touched
     _validate(attn, seq_ext)
     _validate(mlp, [])
+    scale = _softmax_scale(sdpa) if cfg.attn_mode is AttnMode.BACKWARD else None
     if cfg.predictor == "pooled":
         _predictor_weights(attn)
     elif cfg.predictor != "random":
@@ -133,9 +134,6 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     attn_stack = attn.output.meta.get("nn_module_stack")
     mlp_stack = mlp.output.meta.get("nn_module_stack")
     before = set(g.nodes)
-    scale = sdpa.kwargs.get("scale")
-    if scale is None:
-        scale = shape_of(sdpa.args[0])[-1] ** -0.5
     mode = cfg.attn_mode
     compact = None  # (kept rows of h, their attention update) when the MLP can start from them
     if mode is AttnMode.TOKENS:
@@ -310,6 +308,24 @@ def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
         kwargs["attn_mask"] = mask_k
     kwargs["is_causal"] = False
     sdpa.args, sdpa.kwargs = tuple(args), kwargs
+
+
+def _softmax_scale(sdpa: fx.Node) -> float:
+    """SDPA's softmax scale as a Python float, for the attn_mode="backward" ops. HF passes the module's
+    `scaling` attribute; with dynamic shapes, torch >= 2.12 lifts such float attributes into the graph
+    (a tensor input read by .item()), and then the value it had at compile time is used: a model
+    constant that HF never changes."""
+    scale = sdpa.kwargs.get("scale")
+    if scale is None:
+        return shape_of(sdpa.args[0])[-1] ** -0.5
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    v = value_of(scale)
+    hint = getattr(getattr(v, "node", None), "hint", None) if isinstance(v, torch.SymFloat) else None
+    if hint is None:
+        raise CantRewrite("attention_scale", f"the softmax scale of {sdpa.name} is {scale} with no value at "
+                                             f"compile time; attn_mode='backward' needs it as a number")
+    return float(hint)
 
 
 def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool = False) -> tuple[fx.Node, fx.Node]:

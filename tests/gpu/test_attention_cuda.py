@@ -90,7 +90,7 @@ def test_kept_backward_flash_matches_twin(b, h, kvh, m, hd):
     # the kernel's own rounding: bf16 vs fp64 autograd of dense causal SDPA on q, k, v
     grads = []
     for dt in (torch.bfloat16, torch.float64):
-        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        qq, kk, vv = (t.detach().to(dt).contiguous().requires_grad_() for t in (q, k, v))
         y = torch.nn.functional.scaled_dot_product_attention(qq, kk.repeat_interleave(h // kvh, 1),
                                                              vv.repeat_interleave(h // kvh, 1), is_causal=True,
                                                              scale=scale)

@@ -77,7 +77,7 @@ def test_compile_layers_matches_reference_past_the_recompile_limit(predictor):
     layer, more than Dynamo's default recompile limit of 8) or grouped by keep ratio (pooled predictor)."""
     model = tiny_model("llama", lora=True, layers=12)
     batch = random_batch(256, 2, 200, seed=3, pad_right=[0, 29])
-    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0, 11), predictor=predictor)
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0, 11), predictor=predictor, attn_mode="tokens")
     clear_records()
     compile_layers(model, cfg)
     out = model(**batch)
