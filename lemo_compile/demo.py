@@ -115,8 +115,9 @@ class DemoResult:
             "  plain eager = one forward/backward of the uncompiled model, for reference (not trained).",
             "  Saved activations: unique storages saved for backward during one training step, parameters excluded;",
             "  the percentage is against dense.",
-            "  Train loss is the loss each variant trained on (lemo's is its sparse forward); the held-out loss is",
-            "  always computed by the plain dense eager model with that variant's adapter.",
+            "  Train loss is the loss each variant trained on (lemo's forward is exact in attn_mode 'backward' with",
+            "  mlp_mode 'backward'/'dense', sparse otherwise); the held-out loss is always computed by the plain",
+            "  dense eager model with that variant's adapter.",
             "",
             "train loss per step:",
         ]
