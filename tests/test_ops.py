@@ -53,3 +53,18 @@ def test_kept_op_registration_opcheck():
     q, k, v, dout, out, lse, mask, pos, valid = _kept_problem(2, 4, 2, 24, 8, seed=4)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), out, lse, None, pos, valid, 0.3)
     torch.library.opcheck(torch.ops.lemo.attention_kept.default, args)
+
+
+@pytest.mark.parametrize("b,h,kvh,m,hd", [(2, 4, 2, 70, 16), (2, 2, 1, 9, 8)])
+def test_compact_causal_mask_is_the_positions_mask(b, h, kvh, m, hd):
+    """What the CUDA flash path relies on (ops.attention_kept_backward_flash): kept rows sorted by position,
+    rows out of range at the end with zero upstream gradient, so the plain causal mask of the compact
+    sequence (key j <= query i) gives the same gradient as the positions mask."""
+    q, k, v, dout, out, lse, _, pos, valid = _kept_problem(b, h, kvh, m, hd, seed=m + 1)
+    dout = dout.masked_fill(~valid[:, None, :, None], 0)
+    tril = torch.ones(m, m, dtype=torch.bool).tril()[None, None].expand(b, 1, m, m)
+    want = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, None, hd ** -0.5, pos=pos, valid=valid)
+    got = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, tril, hd ** -0.5)
+    for g_, w in zip(got, want):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)
