@@ -19,6 +19,7 @@ reversed every round, so a limited budget advances all of them:
     lemo_ckpt_loss_only   lemo with every decoder layer dense (only the segmented loss, logits="drop"),
                           + checkpointing: lemo's own "dense + checkpointing + chunked loss"
     lemo_ckpt_mlpseg      lemo_ckpt with LemoConfig(segment_mlp=True): MLPs in row segments (opt-in)
+    lemo_ckpt_fwd_exact   lemo_ckpt in the default modes (attn_mode and mlp_mode "backward": exact forward)
 
 Model: benchmarks.common.build_model(--arch llama-8b, seq, r=8, q/k/v/o). Checkpointed models drop the
 embedding requires_grad_ hook transformers adds (only reentrant checkpointing needs it; it breaks the
@@ -130,6 +131,7 @@ VARIANTS: dict[str, dict] = {  # same spec format as benchmarks/finetune.py
     "lemo_ckpt_loss_only": dict(ckpt=True, compile="lemo", lemo=dict(logits="drop", dense_layers="all")),
     "lemo_ckpt_mlpseg": dict(ckpt=True, compile="lemo",
                              lemo=dict(logits="drop", attn_mode="tokens", segment_mlp=True)),
+    "lemo_ckpt_fwd_exact": dict(ckpt=True, compile="lemo", lemo=dict(logits="drop")),
 }
 LEMO = tuple(v for v, s in VARIANTS.items() if s.get("compile") == "lemo")
 
@@ -667,7 +669,8 @@ def main():
     resolution = max(64, args.resolution or (128 if tiny else 2048))
     max_len = args.max_len or (8192 if tiny else 1 << 22)
     predict_len = args.predict_len or (256 if tiny else 4096)
-    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v != "lemo_ckpt_mlpseg"]
+    variants = (args.variants.split(",") if args.variants
+                else [v for v in VARIANTS if v not in ("lemo_ckpt_mlpseg", "lemo_ckpt_fwd_exact")])
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variants {bad}; known: {', '.join(VARIANTS)}")
