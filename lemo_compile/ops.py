@@ -252,6 +252,15 @@ def _(q, k, v, mask, scale, is_causal):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _sum_kv_groups(dk: torch.Tensor, dv: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of K/V expanded to every query head (b, H, m, hd), summed back over each GQA group."""
+    b, h = dk.shape[:2]
+    if kv_heads == h:
+        return dk, dv
+    return (dk.view(b, kv_heads, h // kv_heads, *dk.shape[2:]).sum(2),
+            dv.view(b, kv_heads, h // kv_heads, *dv.shape[2:]).sum(2))
+
+
 def _contiguous(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Gradients in a fixed (contiguous) layout, whatever the inputs' strides: the fake says so."""
     return tuple(t.contiguous() for t in ts)
@@ -293,10 +302,7 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
         ds = p * (dp - d[:, :, s:e].unsqueeze(-1))
         dq[:, :, s:e] = torch.matmul(ds, kf) * scale
         dk += torch.matmul(ds.transpose(-1, -2), qf[:, :, s:e]) * scale
-    if kv_heads != h:
-        rep = h // kv_heads
-        dk = dk.view(b, kv_heads, rep, *dk.shape[2:]).sum(2)
-        dv = dv.view(b, kv_heads, rep, *dv.shape[2:]).sum(2)
+    dk, dv = _sum_kv_groups(dk, dv, kv_heads)
     return _contiguous(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
 
 
@@ -310,8 +316,7 @@ def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: to
     dropped-term gradient of `attention_kept_backward_torch`. Rows out of range sit at the end (no valid
     query sees them); their upstream gradient is zeroed (the residual scatter already drops it), which
     makes every term they take part in zero."""
-    kv_heads = k.shape[1]
-    b, h, m, _ = q.shape
+    m = q.shape[2]
     ke, ve = _expand_kv(q, k, v)
     go = grad_out.masked_fill(~valid[:, None, :, None], 0)
     seed = torch.zeros(2, dtype=torch.uint64, device=q.device)  # dropout 0: the kernel reads neither
@@ -319,10 +324,7 @@ def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: to
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         go.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(), out.contiguous(),
         lse.float().contiguous(), None, None, m, m, 0.0, True, seed, offset, scale=scale)
-    if kv_heads != h:
-        rep = h // kv_heads
-        dk = dk.view(b, kv_heads, rep, *dk.shape[2:]).sum(2)
-        dv = dv.view(b, kv_heads, rep, *dv.shape[2:]).sum(2)
+    dk, dv = _sum_kv_groups(dk, dv, k.shape[1])
     return _contiguous(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
 
 
