@@ -336,7 +336,7 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
     with g.inserting_before(sdpa):
         qd, kd, vd = (g.call_method("detach", (t,)) for t in (q, k, v))  # LoRA weights still want grad
         lse_pair = g.call_function(torch.ops.lemo.attention_lse.default,
-                                   (qd, kd, vd, attn.mask, float(scale), bool(sdpa.kwargs.get("is_causal", False))))
+                                   (qd, kd, vd, attn.mask, scale, bool(sdpa.kwargs.get("is_causal", False))))
         dense_out = g.call_function(operator.getitem, (lse_pair, 0))
         dense_lse = g.call_function(operator.getitem, (lse_pair, 1))
     # kept rows, with grad: attention output = the dense one, backward = the dropped-term one
@@ -354,7 +354,7 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
 
         def kept_attention(node: fx.Node) -> fx.Node:
             return g.call_function(torch.ops.lemo.attention_kept.default,
-                                   (env[q], env[k], env[v], out_g, lse_g, mask_c, pos, valid, float(scale)))
+                                   (env[q], env[k], env[v], out_g, lse_g, mask_c, pos, valid, scale))
 
         out_c = _clone(g, attn, attn.nodes, env, m, replace={sdpa: kept_attention})[attn.output]
         a_st = _like(g.call_function(ops.straight_through_rows, (attn.output, out_c, idx, ok)), attn.output)
