@@ -3,12 +3,17 @@
 Which oracle should predictors learn? This measures the forward loss the pretrained model gets when the
 keep set of every sparse layer is chosen by each rule, computed from that layer's actual input
 (`lemo_compile.reference`, eager fp32): the oracle rules of `lemo_compile.calibrate` ("sum" = the
-paper's, "mean", "mass"), the training-free `pooled` predictor, and `random`; for attn_mode "tokens"
+paper's, "mean", "mass"), the training-free `pooled` predictor, a calibrated predictor file (`file:PATH`), and `random`; for attn_mode "tokens"
 (the paper's semantics) and "keys"; keep 0.4, the default layer schedule (first half and the last layer
 dense). Gap = (loss - dense loss) / dense loss, pooled over chunks. The fine-tuned loss (the objective
 that finally decides) is the fidelity benchmark's job; this is its forward-only starting point.
 
     python benchmarks/selection_fidelity.py --seq 2048 --chunks 2 --out benchmarks/results/selection_fidelity_cpu_2k.json
+
+With --headline and a `file:` method beside its rule's oracle (e.g. --methods oracle:mass,file:P.safetensors),
+`predictor_vs_oracle_loss_gap_pct` = (loss with the file's selection - loss with the oracle's) / the
+oracle's, KJV, attn_mode "tokens" (in the default "backward" mode the forward is exact whatever the
+selection, so the gap there is 0 by construction).
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, merge_headline  # noqa: E402
 from benchmarks.predictor_recall import DATA, chunks_of, smollm2  # noqa: E402
 from lemo_compile import LemoConfig, calibrate  # noqa: E402
 from lemo_compile.kernels import oracle  # noqa: E402
-from lemo_compile.predictors import pooled_qk_scores, random_scores  # noqa: E402
+from lemo_compile.predictors import block_mean, pooled_qk_scores, random_scores  # noqa: E402
 from lemo_compile.reference import reference_forward  # noqa: E402
 from lemo_compile.selection import num_blocks  # noqa: E402
 
@@ -35,9 +40,15 @@ from lemo_compile.selection import num_blocks  # noqa: E402
 def make_scorer(model, method: str, block: int, seed: int):
     layers = calibrate.decoder_layers(model)
     rotary = model.model.rotary_emb
+    if method.startswith("file:"):  # a calibrated predictor file (lemo calibrate)
+        meta, factors = calibrate.load(method[5:])
+        pred = calibrate.LowRankPredictor([factors[i][0] for i in range(len(layers))],
+                                          [factors[i][1] for i in range(len(layers))], meta["heads"], meta["rank"])
 
     def scorer(i, x, tv):
         attn = layers[i].self_attn
+        if method.startswith("file:"):
+            return pred.scores(i, block_mean(x, tv, block))
         if method == "random":
             return random_scores(i, seed, x.shape[0], num_blocks(x.shape[1], block), x.device)
         if method == "pooled":
@@ -61,6 +72,7 @@ def main():
     ap.add_argument("--modes", default="tokens,keys")
     ap.add_argument("--methods", default="oracle:sum,oracle:mean,oracle:mass,pooled,random")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--headline", default=None)
     args = ap.parse_args()
     model, encode = smollm2()
     corpora = {"kjv": chunks_of(os.path.join(DATA, "kjv.txt"), encode, args.seq, args.chunks, 7),
@@ -87,6 +99,20 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
+    files = [m for m in args.methods.split(",") if m.startswith("file:")]
+    if args.headline and files:
+        rule = calibrate.read_metadata(files[0][5:])["rule"]
+        loss = {r["method"]: sum(r["losses"]) / len(r["losses"]) for r in rows
+                if r["mode"] == "tokens" and r["corpus"] == "kjv"}
+        if f"oracle:{rule}" not in loss:
+            raise SystemExit(f"--headline needs oracle:{rule} (the file's rule) in --methods and tokens in --modes")
+        gap = 100 * (loss[files[0]] - loss[f"oracle:{rule}"]) / loss[f"oracle:{rule}"]
+        src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
+        merge_headline(args.headline, {"predictor_vs_oracle_loss_gap_pct": dict(
+            value=gap, source=src, command=doc["command"], when=doc["env"]["when"][:10],
+            note=f"forward loss, calibrated predictor vs oracle {rule!r} selection, attn_mode tokens, KJV, "
+                 f"{args.seq} tokens, CPU; 0 by construction in the default backward mode")})
+        print(f"predictor_vs_oracle_loss_gap_pct = {gap:+.2f}")
 
 
 if __name__ == "__main__":

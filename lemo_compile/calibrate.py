@@ -184,7 +184,7 @@ class LowRankPredictor(torch.nn.Module):
         heads = None
         for layer in decoder_layers(model):
             attn = layer.self_attn
-            wq, wk = _base_weight(attn.q_proj).float(), _base_weight(attn.k_proj).float()
+            wq, wk = _base_weight(attn.q_proj).float().cpu(), _base_weight(attn.k_proj).float().cpu()  # captures live on the CPU
             hd = attn.head_dim
             hq, hkv = wq.shape[0] // hd, wk.shape[0] // hd
             if rank > hd:
