@@ -61,7 +61,8 @@ file starts afresh):
     #    Plan ~1 call per 2-3 variants at 8B (one compiled 8B variant at 64K with checkpointing: ~350 s).
 
 Every call prints a markdown table (also in the JSON under "table") and "N variant(s) left" at the end;
-repeat the command until that says 0.
+repeat the command until that says 0. A PNG of peak memory against step time per setting goes next to
+--out (--plot elsewhere); `--replot RESULT.json` redraws it from a committed result without running.
 
 On CPU (every code path, tiny Llama: hidden 64, 4 layers, vocab 512, 256 tokens; lemo with inner="eager";
 no CUDA memory stats; Liger needs its wheel on the path and Triton's interpreter, e.g.
@@ -435,6 +436,48 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: str) -> bool:
+    """Peak memory against step time, one panel per (arch, LoRA, length) setting, a labelled point per
+    measured variant (lemo variants in one color, the baselines in another), as a PNG. False (and a
+    message) without matplotlib or without a measured variant."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({_key(r)[1:] for r in results if _ok(r) and r.get("peak_allocated_gb") is not None},
+                      key=lambda k: (k[0] or "", k[1] or "", k[2] or 0))
+    if not settings:
+        print("no measured variant with a peak: no plot")
+        return False
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.8), squeeze=False)
+    for ax, (arch, lora, seq) in zip(axes[0], settings):
+        for r in results:
+            if _key(r)[1:] != (arch, lora, seq) or not _ok(r) or r.get("peak_allocated_gb") is None:
+                continue
+            lemo = VARIANTS.get(r["variant"], {}).get("compile") == "lemo"
+            ax.scatter(r["peak_allocated_gb"], r["median_step_s"], color="tab:red" if lemo else "tab:gray",
+                       marker="o" if VARIANTS.get(r["variant"], {}).get("ckpt") else "s", zorder=3)
+            ax.annotate(r["variant"], (r["peak_allocated_gb"], r["median_step_s"]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("peak allocated (GB)")
+        ax.set_ylabel("median step (s): forward + backward + AdamW")
+        ax.set_title(f"{arch}, LoRA {lora}, {seq} tokens")
+        ax.grid(alpha=0.3)
+    fig.text(0.01, 0.01, "red: lemo, gray: baselines; circles: gradient checkpointing, squares: none. "
+                         "Lower left is better.", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+    return True
+
+
 def figures(doc: dict, src: str | None, lora: str) -> tuple[dict, list[str]]:
     """The headline figures whose variants ran at their setting; what kept the others from being written."""
     tiny = doc["config"]["tiny"]
@@ -509,6 +552,9 @@ def main():
                                                    "holds a final result for (measured, out of memory, "
                                                    "unavailable, crashed); repeat the command until done")
     ap.add_argument("--headline", default=None, help="merge the headline figures into this headline.json")
+    ap.add_argument("--plot", default=None, help="PNG of peak memory against step time (default: next to --out)")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="only draw the plot of an earlier result (to --plot, default next to that JSON)")
     ap.add_argument("--headline-lora", default="r8-qkvo", help="LoRA setting of the headline figures")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # with one --arch, --lora, --seq
     args = ap.parse_args()
@@ -519,6 +565,12 @@ def main():
     if args.worker:
         args.seq = int(args.seq)
         print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    if args.replot:
+        with open(args.replot) as f:
+            old = json.load(f)
+        if not plot(old.get("results", []), args.plot or os.path.splitext(args.replot)[0] + ".png"):
+            sys.exit(1)
         return
 
     t_start = time.perf_counter()
@@ -620,6 +672,10 @@ def main():
                     "first_step_s", "recompiles", "oom", "unavailable", "skipped", "error", "wall_s")
             print(f"[{time.perf_counter() - t_start:6.0f} s] " + json.dumps({k: r[k] for k in keys if k in r}),
                   flush=True)
+    if args.out or args.plot:
+        png = args.plot or os.path.splitext(args.out)[0] + ".png"
+        if plot(doc["results"], png):
+            doc["plot"] = os.path.basename(png)
     write()
     print("\n" + doc["table"], flush=True)
     src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None

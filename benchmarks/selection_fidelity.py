@@ -12,7 +12,8 @@ that finally decides) is the fidelity benchmark's job; this is its forward-only 
 
 With --headline and a `file:` method beside its rule's oracle (e.g. --methods oracle:mass,file:P.safetensors),
 `predictor_vs_oracle_loss_gap_pct` = (loss with the file's selection - loss with the oracle's) / the
-oracle's, KJV, attn_mode "tokens" (in the default "backward" mode the forward is exact whatever the
+oracle's, on held-out text (--headline-corpus, default the Python docs: `lemo calibrate --data kjv.txt`
+files are made on KJV), attn_mode "tokens" (in the default "backward" mode the forward is exact whatever the
 selection, so the gap there is 0 by construction).
 """
 
@@ -73,6 +74,8 @@ def main():
     ap.add_argument("--methods", default="oracle:sum,oracle:mean,oracle:mass,pooled,random")
     ap.add_argument("--out", default=None)
     ap.add_argument("--headline", default=None)
+    ap.add_argument("--headline-corpus", default="python-docs", choices=("kjv", "python-docs"),
+                    help="text of predictor_vs_oracle_loss_gap_pct: the one the file was not calibrated on")
     args = ap.parse_args()
     model, encode = smollm2()
     corpora = {"kjv": chunks_of(os.path.join(DATA, "kjv.txt"), encode, args.seq, args.chunks, 7),
@@ -103,14 +106,15 @@ def main():
     if args.headline and files:
         rule = calibrate.read_metadata(files[0][5:])["rule"]
         loss = {r["method"]: sum(r["losses"]) / len(r["losses"]) for r in rows
-                if r["mode"] == "tokens" and r["corpus"] == "kjv"}
+                if r["mode"] == "tokens" and r["corpus"] == args.headline_corpus}
         if f"oracle:{rule}" not in loss:
             raise SystemExit(f"--headline needs oracle:{rule} (the file's rule) in --methods and tokens in --modes")
         gap = 100 * (loss[files[0]] - loss[f"oracle:{rule}"]) / loss[f"oracle:{rule}"]
         src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
         merge_headline(args.headline, {"predictor_vs_oracle_loss_gap_pct": dict(
             value=gap, source=src, command=doc["command"], when=doc["env"]["when"][:10],
-            note=f"forward loss, calibrated predictor vs oracle {rule!r} selection, attn_mode tokens, KJV, "
+            note=f"forward loss, calibrated predictor vs oracle {rule!r} selection, attn_mode tokens, "
+                 f"{args.headline_corpus} (the file's calibration text must be the other one), "
                  f"{args.seq} tokens, CPU; 0 by construction in the default backward mode")})
         print(f"predictor_vs_oracle_loss_gap_pct = {gap:+.2f}")
 
