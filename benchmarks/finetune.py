@@ -18,6 +18,8 @@ order reversed from one (arch, lora, seq) setting to the next:
     dense_ckpt_auto_chunker  dense_ckpt compiled by Inductor with
                              torch._inductor.config.patch({"auto_chunker.enable": True})
                              (recorded as "unavailable" on a torch without that setting)
+    lemo_ckpt_drop_logits    (opt-in, --variants) lemo_ckpt with LemoConfig(logits="drop"): no logits
+                             returned, as with Liger's fused loss
 
 Checkpointed variants drop the embedding requires_grad_ hook transformers installs (only reentrant
 checkpointing needs it; under torch.compile it breaks the graph), as benchmarks/peak_cut_bench.py does.
@@ -108,7 +110,10 @@ VARIANTS: dict[str, dict] = {
     "dense_ckpt_liger": dict(ckpt=True, liger=True),
     "lemo_preset_memory": dict(compile="lemo", preset="memory"),
     "dense_ckpt_auto_chunker": dict(ckpt=True, compile="inductor", auto_chunker=True),
+    # opt-in (--variants): lemo + checkpointing without the logits, as Liger's fused loss returns none
+    "lemo_ckpt_drop_logits": dict(ckpt=True, compile="lemo", lemo={"logits": "drop"}),
 }
+OPT_IN = ("lemo_ckpt_drop_logits",)  # not in the default variant list
 DENSE = ("eager_dense", "inductor_dense")  # "dense" of the headline ratios: no checkpointing
 CKPT_BASELINES = ("dense_ckpt", "dense_ckpt_liger", "dense_ckpt_auto_chunker")
 
@@ -533,7 +538,7 @@ def main():
     ap.add_argument("--seqs", "--seq", dest="seq", default=None,
                     help="comma-separated lengths (default 8192; tiny: 256)")
     ap.add_argument("--variants", default=None, help="comma-separated subset, in the order to run "
-                                                     f"(default: {','.join(VARIANTS)})")
+                                                     f"(default: every one but {','.join(OPT_IN)})")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=2, help="steps after the compiling first one, before timing")
     ap.add_argument("--inner", default=None, help="lemo's inner compiler (inductor; tiny: eager)")
@@ -577,7 +582,7 @@ def main():
     archs = (args.arch or ("tiny-llama" if args.tiny else "llama-8b")).split(",")
     loras = (args.lora or "r8-qkvo").split(",")
     seqs = [int(s) for s in (args.seq or ("256" if args.tiny else "8192")).split(",")]
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v not in OPT_IN]
     for what, given, known in (("variants", variants, VARIANTS), ("archs", archs, ARCHS),
                                ("loras", loras, LORA_PRESETS)):
         bad = [v for v in given if v not in known]
