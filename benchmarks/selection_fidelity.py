@@ -3,8 +3,8 @@
 Which oracle should predictors learn? This measures the forward loss the pretrained model gets when the
 keep set of every sparse layer is chosen by each rule, computed from that layer's actual input
 (`lemo_compile.reference`, eager fp32): the oracle rules of `lemo_compile.calibrate` ("sum" = the
-paper's, "mean", "mass"), the training-free `pooled` predictor, a calibrated predictor file (`file:PATH`), and `random`; for attn_mode "tokens"
-(the paper's semantics) and "keys"; keep 0.4, the default layer schedule (first half and the last layer
+paper's, "mean", "mass"), the training-free `pooled` predictor, a calibrated predictor file
+(`file:PATH`), and `random`; for attn_mode "tokens" (the paper's semantics) and "keys"; keep 0.4, the default layer schedule (first half and the last layer
 dense). Gap = (loss - dense loss) / dense loss, pooled over chunks. The fine-tuned loss (the objective
 that finally decides) is the fidelity benchmark's job; this is its forward-only starting point.
 
@@ -77,6 +77,11 @@ def main():
     ap.add_argument("--headline-corpus", default="python-docs", choices=("kjv", "python-docs"),
                     help="text of predictor_vs_oracle_loss_gap_pct: the one the file was not calibrated on")
     args = ap.parse_args()
+    files = [m for m in args.methods.split(",") if m.startswith("file:")]
+    if args.headline and files:  # check before the long run what the figure will need
+        rule = calibrate.read_metadata(files[0][5:])["rule"]
+        if f"oracle:{rule}" not in args.methods.split(",") or "tokens" not in args.modes.split(","):
+            ap.error(f"--headline needs oracle:{rule} (the file's rule) in --methods and tokens in --modes")
     model, encode = smollm2()
     corpora = {"kjv": chunks_of(os.path.join(DATA, "kjv.txt"), encode, args.seq, args.chunks, 7),
                "python-docs": chunks_of(os.path.join(DATA, "python311-docs.txt"), encode, args.seq, args.chunks, 7)}
@@ -102,13 +107,9 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2)
-    files = [m for m in args.methods.split(",") if m.startswith("file:")]
     if args.headline and files:
-        rule = calibrate.read_metadata(files[0][5:])["rule"]
         loss = {r["method"]: sum(r["losses"]) / len(r["losses"]) for r in rows
                 if r["mode"] == "tokens" and r["corpus"] == args.headline_corpus}
-        if f"oracle:{rule}" not in loss:
-            raise SystemExit(f"--headline needs oracle:{rule} (the file's rule) in --methods and tokens in --modes")
         gap = 100 * (loss[files[0]] - loss[f"oracle:{rule}"]) / loss[f"oracle:{rule}"]
         src = "benchmarks/results/" + os.path.basename(args.out) if args.out else None
         merge_headline(args.headline, {"predictor_vs_oracle_loss_gap_pct": dict(
