@@ -4,8 +4,8 @@ Which oracle should predictors learn? This measures the forward loss the pretrai
 keep set of every sparse layer is chosen by each rule, computed from that layer's actual input
 (`lemo_compile.reference`, eager fp32): the oracle rules of `lemo_compile.calibrate` ("sum" = the
 paper's, "mean", "mass"), the training-free `pooled` predictor, a calibrated predictor file
-(`file:PATH`), and `random`; for attn_mode "tokens" (the paper's semantics) and "keys"; keep 0.4, the default layer schedule (first half and the last layer
-dense). Gap = (loss - dense loss) / dense loss, pooled over chunks. The fine-tuned loss (the objective
+(`file:PATH`), and `random`; for attn_mode "tokens" (the paper's semantics) and "keys"; keep 0.4, the
+default layer schedule (first half and the last layer dense). Gap = (loss - dense loss) / dense loss, pooled over chunks. The fine-tuned loss (the objective
 that finally decides) is the fidelity benchmark's job; this is its forward-only starting point.
 
     python benchmarks/selection_fidelity.py --seq 2048 --chunks 2 --out benchmarks/results/selection_fidelity_cpu_2k.json

@@ -184,7 +184,8 @@ class LowRankPredictor(torch.nn.Module):
         heads = None
         for layer in decoder_layers(model):
             attn = layer.self_attn
-            wq, wk = _base_weight(attn.q_proj).float().cpu(), _base_weight(attn.k_proj).float().cpu()  # captures live on the CPU
+            # on the CPU, where the captures the factors are trained against live (also for a CUDA model)
+            wq, wk = _base_weight(attn.q_proj).float().cpu(), _base_weight(attn.k_proj).float().cpu()
             hd = attn.head_dim
             hq, hkv = wq.shape[0] // hd, wk.shape[0] // hd
             if rank > hd:
