@@ -147,9 +147,7 @@ def main():
     t0 = time.perf_counter()
     caps = calibrate.capture(model, held, args.block)
     eval_s = time.perf_counter() - t0
-    meta, factors = calibrate.load(path)
-    trained = calibrate.LowRankPredictor([factors[i][0] for i in range(num_layers)],
-                                         [factors[i][1] for i in range(num_layers)], meta["heads"], rank)
+    trained = calibrate.LowRankPredictor.from_file(path)
     preds = {"trained": trained, "training-free": calibrate.LowRankPredictor.from_model(model, rank),
              "pooled": calibrate.LowRankPredictor.from_model(model, calibrate.decoder_layers(model)[0].self_attn.head_dim)}
     per_layer = {}

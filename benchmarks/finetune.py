@@ -453,19 +453,19 @@ def plot(results: list[dict], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = sorted({_key(r)[1:] for r in results if _ok(r) and r.get("peak_allocated_gb") is not None},
-                      key=lambda k: (k[0] or "", k[1] or "", k[2] or 0))
+    measured = [r for r in results if _ok(r) and r.get("peak_allocated_gb") is not None]
+    settings = sorted({_key(r)[1:] for r in measured}, key=lambda k: (k[0] or "", k[1] or "", k[2] or 0))
     if not settings:
         print("no measured variant with a peak: no plot")
         return False
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.8), squeeze=False)
-    for ax, (arch, lora, seq) in zip(axes[0], settings):
-        for r in results:
-            if _key(r)[1:] != (arch, lora, seq) or not _ok(r) or r.get("peak_allocated_gb") is None:
-                continue
-            lemo = VARIANTS.get(r["variant"], {}).get("compile") == "lemo"
-            ax.scatter(r["peak_allocated_gb"], r["median_step_s"], color="tab:red" if lemo else "tab:gray",
-                       marker="o" if VARIANTS.get(r["variant"], {}).get("ckpt") else "s", zorder=3)
+    for ax, setting in zip(axes[0], settings):
+        arch, lora, seq = setting
+        for r in (r for r in measured if _key(r)[1:] == setting):
+            spec = VARIANTS.get(r["variant"], {})
+            ax.scatter(r["peak_allocated_gb"], r["median_step_s"], zorder=3,
+                       color="tab:red" if spec.get("compile") == "lemo" else "tab:gray",
+                       marker="o" if spec.get("ckpt") else "s")
             ax.annotate(r["variant"], (r["peak_allocated_gb"], r["median_step_s"]), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
         ax.set_xlim(left=0)

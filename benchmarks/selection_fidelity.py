@@ -5,16 +5,17 @@ keep set of every sparse layer is chosen by each rule, computed from that layer'
 (`lemo_compile.reference`, eager fp32): the oracle rules of `lemo_compile.calibrate` ("sum" = the
 paper's, "mean", "mass"), the training-free `pooled` predictor, a calibrated predictor file
 (`file:PATH`), and `random`; for attn_mode "tokens" (the paper's semantics) and "keys"; keep 0.4, the
-default layer schedule (first half and the last layer dense). Gap = (loss - dense loss) / dense loss, pooled over chunks. The fine-tuned loss (the objective
-that finally decides) is the fidelity benchmark's job; this is its forward-only starting point.
+default layer schedule (first half and the last layer dense). Gap = (loss - dense loss) / dense loss,
+pooled over chunks. The fine-tuned loss (the objective that finally decides) is the fidelity
+benchmark's job; this is its forward-only starting point.
 
     python benchmarks/selection_fidelity.py --seq 2048 --chunks 2 --out benchmarks/results/selection_fidelity_cpu_2k.json
 
 With --headline and a `file:` method beside its rule's oracle (e.g. --methods oracle:mass,file:P.safetensors),
 `predictor_vs_oracle_loss_gap_pct` = (loss with the file's selection - loss with the oracle's) / the
 oracle's, on held-out text (--headline-corpus, default the Python docs: `lemo calibrate --data kjv.txt`
-files are made on KJV), attn_mode "tokens" (in the default "backward" mode the forward is exact whatever the
-selection, so the gap there is 0 by construction).
+files are made on KJV), attn_mode "tokens" (in the default "backward" mode the forward is exact
+whatever the selection, so the gap there is 0 by construction).
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ def make_scorer(model, method: str, block: int, seed: int):
     layers = calibrate.decoder_layers(model)
     rotary = model.model.rotary_emb
     if method.startswith("file:"):  # a calibrated predictor file (lemo calibrate)
-        meta, factors = calibrate.load(method[5:])
-        pred = calibrate.LowRankPredictor([factors[i][0] for i in range(len(layers))],
-                                          [factors[i][1] for i in range(len(layers))], meta["heads"], meta["rank"])
+        pred = calibrate.LowRankPredictor.from_file(method[5:])
 
     def scorer(i, x, tv):
         attn = layers[i].self_attn
@@ -93,7 +92,8 @@ def main():
             cfg = LemoConfig(keep_ratio=args.keep, attn_mode=mode, mlp_mode="backward")
             for method in args.methods.split(","):
                 for corpus, chunks in corpora.items():
-                    losses = [reference_forward(model, cfg, scorer=make_scorer(model, method, cfg.block_size, 0),
+                    scorer = make_scorer(model, method, cfg.block_size, 0)
+                    losses = [reference_forward(model, cfg, scorer=scorer,
                                                 input_ids=ids, labels=ids).output.loss.item() for ids in chunks]
                     d = sum(dense[corpus]) / len(chunks)
                     gap = (sum(losses) / len(chunks) - d) / d

@@ -177,6 +177,13 @@ class LowRankPredictor(torch.nn.Module):
         self.k = torch.nn.ParameterList([torch.nn.Parameter(t.float().clone()) for t in k_factors])
 
     @classmethod
+    def from_file(cls, path: str) -> "LowRankPredictor":
+        """The predictors a `save`d file holds (`lemo calibrate`'s output)."""
+        meta, factors = load(path)
+        layers = range(len(factors))
+        return cls([factors[i][0] for i in layers], [factors[i][1] for i in layers], meta["heads"], meta["rank"])
+
+    @classmethod
     def from_model(cls, model: torch.nn.Module, rank: int) -> "LowRankPredictor":
         """Training-free: per query head h (key head g), the best rank-r factorization of the
         bilinear form W_q,h^T W_k,g (truncated SVD; exact for r = head_dim)."""

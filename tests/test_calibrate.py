@@ -102,6 +102,10 @@ def test_file_round_trip_and_model_check(tmp_path, model):
     meta, factors = calibrate.load(path)
     assert meta["rule"] == "mass" and meta["block_size"] == BLOCK and meta["rank"] == 2
     torch.testing.assert_close(factors[1][0], pred.q[1].detach())
+    back = calibrate.LowRankPredictor.from_file(path)
+    assert (back.heads, back.rank, len(back.q)) == (pred.heads, pred.rank, len(pred.q))
+    x = torch.randn(1, 5, model.config.hidden_size)
+    torch.testing.assert_close(back.scores(1, x), pred.scores(1, x).detach())
     calibrate.check_model(path, model)
     other = tiny_model("llama", lora=True, seed=1)  # same sizes, other weights
     with pytest.raises(ValueError, match="another model.*weights_sha256"):
