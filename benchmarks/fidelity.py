@@ -8,7 +8,8 @@ model (no lemo) on the held-out chunks. Also the forward-only gap: the lemo forw
 untrained model against its dense forward on the held-out KJV chunks (reference semantics).
 
 Variants: "dense" (lemo disabled: the inner compiler alone), and one per --modes entry
-("attn/mlp", e.g. tokens/backward). Figures (headline.json), for the --default mode at this length:
+("attn/mlp", e.g. tokens/backward; "tokens/backward@0.1.29" also sets the dense layers, default the
+first half and the last). Figures (headline.json), for the --default mode at this length:
 `fidelity_heldout_loss_gap_pct` (lemo-trained minus dense-trained held-out KJV loss, % of dense) and
 `fidelity_forward_loss_gap_pct` (at 16K; other lengths add a suffix, e.g. `_8k`). Writes JSON and a PNG of
 the training curves.
@@ -60,7 +61,9 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--keep", type=float, default=0.4)
-    ap.add_argument("--modes", default="tokens/backward,keys/backward,backward/backward")
+    ap.add_argument("--modes", default="tokens/backward,keys/backward,backward/backward",
+                    help="comma-separated attn/mlp modes; a suffix @L1.L2... sets the dense layers (default: "
+                         "the first half and the last)")
     ap.add_argument("--default", default="backward/backward", help="the mode the headline figures use")
     ap.add_argument("--predictor", default="pooled")
     ap.add_argument("--eval-chunks", type=int, default=4)
@@ -98,9 +101,11 @@ def main():
 
     variants = {"dense": LemoConfig(enabled=False, inner=inner)}
     for mode in args.modes.split(","):
-        attn, mlp = mode.split("/")
+        modes, _, dense = mode.partition("@")  # "tokens/backward@0.1.29": those layers dense, the rest sparse
+        attn, mlp = modes.split("/")
+        dense_layers = tuple(int(x) for x in dense.split(".")) if dense else None
         variants[mode] = LemoConfig(keep_ratio=args.keep, attn_mode=attn, mlp_mode=mlp, predictor=args.predictor,
-                                    inner=inner)
+                                    dense_layers=dense_layers, inner=inner)
     results = {}
     for name, cfg in variants.items():
         forward_gap = None

@@ -99,7 +99,8 @@ GB = 1e9
 # name -> how the step is built:
 #   ckpt: HF non-reentrant gradient checkpointing; compile: None (eager), "inductor" or "lemo";
 #   liger: Liger fused linear CE patched in before the model is built; auto_chunker: Inductor's auto-chunker;
-#   lemo: LemoConfig fields (dense_layers="all": every decoder layer); preset: lemo_compile.presets.get(name)
+#   lemo: LemoConfig fields (dense_layers="all": every decoder layer, "edges": layers 0, 1 and the last);
+#   preset: lemo_compile.presets.get(name)
 VARIANTS: dict[str, dict] = {
     "eager_dense": dict(),
     "lemo": dict(compile="lemo", lemo={}),
@@ -154,6 +155,8 @@ def lemo_config(spec: dict, num_layers: int, inner: str, segment_bytes: int | No
         fields = dict(spec.get("lemo") or {})
         if fields.get("dense_layers") == "all":
             fields["dense_layers"] = tuple(range(num_layers))
+        elif fields.get("dense_layers") == "edges":  # the first two and the last layer only
+            fields["dense_layers"] = (0, 1, num_layers - 1)
         cfg = LemoConfig(**fields)
     changes = {"inner": inner}
     if segment_bytes is not None:
