@@ -595,7 +595,7 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
             **capped(best_lemo))
         if done("dense_ckpt") and search["dense_ckpt"]["max_tokens"]:
             fig(f"max_context_ratio_vs_ckpt_{sfx}", "max_context_ratio_vs_ckpt",
-                lemo / search["dense_ckpt"]["max_tokens"], **each, lemo_ckpt=info(best_lemo),
+                lemo / search["dense_ckpt"]["max_tokens"], **each, lemo=info(best_lemo),
                 dense_ckpt=info("dense_ckpt"), **capped(best_lemo))
         # against the better of the chunked-loss baselines that finished; one not run is named, as the
         # ratio then holds against the measured one only
@@ -607,7 +607,7 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
             if absent:
                 extra["baselines_not_measured"] = absent
             fig(f"max_context_ratio_vs_ckpt_chunked_{sfx}", "max_context_ratio_vs_ckpt_chunked",
-                lemo / search[best]["max_tokens"], baseline=best, **each, lemo_ckpt=info(best_lemo), **extra,
+                lemo / search[best]["max_tokens"], baseline=best, **each, lemo=info(best_lemo), **extra,
                 **capped(best_lemo))
         else:
             missing.append("max_context_ratio_vs_ckpt_chunked: no chunked-loss baseline finished its search")
