@@ -20,6 +20,8 @@ order reversed from one (arch, lora, seq) setting to the next:
                              (recorded as "unavailable" on a torch without that setting)
     lemo_ckpt_drop_logits    (opt-in, --variants) lemo_ckpt with LemoConfig(logits="drop"): no logits
                              returned, as with Liger's fused loss
+    lemo_ckpt_drop_logits_seg_mlp  (opt-in) lemo_ckpt_drop_logits + LemoConfig(segment_mlp=True): SwiGLU MLPs
+                             (LoRA adapters included) computed in row segments, backward keeps their input only
 
 Checkpointed variants drop the embedding requires_grad_ hook transformers installs (only reentrant
 checkpointing needs it; under torch.compile it breaks the graph), as benchmarks/peak_cut_bench.py does.
@@ -113,8 +115,9 @@ VARIANTS: dict[str, dict] = {
     "dense_ckpt_auto_chunker": dict(ckpt=True, compile="inductor", auto_chunker=True),
     # opt-in (--variants): lemo + checkpointing without the logits, as Liger's fused loss returns none
     "lemo_ckpt_drop_logits": dict(ckpt=True, compile="lemo", lemo={"logits": "drop"}),
+    "lemo_ckpt_drop_logits_seg_mlp": dict(ckpt=True, compile="lemo", lemo={"logits": "drop", "segment_mlp": True}),
 }
-OPT_IN = ("lemo_ckpt_drop_logits",)  # not in the default variant list
+OPT_IN = ("lemo_ckpt_drop_logits", "lemo_ckpt_drop_logits_seg_mlp")  # not in the default variant list
 DENSE = ("eager_dense", "inductor_dense")  # "dense" of the headline ratios: no checkpointing
 CKPT_BASELINES = ("dense_ckpt", "dense_ckpt_liger", "dense_ckpt_auto_chunker")
 
@@ -244,7 +247,8 @@ def failure_record(res: dict, e: BaseException, phase: str, spec: dict, dev: str
 
 
 def lemo_records_summary() -> dict:
-    """Counts from lemo's compile records: graphs, sparse layers, segmented losses, SDPA calls made causal."""
+    """Counts from lemo's compile records: graphs, sparse layers, segmented losses, SDPA calls made causal,
+    segmented MLPs (and how many carry LoRA adapters)."""
     import lemo_compile
     recs = lemo_compile.records()
     out = {"lemo_records": len(recs),
@@ -254,6 +258,11 @@ def lemo_records_summary() -> dict:
     if causal:
         out["sdpa_made_causal"] = sum(c.counters["sdpa_made_causal"] for c in causal)
         out["causal_skips"] = [str(s) for c in causal for s in c.skips][:5]
+    segs = [r.mlp_segment for r in recs if getattr(r, "mlp_segment", None) is not None]
+    if segs:
+        out["mlps_segmented"] = sum(len(s.mlps) for s in segs)
+        out["mlps_with_lora"] = sum(1 for s in segs for d in s.mlps if d.get("adapters"))
+        out["mlp_segment_skips"] = [str(k) for s in segs for k in s.skips][:5]
     return out
 
 
