@@ -2,7 +2,8 @@
 Llama-3-8B-shaped training step, per token.
 
 A 4-layer model with Llama-3-8B's layer dimensions (hidden 4096, intermediate 14336, 32 heads, 8 KV
-heads), a 512-token vocabulary (so the LM head does not matter), LoRA r=8 q/k/v/o, HF non-reentrant
+heads), a 512-token vocabulary (so the LM head does not matter), LoRA (--lora, a benchmarks.common
+preset: r8-qkvo by default, r16-all puts adapters on the MLP projections too), HF non-reentrant
 checkpointing, fp32 on the CPU, lemo's default config with logits="drop" and an eager inner compiler;
 `lemo_compile.explain` runs one step at each length and reports the static liveness estimate of the
 compiled forward and backward graphs (passes.memory; 1.9% from the measured CUDA peak at 8B/32K).
@@ -10,6 +11,7 @@ Compared: segment_mlp off and on, at two lengths; the per-token slope of the pea
 decides the longest context (everything else is constant). Halve the bytes for bf16.
 
     python benchmarks/diag/mlp_segment_estimate.py --out benchmarks/results/mlp_segment_estimate_cpu.json
+    python benchmarks/diag/mlp_segment_estimate.py --lora r16-all --out benchmarks/results/mlp_segment_estimate_r16_cpu.json
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", default="512,1024")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--lora", default="r8-qkvo", help="a LORA_PRESETS name of benchmarks/common.py")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -36,15 +39,17 @@ def main():
 
     import lemo_compile
     from lemo_compile import LemoConfig
-    from benchmarks.common import environment
+    from benchmarks.common import LORA_PRESETS, environment
 
     seqs = [int(s) for s in args.seqs.split(",")]
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=512, max_position_embeddings=max(seqs) * 2,
                       attn_implementation="sdpa", use_cache=False)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj",
-                                                                                                "v_proj", "o_proj"]))
+    if args.lora not in LORA_PRESETS:
+        ap.error(f"--lora {args.lora!r}: one of {sorted(LORA_PRESETS)}")
+    r, targets = LORA_PRESETS[args.lora]
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     rows = []
@@ -58,9 +63,10 @@ def main():
             model.zero_grad(set_to_none=True)
             ests = [r.memory for r in ex.records if r.memory is not None]
             est = max(ests, key=lambda e: e.peak_hint)
-            mlps = sum(len(r.mlp_segment.mlps) for r in ex.records if r.mlp_segment)
-            sparse = sum(len(r.sparsify.layers) for r in ex.records if r.sparsify)
-            rows.append({"segment_mlp": seg, "seq": n, "peak_bytes": int(est.peak_hint), "mlps_segmented": mlps,
+            mlps = sum(len(rec.mlp_segment.mlps) for rec in ex.records if rec.mlp_segment)
+            lora_mlps = sum(1 for rec in ex.records if rec.mlp_segment for d in rec.mlp_segment.mlps if d.get("adapters"))
+            sparse = sum(len(rec.sparsify.layers) for rec in ex.records if rec.sparsify)
+            rows.append({"segment_mlp": seg, "seq": n, "peak_bytes": int(est.peak_hint), "mlps_segmented": mlps, "lora_mlps": lora_mlps,
                          "sparse_layers": sparse, "wall_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
     slope = {}
@@ -69,7 +75,7 @@ def main():
         slope[str(seg)] = (b["peak_bytes"] - a["peak_bytes"]) / (b["seq"] - a["seq"])
     doc = {"benchmark": "mlp_segment_estimate", "command": "python " + " ".join(sys.argv), "env": environment(),
            "config": {"layers": args.layers, "dims": "Llama-3-8B layer (4096 / 14336 / 32 heads / 8 kv)",
-                      "vocab": 512, "dtype": "float32", "lora": "r=8 q/k/v/o", "checkpointing": "HF non-reentrant",
+                      "vocab": 512, "dtype": "float32", "lora": f"{args.lora}: r={r} on {', '.join(targets)}", "checkpointing": "HF non-reentrant",
                       "lemo": "default, logits=drop, inner=eager", "what": "static estimate (passes.memory), no GPU"},
            "rows": rows, "peak_bytes_per_token": slope,
            "per_token_ratio_on_over_off": slope["True"] / slope["False"] if slope["False"] else None}
