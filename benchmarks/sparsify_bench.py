@@ -11,6 +11,8 @@ subprocess, alternating in one invocation:
     lemo_keys        lemo, attn_mode=keys,     mlp_mode=backward
     lemo_tokens_eager  lemo_tokens with inner="eager" (AOT autograd, ATen graphs run eagerly)
     lemo_tokens_unfused  lemo_tokens without the fused row kernels (LemoConfig(fused_kernels=False))
+    lemo_tokens_eager_unfused  lemo_tokens_eager without them (what the fused kernels save when no
+                     compiler fuses the gather/norm/scatter chain)
     lemo_dense       lemo with every layer dense and no loss rewrite: with "+causal", passes.causal alone
     preset_memory, preset_speed   lemo_compile.presets.get("memory" | "speed")
 
@@ -48,6 +50,7 @@ VARIANTS = {
     "lemo_tokens_eager": dict(attn_mode="tokens", mlp_mode="backward", inner="eager"),
     # lemo_tokens without the fused row kernels (passes.fuse): Inductor compiles the gather/scatter
     "lemo_tokens_unfused": dict(attn_mode="tokens", mlp_mode="backward", fused_kernels=False),
+    "lemo_tokens_eager_unfused": dict(attn_mode="tokens", mlp_mode="backward", inner="eager", fused_kernels=False),
     # with --ckpt: checkpointed sparse layers keep their full input (plain lemo + checkpointing)
     "lemo_tokens_plainckpt": dict(attn_mode="tokens", mlp_mode="backward", sparse_checkpoint=False),
     # lemo_tokens with the MLPs in row segments (LemoConfig.segment_mlp): the MLP keeps only its input
@@ -132,10 +135,13 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - t)
         print(f"[{variant}] step {times[-1]:.2f} s", file=sys.stderr, flush=True)
     med = statistics.median(times)
+    profile = _profile_step(step) if args.profile else None
     res = {"variant": variant, "loss_first_step": float(loss0), "median_step_s": med, "step_times_s": times,
            "first_step_s": first, "compile_s": first - med,
            "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
+    if profile is not None:
+        res["profile"] = profile
     if variant.startswith(("lemo", "preset")):
         recs = [r for r in lemo_compile.records() if r.sparsify is not None]
         res["sparse_layers"] = sum(r.sparsify.counters["sparse_layers"] for r in recs)
@@ -154,6 +160,25 @@ def worker(args) -> dict:
         res["causal_skips"] = sorted({str(s) for r in lemo_compile.records() if r.causal is not None
                                       for s in r.causal.skips})
     return res
+
+
+def _profile_step(step, top: int = 40) -> dict:
+    """One more step under torch.profiler: the GPU kernels by total time (ms), the top `top` of them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": e.key[:160], "ms": t / 1e3, "calls": e.count})
+    rows.sort(key=lambda r: -r["ms"])
+    return {"gpu_ms_total": sum(r["ms"] for r in rows), "kernels": len(rows), "top": rows[:top]}
 
 
 def run_variants(variants: list[str], extra: list[str], timeout: int, gpus: str | None):
@@ -175,6 +200,8 @@ def main():
     ap.add_argument("--logits", default="keep", choices=("keep", "drop"), help="LemoConfig.logits for lemo")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one extra step per variant: top GPU kernels into the result")
     ap.add_argument("--headline", default=None, help="write figures into this headline.json")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--timeout", type=int, default=400)
@@ -187,6 +214,7 @@ def main():
     extra = ["--arch", args.arch, "--seq", str(args.seq), "--keep", str(args.keep), "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--timeout", str(args.timeout),
              "--lora-r", str(args.lora_r), "--logits", args.logits] + (["--ckpt"] if args.ckpt else [])
+    extra += ["--profile"] if args.profile else []
     for v in args.variants.split(","):
         variant_spec(v)  # fail before any run
     results = []
@@ -206,7 +234,7 @@ def main():
         else:
             print(f"{r['variant']:<26} {r['median_step_s']:7.3f} {r['peak_allocated_gb']:8.1f} "
                   f"{r['peak_reserved_gb']:11.1f} {r['compile_s']:9.1f}")
-    for key in ("fused_step_ratio", "sparse_ckpt_peak_ratio_vs_ckpt_chunked"):
+    for key in ("fused_step_ratio", "fused_step_ratio_eager_inner", "sparse_ckpt_peak_ratio_vs_ckpt_chunked"):
         if key in doc:
             print(f"{key}: {doc[key]:.3f}")
     if args.headline:
@@ -249,6 +277,11 @@ def summarize(args, results: list[dict]) -> dict:
         doc["fused_step_ratio"] = ok["lemo_tokens"]["median_step_s"] / ok["lemo_tokens_unfused"]["median_step_s"]
         doc["headline"][f"fused_step_ratio_{tag}"] = dict(value=doc["fused_step_ratio"],
                                                           target="< 1.0 (fused faster)", **fig)
+    if "lemo_tokens_eager" in ok and "lemo_tokens_eager_unfused" in ok:
+        doc["fused_step_ratio_eager_inner"] = (ok["lemo_tokens_eager"]["median_step_s"]
+                                               / ok["lemo_tokens_eager_unfused"]["median_step_s"])
+        doc["headline"][f"fused_step_ratio_{tag}_eager_inner"] = dict(
+            value=doc["fused_step_ratio_eager_inner"], target="none (inner='eager': no compiler fusion)", **fig)
     if args.ckpt and "lemo_tokens" in ok and "lemo_loss_only" in ok:
         ratio = ok["lemo_tokens"]["peak_allocated_gb"] / ok["lemo_loss_only"]["peak_allocated_gb"]
         doc["sparse_ckpt_peak_ratio_vs_ckpt_chunked"] = ratio
