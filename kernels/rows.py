@@ -165,8 +165,8 @@ if triton is not None:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        # Epilogue: round like the unfused graph (linear output in x's dtype, then + r in x's dtype,
-        # then + h in h's dtype) and store into out at the kept rows.
+        # Epilogue: round like the unfused graph (linear output in x's dtype, then + r rounded to x's
+        # dtype, then + h in h's dtype) and store into out at the kept rows.
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
         y = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -306,8 +306,12 @@ def _check_linear_scatter_add(h, x, w, bias, r, idx, ok) -> None:
     _check_rows_index(op, h, idx, ok)
     if not h.is_floating_point():
         _fail(op, f"`h` must be floating point, got {h.dtype}")
-    for name, t in (("x", x), ("w", w), ("bias", bias), ("r", r)):
+    for name, t in (("x", x), ("w", w), ("bias", bias)):
         _check_same(op, "h", h, name, t)
+    if r is not None and r.dtype != torch.float32:  # PEFT's default adapters are fp32 on a bf16 model
+        _check_same(op, "h", h, "r", r)
+    elif r is not None and r.device != h.device:
+        _fail(op, f"`r` is on {r.device}, `h` on {h.device}")
     b, m = idx.shape
     d = h.shape[2]
     if x.dim() != 3 or x.shape[:2] != idx.shape:
@@ -463,7 +467,9 @@ def linear_scatter_add_triton(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     """h + (x @ w.T + bias + r) added at the rows idx where ok, by a GEMM with a scatter epilogue.
 
     h (b, n, d); x (b, m, k); w (d, k); bias (d,) or None; r (b, m, d) or None; idx (b, m) int64 in
-    [0, n), unique where ok; ok (b, m) bool. All float tensors share h's dtype. Returns (b, n, d).
+    [0, n), unique where ok; ok (b, m) bool. All float tensors share h's dtype, except that r may be
+    fp32 (PEFT's adapters on a bf16 model): y + r is then added in fp32 and rounded to h's dtype, as
+    `(y + r).to(h.dtype)` does. Returns (b, n, d).
     `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M[, num_warps, num_stages]) skips autotuning."""
     _require_triton("linear_scatter_add")
     _check_linear_scatter_add(h, x, w, bias, r, idx, ok)
@@ -637,6 +643,7 @@ def _linear_scatter_add_setup(ctx, inputs, output):
     h, x, w, bias, r, idx, ok = inputs
     # x is needed only for dw, w only for dx (LoRA freezes w: x need not be kept for it).
     ctx.save_for_backward(x if w.requires_grad else None, w if x.requires_grad else None, idx, ok)
+    ctx.r_dtype = r.dtype if r is not None else None
 
 
 def _linear_scatter_add_bwd(ctx, grad):
@@ -647,7 +654,8 @@ def _linear_scatter_add_bwd(ctx, grad):
     dx = torch.matmul(drows, w) if need_x else None
     dw = drows.flatten(0, 1).t().matmul(x.flatten(0, 1)) if need_w else None
     dbias = drows.sum((0, 1)) if need_b else None
-    return (grad if need_h else None, dx, dw, dbias, drows if need_r else None, None, None)
+    dr = drows.to(ctx.r_dtype) if need_r else None  # an fp32 branch gets its gradient in fp32
+    return (grad if need_h else None, dx, dw, dbias, dr, None, None)
 
 
 linear_scatter_add.register_autograd(_linear_scatter_add_bwd, setup_context=_linear_scatter_add_setup)

@@ -208,11 +208,14 @@ def _fuse_scatter(g: fx.Graph, sc: fx.Node, res: FuseResult) -> bool:
     h, rows, idx, ok = sc.args
     if _only_user(rows) is not sc:
         return False
-    # a cast to the dtype the rows already have (PEFT's `result.to(torch_result_dtype)`) is a no-op
-    # and so is a dropout of probability 0 (Phi-3's residual dropouts)
-    while (_is_cast(rows, _dtype(h)) and _dtype(rows.args[0]) == _dtype(h) or _no_dropout(rows)) \
-            and _only_user(rows.args[0]) is rows:
-        rows = rows.args[0]
+    # A cast to the dtype the rows already have (PEFT's `result.to(torch_result_dtype)`) is a no-op
+    # and so is a dropout of probability 0 (Phi-3's residual dropouts). A cast from fp32 to h's dtype
+    # (PEFT's fp32 adapters on a bf16 model: the sum is fp32) is the rounding the kernel does itself.
+    while rows.args and isinstance(rows.args[0], fx.Node) and _only_user(rows.args[0]) is rows:
+        src = rows.args[0]
+        if not (_no_dropout(rows) or _is_cast(rows, _dtype(h)) and _dtype(src) in (_dtype(h), torch.float32)):
+            break
+        rows = src
     lin, r = None, None
     if is_call(rows, *LINEAR_TARGETS):
         lin = rows
@@ -230,9 +233,11 @@ def _fuse_scatter(g: fx.Graph, sc: fx.Node, res: FuseResult) -> bool:
     x = lin.args[0]
     w = lin.args[1] if len(lin.args) > 1 else lin.kwargs["weight"]
     bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-    dts = {_dtype(t) for t in (h, x, w, bias, r) if t is not None}
-    if len(dts) != 1 or None in dts or (r is not None and shape_of(_like(r)) != shape_of(_like(lin))):
-        res.skip("fuse_scatter", sc.name, f"dtypes {sorted(map(str, dts))} or branch shape differ")
+    dts = {_dtype(t) for t in (h, x, w, bias) if t is not None}
+    r_ok = r is None or _dtype(r) in dts | {torch.float32} and shape_of(_like(r)) == shape_of(_like(lin))
+    if len(dts) != 1 or None in dts or not r_ok:
+        r_dt = "" if r is None else f", branch {_dtype(r)}"
+        res.skip("fuse_scatter", sc.name, f"dtypes {sorted(map(str, dts))}{r_dt} or branch shape differ")
         return False
     with g.inserting_before(sc):
         new = g.call_function(torch.ops.lemo.linear_scatter_add.default, (h, x, w, bias, r, idx, ok))

@@ -127,6 +127,38 @@ def test_linear_scatter_add_cuda(dtype, b, n, d, k, bias, impl, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("impl", ["library", "triton"])
+def test_linear_scatter_add_cuda_fp32_branch(impl, monkeypatch):
+    """bf16 h, x, w with an fp32 LoRA branch r (PEFT's default adapters): (y + r) is rounded to bf16
+    once, as `(linear(x, w) + r).to(bf16)` does; dr comes back in fp32."""
+    monkeypatch.setenv("LEMO_SCATTER_GEMM", impl)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    b, n, d, k = 2, 2000, 4096, 4096
+    idx, ok = kept_rows(b, n, gen)
+    m = idx.shape[1]
+    h = torch.randn(b, n, d, device="cuda", generator=gen)
+    x = torch.randn(b, m, k, device="cuda", generator=gen)
+    w = torch.randn(d, k, device="cuda", generator=gen) / k ** 0.5
+    r = 0.1 * torch.randn(b, m, d, device="cuda", generator=gen)
+    up = torch.randn(b, n, d, device="cuda", generator=gen)
+
+    def fn(h_, x_, w_, r_):
+        return torch.ops.lemo.linear_scatter_add(h_, x_, w_, None, r_, idx, ok)
+
+    bf = [t.to(torch.bfloat16) for t in (h, x, w)]
+    ref, ref_g = run(fn, [t.double() for t in (h, x, w, r)], up.double())
+    out, out_g = run(fn, bf + [r], up.to(torch.bfloat16))
+    monkeypatch.setenv("LEMO_KERNEL_IMPL", "torch")
+    low, low_g = run(fn, bf + [r], up.to(torch.bfloat16))
+    vf, gf = floors(torch.bfloat16)
+    vf, gf = vf * 2.0, gf * 2.0  # k = 4096: see test_linear_scatter_add_cuda
+    check_within_twice("out", out, low, ref, vf)
+    assert out_g[3].dtype == torch.float32 == low_g[3].dtype
+    for name, a, lo, e in zip(["dh", "dx", "dw", "dr"], out_g, low_g, ref_g):
+        check_within_twice(name, a, lo, e, gf)
+
+
+@gpu
 def test_gather_rmsnorm_backward_kernel_without_dweight():
     gen = torch.Generator(device="cuda").manual_seed(1)
     idx, ok = kept_rows(2, 1000, gen)

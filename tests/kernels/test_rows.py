@@ -300,6 +300,11 @@ def test_bad_input_names_the_tensor():
         torch.ops.lemo.linear_scatter_add(gemm[0], gemm[1].double(), *gemm[2:])
     with pytest.raises(ValueError, match="`w` must be \\(d, k\\)"):
         torch.ops.lemo.linear_scatter_add(gemm[0], gemm[1], gemm[2].t(), *gemm[3:])
+    # the branch r may be fp32 (PEFT's adapters) on a low-precision h, nothing else
+    r16 = torch.randn(1, 8, 12, dtype=torch.float16)
+    h16, x16, w16, b16 = (t.to(torch.bfloat16) for t in gemm[:4])
+    with pytest.raises(ValueError, match="`r` must have `h`'s dtype"):
+        torch.ops.lemo.linear_scatter_add(h16, x16, w16, b16, r16, *gemm[5:])
 
 
 @interpreted

@@ -63,3 +63,30 @@ def test_fused_modes_match_reference_semantics(attn, mlp, expected):
     torch.testing.assert_close(loss, ref.loss.detach(), rtol=1e-5, atol=0)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_fp32_adapters_on_a_bf16_model_are_fused():
+    """PEFT's default on a bf16 model keeps the adapters in fp32: the projection plus its LoRA branch is
+    an fp32 sum cast back to bf16. The scatter-add kernel does that rounding itself, so the chain is
+    fused (o_proj and down_proj) with the unfused graph's loss and gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = get_peft_model(tiny_model("llama").to(torch.bfloat16), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.1)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    batch = random_batch(256, 2, 130, seed=4, pad_right=[0, 17])
+    base = dict(inner="eager", attn_mode="tokens", mlp_mode="tokens", keep_ratio=0.5, predictor="random")
+    l0, g0, _ = _loss_grads(model, LemoConfig(**base, fused_kernels=False), batch)
+    l1, g1, rec = _loss_grads(model, LemoConfig(**base), batch)
+    c = rec.fuse.counters
+    assert (c["gather_rmsnorm"], c["linear_scatter_add"]) == (2, 2), (dict(c), [str(s) for s in rec.fuse.skips])
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    for k in g0:
+        assert g1[k].dtype == torch.float32
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
