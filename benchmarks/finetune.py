@@ -162,8 +162,8 @@ def lemo_config(spec: dict, num_layers: int, inner: str, segment_bytes: int | No
             fields["dense_layers"] = (0, 1, num_layers - 1)
         cfg = LemoConfig(**fields)
     changes = {"inner": inner}
-    if segment_bytes is not None:
-        changes["segment_bytes"] = segment_bytes
+    if segment_bytes is not None:  # the loss's and the MLP's segments alike
+        changes["segment_bytes"] = changes["mlp_segment_bytes"] = segment_bytes
     return cfg.replace(**changes)
 
 
@@ -555,7 +555,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="steps after the compiling first one, before timing")
     ap.add_argument("--inner", default=None, help="lemo's inner compiler (inductor; tiny: eager)")
     ap.add_argument("--segment-bytes", type=int, default=None,
-                    help="override LemoConfig.segment_bytes (default: the config's; tiny: 64 KiB)")
+                    help="override LemoConfig.segment_bytes and mlp_segment_bytes (default: the config's; tiny: 64 KiB)")
     ap.add_argument("--chunker-ratio", type=float, default=2.0, help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help="tiny sizes on CPU: every code path, no real numbers")
     ap.add_argument("--timeout", type=int, default=520, help="seconds per variant")

@@ -87,8 +87,12 @@ class LemoConfig:
     # Compute the LM head + cross-entropy loss in row segments (exact; never holds the full fp32
     # logits or their gradient). See passes.peak_cut.
     peak_cut: bool = True
-    # Bytes of temporaries one loss segment may hold; sets the rows per segment (of the MLP too).
+    # Bytes of temporaries one loss segment may hold; sets the loss's rows per segment.
     segment_bytes: int = 1 << 27
+    # The same for one MLP segment (segment_mlp). Larger than the loss's: an MLP segment runs some 40
+    # eager kernels (60 with LoRA), and small segments are bound by launches and small GEMMs
+    # (benchmarks/diag/mlp_segment_speed.py).
+    mlp_segment_bytes: int = 1 << 30
     # Compute SwiGLU MLPs (Llama, Mistral, Qwen) in row segments: the backward keeps only the MLP's
     # input and recomputes its intermediates a segment at a time (exact; costs the gate and up GEMMs
     # once more). See passes.mlp_segment.
@@ -141,9 +145,10 @@ class LemoConfig:
         amb = self.activation_memory_budget
         if amb is not None and (isinstance(amb, bool) or not isinstance(amb, (int, float)) or not 0.0 <= amb <= 1.0):
             raise ValueError(f"LemoConfig.activation_memory_budget must be None or a number in [0, 1], got {amb!r}")
-        sb = self.segment_bytes
-        if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
-            raise ValueError(f"LemoConfig.segment_bytes must be a positive int, got {sb!r}")
+        for name in ("segment_bytes", "mlp_segment_bytes"):
+            sb = getattr(self, name)
+            if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
+                raise ValueError(f"LemoConfig.{name} must be a positive int, got {sb!r}")
         if self.logits not in LOGITS_MODES:
             raise ValueError(f"LemoConfig.logits must be one of {LOGITS_MODES}, got {self.logits!r}")
         if self.layer_index is not None:

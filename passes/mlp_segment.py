@@ -8,7 +8,7 @@ Qwen2/3 (dense layers, and sparse layers whose MLP runs on kept rows):
 and replaces it with one `lemo::swiglu_mlp(x, W_gate, W_up, W_down, rows)` call (lemo_compile.mlp):
 the backward keeps only x and recomputes the intermediates one segment of rows at a time, so neither
 the forward's (rows x intermediate) tensors nor their gradients exist at full length. Exact up to the
-segments' GEMM rounding. Rows per segment come from LemoConfig.segment_bytes.
+segments' GEMM rounding. Rows per segment come from LemoConfig.mlp_segment_bytes.
 
 A projection may carry a PEFT LoRA adapter (no dropout), traced as
 
@@ -240,7 +240,7 @@ def _rewrite(g: fx.Graph, gate: _Proj, up: _Proj, down: _Proj, cfg: LemoConfig, 
     projs = (gate, up, down)
     lora = any(p.a is not None for p in projs)
     a_size = max((value_of(p.a).dtype.itemsize for p in projs if p.a is not None), default=0)
-    rows = mlp.segment_rows(inter, cfg.segment_bytes, w_val.dtype.itemsize, a_size)
+    rows = mlp.segment_rows(inter, cfg.mlp_segment_bytes, w_val.dtype.itemsize, a_size)
     x = gate.z
     with g.inserting_before(down.out):
         if lora:

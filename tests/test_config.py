@@ -72,6 +72,13 @@ def test_negative_or_non_int_layer_indices(kwargs, field):
         LemoConfig(**kwargs)
 
 
+@pytest.mark.parametrize("field", ["segment_bytes", "mlp_segment_bytes"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1024"])
+def test_segment_budgets_are_positive_ints(field, value):
+    with pytest.raises(ValueError, match=f"LemoConfig.{field} must be a positive int"):
+        LemoConfig(**{field: value})
+
+
 def test_per_layer_ratio_is_validated_with_its_layer():
     with pytest.raises(ValueError, match=r"layer_keep_ratios\[3\]"):
         LemoConfig(layer_keep_ratios=((3, 1.5),))

@@ -226,7 +226,7 @@ def test_pass_exact_and_keeps_only_the_input(arch, sparse, lora_mlp, ckpt):
     batch = random_batch(256, 2, 150, seed=6)
     batch.pop("attention_mask")
     layers = dict(keep_ratio=0.5, predictor="random") if sparse else dict(dense_layers=(0, 1, 2, 3))
-    base = dict(inner="eager", segment_bytes=SEGMENT, **layers)
+    base = dict(inner="eager", mlp_segment_bytes=SEGMENT, **layers)
     l0, g0, recs0 = _loss_grads(model, LemoConfig(**base), batch)
     l1, g1, recs1 = _loss_grads(model, LemoConfig(segment_mlp=True, **base), batch)
     done = [d for r in recs1 if r.mlp_segment for d in r.mlp_segment.mlps]
@@ -252,7 +252,7 @@ def test_pass_matches_reference_semantics_with_sparse_layers(lora_mlp):
     model = lora_all_model("mistral") if lora_mlp else tiny_model("llama", lora=True)
     batch = random_batch(256, 2, 140, seed=13 if lora_mlp else 7, pad_right=[0, 31 if lora_mlp else 25])
     cfg = LemoConfig(inner="eager", keep_ratio=0.4, predictor="random", mlp_mode="tokens", segment_mlp=True,
-                     segment_bytes=SEGMENT)
+                     mlp_segment_bytes=SEGMENT)
     ref = reference_forward(model, cfg, **batch).output
     ref.loss.backward()
     ref_grads = trainable_grads(model)
@@ -301,7 +301,7 @@ def test_pass_lora_mlps_bf16_model_fp32_adapters():
     model = lora_all_model("llama", dtype=torch.bfloat16)
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     batch = random_batch(256, 1, 120, seed=14)
-    base = dict(inner="eager", dense_layers=(0, 1, 2, 3), segment_bytes=SEGMENT)
+    base = dict(inner="eager", dense_layers=(0, 1, 2, 3), mlp_segment_bytes=SEGMENT)
     l0, g0, _ = _loss_grads(model, LemoConfig(**base), batch)
     l1, g1, recs = _loss_grads(model, LemoConfig(segment_mlp=True, **base), batch)
     done = [d for r in recs if r.mlp_segment for d in r.mlp_segment.mlps]
@@ -346,7 +346,7 @@ def test_autocast_graph_left_alone():
 
 def test_dynamic_length_one_compile():
     model = tiny_model("llama", lora=True)
-    cfg = LemoConfig(inner="eager", dense_layers=(0, 1, 2, 3), segment_mlp=True, segment_bytes=SEGMENT)
+    cfg = LemoConfig(inner="eager", dense_layers=(0, 1, 2, 3), segment_mlp=True, mlp_segment_bytes=SEGMENT)
     torch._dynamo.reset()
     clear_records()
     compiled = torch.compile(model, backend=lemo_compile.backend(cfg), dynamic=True)
