@@ -228,6 +228,25 @@ def test_linear_scatter_add_rows_triton_matches_twin(shape, k, bias, r):
     assert torch.equal(out[untouched], h[untouched])
 
 
+@interpreted
+@pytest.mark.parametrize("launch", ["rows", "gemm"])
+def test_linear_scatter_add_triton_fp32_branch(launch):
+    """A low-precision h, x, w with an fp32 branch r (PEFT's fp32 adapters; fp16 here, as the
+    interpreter's bf16 arithmetic is unreliable): both launchers round (y + r) once to h's dtype,
+    like the twin, which is the graph's `(linear(x, w) + r).to(h.dtype)`."""
+    h, x, w, bb, rr, idx, ok = gemm_problem(2, 150, 64, 96, 24, 9, True, True)
+    low_args = [t.half() for t in (h, x, w, bb)]
+    ref = rows.linear_scatter_add_torch(*[t.double() for t in (h, x, w, bb, rr)], idx, ok)
+    low = rows.linear_scatter_add_torch(*low_args, rr, idx, ok)
+    if launch == "rows":
+        out = rows.linear_scatter_add_rows_triton(*low_args, rr, idx, ok)
+    else:
+        out = rows.linear_scatter_add_triton(*low_args, rr, idx, ok,
+                                             config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2))
+    assert out.dtype == torch.float16
+    check_within_twice("out", out, low, ref, 1e-3)
+
+
 # --- under torch.compile ---------------------------------------------------------------------------
 
 
