@@ -80,6 +80,10 @@ def test_segment_rows_from_budget():
     assert mlp.segment_rows(14336, 1 << 27, 2) == 512  # 585 rows fit; whole 128-row tiles
     assert mlp.segment_rows(128, 40 * 128 * 8 * 4, 4) == 40
     assert mlp.segment_rows(14336, 10, 2) == 1
+    # the default MLP budget at Llama-3-8B: bf16 weights with fp32 adapters (PEFT's default), without
+    default = LemoConfig().mlp_segment_bytes
+    assert mlp.segment_rows(14336, default, 2, 4) == 2304
+    assert mlp.segment_rows(14336, default, 2) == 4608
 
 
 def test_validation():
