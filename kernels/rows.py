@@ -275,10 +275,12 @@ def _debug() -> bool:
     return os.environ.get("LEMO_KERNEL_DEBUG", "0") not in ("", "0")
 
 
-def _check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor | None) -> None:
+def _check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor | None,
+                also: torch.dtype | None = None) -> None:
+    """t (if any) on ref's device with ref's dtype, or with `also`."""
     if t is None:
         return
-    if t.dtype != ref.dtype:
+    if t.dtype not in (ref.dtype, also):
         _fail(op, f"`{name}` must have `{ref_name}`'s dtype {ref.dtype}, got {t.dtype}")
     if t.device != ref.device:
         _fail(op, f"`{name}` is on {t.device}, `{ref_name}` on {ref.device}")
@@ -308,10 +310,7 @@ def _check_linear_scatter_add(h, x, w, bias, r, idx, ok) -> None:
         _fail(op, f"`h` must be floating point, got {h.dtype}")
     for name, t in (("x", x), ("w", w), ("bias", bias)):
         _check_same(op, "h", h, name, t)
-    if r is not None and r.dtype != torch.float32:  # PEFT's default adapters are fp32 on a bf16 model
-        _check_same(op, "h", h, "r", r)
-    elif r is not None and r.device != h.device:
-        _fail(op, f"`r` is on {r.device}, `h` on {h.device}")
+    _check_same(op, "h", h, "r", r, also=torch.float32)  # PEFT's default adapters are fp32 on a bf16 model
     b, m = idx.shape
     d = h.shape[2]
     if x.dim() != 3 or x.shape[:2] != idx.shape:
