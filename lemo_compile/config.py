@@ -116,17 +116,24 @@ class LemoConfig:
         if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b & (b - 1):
             raise ValueError(f"LemoConfig.block_size must be a power of two (e.g. 64), got {b!r}")
         _check_ratio("keep_ratio", self.keep_ratio)
-        pairs = tuple(tuple(p) for p in (self.layer_keep_ratios.items() if isinstance(
-            self.layer_keep_ratios, dict) else self.layer_keep_ratios))
+        lkr = self.layer_keep_ratios
+        lkr = lkr.items() if isinstance(lkr, dict) else _sequence("layer_keep_ratios", lkr,
+                                                                   "((layer, ratio), ...) or {layer: ratio}")
+        pairs = []
+        for p in lkr:
+            p = _sequence("layer_keep_ratios", p, "((layer, ratio), ...) or {layer: ratio}")
+            if len(p) != 2:
+                raise ValueError(f"LemoConfig.layer_keep_ratios must hold (layer, ratio) pairs, got {p!r}")
+            pairs.append(tuple(p))
         for layer, ratio in pairs:
             _check_layer("layer_keep_ratios", layer)
             _check_ratio(f"layer_keep_ratios[{layer}]", ratio)
         fix("layer_keep_ratios", tuple((int(l), float(r)) for l, r in pairs))
         if self.dense_layers is not None:
-            for layer in self.dense_layers:
+            for layer in _sequence("dense_layers", self.dense_layers, "None or a tuple of layer indices"):
                 _check_layer("dense_layers", layer)
             fix("dense_layers", tuple(int(x) for x in self.dense_layers))
-        for fb in self.forced_blocks:
+        for fb in _sequence("forced_blocks", self.forced_blocks, "a tuple of block indices"):
             if not isinstance(fb, int) or isinstance(fb, bool):
                 raise ValueError(f"LemoConfig.forced_blocks must be ints, got {fb!r}")
         fix("forced_blocks", tuple(self.forced_blocks))
@@ -174,6 +181,17 @@ class LemoConfig:
             ratio = self.keep_ratio
         return Fraction(ratio).limit_denominator(4096)
 
+    def check_layers(self, num_layers: int) -> None:
+        """ValueError when dense_layers, layer_keep_ratios or layer_index name a layer the model (of
+        `num_layers` decoder layers) does not have: a typo there would silently leave layers sparse."""
+        for name, layers in (("dense_layers", self.dense_layers or ()),
+                             ("layer_keep_ratios", [layer for layer, _ in self.layer_keep_ratios]),
+                             ("layer_index", () if self.layer_index is None else (self.layer_index,))):
+            bad = sorted(layer for layer in layers if layer >= num_layers)
+            if bad:
+                raise ValueError(f"LemoConfig.{name} names layers {bad}, but the model has {num_layers} decoder "
+                                 f"layers (indices 0-{num_layers - 1})")
+
     def dense_layer_set(self, num_layers: int) -> frozenset[int]:
         if self.dense_layers is not None:
             return frozenset(self.dense_layers)
@@ -199,6 +217,13 @@ def _enum(name: str, cls: type[enum.Enum], value: Any) -> enum.Enum:
     except ValueError:
         accepted = ", ".join(repr(m.value) for m in cls)
         raise ValueError(f"LemoConfig.{name} must be one of {accepted}, got {value!r}") from None
+
+
+def _sequence(name: str, value: Any, expected: str) -> tuple:
+    """value as a tuple when it is a list or tuple (a string or a lone number is a mistake)."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"LemoConfig.{name} must be {expected}, got {value!r}")
+    return tuple(value)
 
 
 def _check_ratio(name: str, value: Any) -> None:

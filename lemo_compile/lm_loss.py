@@ -62,7 +62,10 @@ def linear_cross_entropy_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
                          f"other than ignore_index={ignore_index}")
     acc = torch.float64 if cdtype == torch.float64 else torch.float32  # accumulators
     count = valid.sum()
-    scale = (1.0 / count.to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
+    # Gradient scale of the mean: 0, not inf, when every target is ignored (the gradient is then 0, as
+    # cross_entropy's backward gives; the loss itself is 0 / 0 = NaN, as cross_entropy's is).
+    scale = (torch.where(count > 0, 1.0 / count.to(acc), 0.0) if reduction == "mean"
+             else torch.ones((), dtype=acc, device=x.device))
     total = torch.zeros((), dtype=acc, device=x.device)
     dx = torch.empty_like(x) if grad_x else x.new_empty(0)
     dw = torch.zeros(w.shape, dtype=acc, device=w.device) if grad_w else w.new_empty(0)
@@ -82,7 +85,7 @@ def linear_cross_entropy_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
             if bias is not None:
                 db += logits.to(acc).sum(0)
         del logits
-    loss = total * scale if reduction == "mean" else total
+    loss = torch.where(count > 0, total * scale, total / count) if reduction == "mean" else total
     return loss.to(cdtype), dx, dw.to(w.dtype) if grad_w else dw, db.to(w.dtype) if db.numel() else db
 
 
@@ -105,16 +108,21 @@ def _(x, w, bias, target, ignore_index, reduction, upcast, rows, grad_x, grad_w)
 def _setup(ctx, inputs, output):
     x, w, bias, target, ignore_index, reduction, upcast, rows, grad_x, grad_w = inputs
     _, dx, dw, db = output
-    ctx.save_for_backward(dx, dw, db)
-    ctx.flags = (grad_x, grad_w, bias is not None)
+    ctx.save_for_backward(dx, dw, db, target)
+    ctx.flags = (grad_x, grad_w, bias is not None, ignore_index)
 
 
 def _backward(ctx, g_loss, *_unused):
-    dx, dw, db = ctx.saved_tensors
-    grad_x, grad_w, has_bias = ctx.flags
-    gx = (dx * g_loss).to(dx.dtype) if grad_x else None
-    gw = (dw * g_loss).to(dw.dtype) if grad_w else None
-    gb = (db * g_loss).to(db.dtype) if (grad_w and has_bias) else None
+    """Gradients scaled by the upstream gradient. Rows of ignored targets get exactly 0 whatever it is,
+    as in cross_entropy's backward: a loss divided by num_items_in_batch = 0 (every label ignored) has
+    an infinite upstream gradient, and 0 * inf would be NaN."""
+    dx, dw, db, target = ctx.saved_tensors
+    grad_x, grad_w, has_bias, ignore_index = ctx.flags
+    valid = target != ignore_index
+    gx = (dx * g_loss).masked_fill(~valid.unsqueeze(-1), 0).to(dx.dtype) if grad_x else None
+    g_w = torch.where(valid.any(), g_loss, torch.zeros_like(g_loss))  # dw, db: sums over valid rows only
+    gw = (dw * g_w).to(dw.dtype) if grad_w else None
+    gb = (db * g_w).to(db.dtype) if (grad_w and has_bias) else None
     return gx, gw, gb, None, None, None, None, None, None, None
 
 

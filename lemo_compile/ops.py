@@ -10,7 +10,6 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
                             dropped-term attention gradient over kept queries x kept keys, masked
                             by a gathered mask or, causally, by the kept rows' positions (no m x m
                             mask is ever held: the backward builds it a chunk of queries at a time).
-- `lemo::assert_has_tokens` raises ValueError on a batch row that is all padding.
 - `lemo::saved`             identity that marks a value for saving in a checkpointed layer.
 On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path.
 On CUDA `attention_lse` calls PyTorch's flash attention kernel (its memory-efficient one under a
@@ -187,9 +186,25 @@ def _chunks(n: int, elems_per_row: int, budget: int = 1 << 27):
     return range(0, n, step), step
 
 
+def _finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """lse with the -inf of a query that sees no key (every key masked: left padding, padding past a
+    sliding window, a fully padded row) replaced by 0. Such a row's scores are all -inf, so
+    exp(score - 0) is exactly 0 where exp(score - lse) would be NaN: its output and every gradient
+    term it takes part in are 0, as in SDPA (which returns 0 for such rows)."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
+def _zero_keyless_rows(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel's (out, lse) with the rows that saw no key (lse -inf, or NaN from a kernel that divides
+    0 by 0) set to out 0, lse -inf: SDPA's value for a fully masked row, never NaN."""
+    keyless = ~(lse > float("-inf"))
+    return out.masked_fill(keyless.unsqueeze(-1), 0), lse.masked_fill(keyless, float("-inf"))
+
+
 def attention_lse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                         scale: float, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention (b, H, nq, hd) with its log-sum-exp (b, H, nq) in fp32, in query chunks."""
+    """Reference attention (b, H, nq, hd) with its log-sum-exp (b, H, nq) in fp32, in query chunks.
+    A query whose every key is masked gets output 0 and lse -inf (SDPA's convention), not NaN."""
     k, v = _expand_kv(q, k, v)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
@@ -207,7 +222,7 @@ def attention_lse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
             qi = torch.arange(s, e, device=q.device)[:, None] + (nk - nq)
             sc = sc.masked_fill(torch.arange(nk, device=q.device)[None, :] > qi, float("-inf"))
         l = torch.logsumexp(sc, dim=-1)
-        p = torch.exp(sc - l.unsqueeze(-1))
+        p = torch.exp(sc - _finite_lse(l).unsqueeze(-1))
         out[:, :, s:e] = torch.matmul(p, vf).to(q.dtype)
         lse[:, :, s:e] = l
     return out, lse
@@ -249,7 +264,7 @@ def attention_lse_cuda(q, k, v, mask, scale, is_causal):
     bias = _dense_bias(mask, q, k.shape[2])
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, is_causal, scale=scale)
-    return out, lse[..., : q.shape[2]].float().contiguous()
+    return _zero_keyless_rows(out, lse[..., : q.shape[2]].float().contiguous())
 
 
 @torch.library.custom_op("lemo::attention_lse", mutates_args=())
@@ -309,7 +324,7 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
             sc = sc + bias[:, :, s:e]
         elif pos is not None:  # queries s:e of causal_positions_mask(pos, pos, valid)
             sc = sc + _bias(causal_positions_mask(pos[:, s:e], pos, valid), torch.float32)
-        p = torch.exp(sc - lse[:, :, s:e].unsqueeze(-1))
+        p = torch.exp(sc - _finite_lse(lse[:, :, s:e]).unsqueeze(-1))
         dv += torch.matmul(p.transpose(-1, -2), go[:, :, s:e])
         dp = torch.matmul(go[:, :, s:e], vf.transpose(-1, -2))
         ds = p * (dp - d[:, :, s:e].unsqueeze(-1))
@@ -403,14 +418,3 @@ def _saved_backward(ctx, grad):
 
 
 saved.register_autograd(_saved_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-@torch.library.custom_op("lemo::assert_has_tokens", mutates_args=())
-def assert_has_tokens(token_valid: torch.Tensor) -> torch.Tensor:
-    selection.check_has_tokens(token_valid)
-    return token_valid.clone()
-
-
-@assert_has_tokens.register_fake
-def _(token_valid):
-    return torch.empty_like(token_valid)

@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import AttnMode, LemoConfig, MlpMode
 from .predictors import random_scores
-from .selection import check_has_tokens, keep_set, num_blocks
+from .selection import keep_set, num_blocks
 
 ATTN_IMPLEMENTATION = "lemo_reference"
 
@@ -96,6 +96,7 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
     sparse layers only). Autograd runs through the returned output after the call as usual."""
     layers = decoder_layers(model)
     num_layers = len(layers)
+    cfg.check_layers(num_layers)
     fractions: dict[int, Fraction] = {}
     if cfg.enabled:
         for i in range(num_layers):
@@ -118,8 +119,6 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
         raise ValueError("reference_forward supports only a 2-D (batch, tokens) attention_mask")
     token_valid = mask.bool() if mask is not None else None
-    if token_valid is not None:
-        check_has_tokens(token_valid)
 
     if scorer is None:
         def scorer(layer: int, x: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:

@@ -87,12 +87,6 @@ def token_index(block_idx: torch.Tensor, block: int, n: int) -> tuple[torch.Tens
     return raw.clamp(max=n - 1), in_range
 
 
-def check_has_tokens(token_valid: torch.Tensor) -> None:
-    if not bool(token_valid.any(-1).all()):
-        raise ValueError("a sequence in the batch is all padding (its attention_mask is all zeros); "
-                         "drop such rows before the forward pass")
-
-
 def keep_set(scores: torch.Tensor, token_valid: torch.Tensor, block: int, keep: Fraction,
              forced: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole rule: scores (b, nb), token_valid (b, n) -> (token_index, in_range), each (b, m)."""

@@ -12,8 +12,8 @@ segment of rows at a time, so neither the fp32 logits nor their gradient ever ex
     loss, dh, dW, db = lemo::linear_cross_entropy(h.reshape(-1, d), W_lm, b, labels.view(-1), ...)
 
 The logits themselves stay a graph output (the model returns them) unless LemoConfig.logits is
-"drop", in which case the graph returns an empty (b, n, 0) tensor for them and the head's full
-matmul disappears. Rows per segment come from LemoConfig.segment_bytes. On CUDA each segment's loss
+"drop", in which case a training graph (one that takes a gradient) returns an empty (b, n, 0) tensor
+for them and the head's full matmul disappears; evaluation graphs keep their logits. Rows per segment come from LemoConfig.segment_bytes. On CUDA each segment's loss
 and logits' gradient are one Triton kernel (kernels/cross_entropy.py) that writes the gradient over
 the logits, so a segment holds only its logits.
 
@@ -194,7 +194,11 @@ def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dic
         if not n.users:
             g.erase_node(n)
     logits_mode = "kept"
-    if cfg.logits == "drop":
+    if cfg.logits == "drop" and not (grad_x or grad_w):
+        # An evaluation graph (no_grad, or nothing trainable upstream): whoever asks for logits there
+        # reads them (metrics, generation), so logits="drop" does not apply.
+        logits_mode = "kept (no gradient taken: logits='drop' applies to training graphs only)"
+    elif cfg.logits == "drop":
         outputs = [u for u in m.linear.users if u.op == "output"]
         others = [u for u in m.linear.users if u.op != "output"]
         if others:

@@ -47,6 +47,8 @@ class SparsifyResult(PassResult):
 def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> SparsifyResult:
     res = SparsifyResult("sparsify")
     num_layers = det.num_layers if cfg.num_layers is None else cfg.num_layers
+    if num_layers:
+        cfg.check_layers(num_layers)
     if cfg.predictor not in ("pooled", "random") and num_layers:
         file_layers = ops.predictor_file(cfg.predictor)[0]["model"]["num_layers"]
         if file_layers != num_layers:
@@ -54,7 +56,6 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
                              f"{file_layers} layers in the file, {num_layers} in the model")
     touched: dict[int, fx.GraphModule] = {}
     renamed: dict[fx.Node, fx.Node] = {}  # residual-stream nodes replaced by a rewrite
-    first = True
     for layer in det.layers:
         keep = cfg.keep_fraction(layer.index, num_layers)
         if keep is None:
@@ -65,12 +66,11 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
                 if blk.residual_in is old:
                     _reroot(blk, new)
         try:
-            info = _rewrite_layer(layer, keep, cfg, check_tokens=first, renamed=renamed,
+            info = _rewrite_layer(layer, keep, cfg, renamed=renamed,
                                   checkpointed=layer.gm is not gm)
         except CantRewrite as e:
             res.skip(e.kind, layer.name, e.detail)
             continue
-        first = False
         touched[id(layer.gm)] = layer.gm
         res.layers.append(info)
         res.counters["sparse_layers"] += 1
@@ -90,7 +90,7 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
 # -------------------------------------------------------------------------------------------------
 
 
-def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: bool,
+def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
                    renamed: dict[fx.Node, fx.Node], checkpointed: bool = False) -> dict:
     attn, mlp = layer.attn, layer.mlp
     g = layer.gm.graph
@@ -112,8 +112,6 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig, check_tokens: 
     with g.inserting_before(sdpa):
         x_pred = g.call_method("detach", (_norm_output(layer, attn),))
         valid = g.call_function(ops.token_valid_from_mask, (attn.mask, h0))
-        if check_tokens:
-            valid = g.call_function(torch.ops.lemo.assert_has_tokens.default, (valid,))
         scores = _predictor_node(g, cfg, layer, attn, x_pred, valid)
         ks = g.call_function(ops.keep_set, (scores, valid, cfg.block_size, keep.numerator,
                                             keep.denominator, tuple(cfg.forced_blocks)))

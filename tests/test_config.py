@@ -72,6 +72,39 @@ def test_negative_or_non_int_layer_indices(kwargs, field):
         LemoConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(dense_layers=5), "dense_layers"),
+    (dict(dense_layers="0,1"), "dense_layers"),
+    (dict(forced_blocks=0), "forced_blocks"),
+    (dict(layer_keep_ratios=0.5), "layer_keep_ratios"),
+    (dict(layer_keep_ratios=((1, 0.5, 2),)), "layer_keep_ratios"),
+    (dict(layer_keep_ratios=(1, 0.5)), "layer_keep_ratios"),
+])
+def test_sequences_of_the_wrong_type_name_the_field(kwargs, field):
+    """A lone number or a string where a tuple belongs: a ValueError naming the option, not a bare
+    TypeError from iterating it."""
+    with pytest.raises(ValueError, match=f"LemoConfig.{field} must"):
+        LemoConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(dense_layers=(0, 99)), "dense_layers"),
+    (dict(layer_keep_ratios=((4, 0.5),)), "layer_keep_ratios"),
+])
+def test_layers_the_model_does_not_have_are_an_error(kwargs, field):
+    from lemo_compile.reference import reference_forward
+    from lemo_compile.testing.models import random_batch, tiny_model
+
+    model = tiny_model("llama")  # 4 layers
+    batch = random_batch(256, 1, 64, seed=0)
+    cfg = LemoConfig(inner="eager", **kwargs)
+    with pytest.raises(Exception, match=rf"LemoConfig.{field} names layers \[(99|4)\], but the model has 4"):
+        torch.compile(model, backend=lemo_compile.backend(cfg))(**batch)
+    with pytest.raises(ValueError, match=f"LemoConfig.{field} names layers"):
+        reference_forward(model, cfg, **batch)
+    LemoConfig(**kwargs).check_layers(100)  # fine for a model that has them
+
+
 @pytest.mark.parametrize("field", ["segment_bytes", "mlp_segment_bytes"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "1024"])
 def test_segment_budgets_are_positive_ints(field, value):

@@ -111,3 +111,25 @@ def test_kept_backward_flash_with_every_row_kept_is_the_sdpa_backward():
                                                         None, pos, valid, hd ** -0.5)
     for got, want in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_keyless_rows_are_zero_not_nan(dtype):
+    """Left padding: the first 9 queries of the second sequence see no key (every key of theirs is
+    padding). The memory-efficient kernel and the twin give those rows 0 and lse -inf, never NaN, the
+    other rows are as before, and the kept-rows backward through them is finite and zero there."""
+    b, h, kvh, n, hd = 2, 4, 2, 200, 64
+    q, k, v, mask = problem(b, h, kvh, n, hd, dtype, seed=3)
+    mask[1, :, :, :9] = False
+    scale = hd ** -0.5
+    o, l = ops.attention_lse_cuda(q, k, v, mask, scale, False)
+    ref_o, ref_l = ops.attention_lse_torch(q.double(), k.double(), v.double(), mask, scale, False)
+    assert torch.isfinite(o).all() and (o[1, :, :9] == 0).all() and (l[1, :, :9] == float("-inf")).all()
+    assert torch.isfinite(ref_o).all() and (ref_o[1, :, :9] == 0).all()
+    low_o, _ = ops.attention_lse_torch(q, k, v, mask, scale, False)
+    assert err(o, ref_o) <= 2 * err(low_o, ref_o) + 1e-5
+    dout = torch.randn_like(q)
+    grads = torch.ops.lemo.attention_kept_backward(dout, q, k, v, o, l, mask, None, None, scale)
+    assert all(torch.isfinite(g_).all() for g_ in grads)
+    assert (grads[0][1, :, :9] == 0).all()  # dq of a keyless query

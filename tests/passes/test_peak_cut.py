@@ -157,6 +157,22 @@ def test_logits_drop_returns_empty_logits_and_same_grads():
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_logits_drop_keeps_logits_of_evaluation_graphs():
+    """eval() + no_grad() with labels (an evaluation loop computing its loss): the logits are real."""
+    model = tiny_model("llama", lora=True)
+    batch = random_batch(256, 1, 130, seed=2)
+    compiled = torch.compile(model, backend=lemo_compile.backend(_dense_cfg(logits="drop")))
+    with torch.no_grad():
+        want = model(**batch)
+        got = compiled(**batch)
+    assert got.logits.shape == (1, 130, 256)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=2e-6, atol=0)
+    assert lemo_compile.records()[-1].peak_cut.losses[0]["logits"].startswith("kept (no gradient")
+    out = compiled(**batch)  # the training graph (grad mode on) still drops them
+    assert out.logits.shape == (1, 130, 0)
+
+
 def test_dynamic_length_one_compile():
     model = tiny_model("mistral", lora=True)
     backend = lemo_compile.backend(_dense_cfg())

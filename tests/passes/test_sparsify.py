@@ -143,16 +143,6 @@ def test_batch_one_odd_length_and_dynamic_lengths():
     assert len(lemo_compile.records()) - before <= 2 + 2  # PEFT adds one small graph per compile
 
 
-def test_all_padding_row_is_an_error():
-    model = tiny_model("llama")
-    batch = random_batch(256, 2, 128, seed=7)
-    batch["attention_mask"][1] = 0
-    batch["labels"][1] = -100
-    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,), predictor="random")
-    with pytest.raises(ValueError, match="all padding"):
-        torch.compile(model, backend=lemo_compile.backend(cfg))(**batch)
-
-
 def test_forced_block_beyond_sequence_is_an_error():
     model = tiny_model("llama")
     batch = random_batch(256, 1, 128, seed=8)
