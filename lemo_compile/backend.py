@@ -46,6 +46,7 @@ class CompileRecord:
     peak_cut: Any = None  # passes.peak_cut.PeakCutResult
     fuse: Any = None  # passes.fuse.FuseResult
     causal: Any = None  # passes.causal.CausalResult
+    masks: Any = None  # passes.masks.MasksResult
     mlp_segment: Any = None  # passes.mlp_segment.MlpSegmentResult
     left_alone: str | None = None  # why nothing was rewritten
     before: str = ""  # readable graph before the rewrite
@@ -80,7 +81,8 @@ class CompileRecord:
     def rewritten(self) -> bool:
         return (self.sparsified or bool(self.peak_cut and self.peak_cut.losses)
                 or bool(self.mlp_segment and self.mlp_segment.mlps)
-                or bool(self.causal and self.causal.counters["sdpa_made_causal"]))
+                or bool(self.causal and self.causal.counters["sdpa_made_causal"])
+                or bool(self.masks and self.masks.structured))
 
 
 RECORDS: list[CompileRecord] = []  # the most recent compiles, oldest first
@@ -180,12 +182,15 @@ def _log_masks_left(rec: CompileRecord) -> None:
     SDPA's masked kernel), info otherwise (e.g. a padded batch's mask, which has to stay)."""
     from .passes.causal import LARGE_MASK_BYTES
 
-    res = rec.causal
+    res = rec.masks  # masks passes.causal did not make causal and passes.masks could not read
     if not res.skips:
         return
+    why = res.skips[0].detail
+    if rec.causal is not None and rec.causal.skips:
+        why = f"{rec.causal.skips[0].detail}; as segments: {why}"
     level = logging.WARNING if res.largest_mask_left >= LARGE_MASK_BYTES else logging.INFO
-    log.log(level, "lemo: graph %d: %d attention call(s) keep an explicit mask (largest %.2f GiB), so SDPA runs "
-            "its masked kernel: %s", rec.graph_id, len(res.skips), res.largest_mask_left / 2**30, res.skips[0].detail)
+    log.log(level, "lemo: graph %d: %d attention mask(s) keep an explicit mask tensor (largest %.2f GiB), so SDPA "
+            "runs its masked kernel: %s", rec.graph_id, len(res.skips), res.largest_mask_left / 2**30, why)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
@@ -200,11 +205,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
         rec.before = gm.print_readable(print_output=False)
         if cfg.causal_mask:
             from .passes.causal import make_causal
+            from .passes.masks import structure_masks
             rec.causal = make_causal(gm)
+            rec.masks = structure_masks(gm)
             _log_masks_left(rec)
         rec.detect = detect(gm)
         if rec.detect.layers:
             rec.sparsify = sparsify(gm, rec.detect, cfg)
+        if rec.masks and rec.masks.structured:
+            from .passes.masks import lower_segment_attention
+            rec.masks.counters["segment_attention"] = lower_segment_attention(gm)
         if cfg.peak_cut:
             rec.peak_cut = peak_cut(gm, cfg)
         if cfg.segment_mlp:  # before fuse: the down projection becomes part of the segmented op

@@ -135,9 +135,15 @@ def positions_like(idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.arange(h.shape[1], device=idx.device).unsqueeze(0).expand(h.shape[0], h.shape[1])
 
 
-def causal_positions_mask(q_pos: torch.Tensor, idx_k: torch.Tensor, in_range_k: torch.Tensor) -> torch.Tensor:
-    """(b, 1, nq, mk) bool: query at position q_pos sees kept key idx_k if idx_k <= q_pos."""
-    return ((idx_k[:, None, :] <= q_pos[:, :, None]) & in_range_k[:, None, :])[:, None]
+def causal_positions_mask(q_pos: torch.Tensor, idx_k: torch.Tensor, in_range_k: torch.Tensor,
+                          seg_q: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, 1, nq, mk) bool: query at position q_pos sees kept key idx_k if idx_k <= q_pos and the key is
+    in range. With segments (DESIGN 2 item 9) `in_range_k` is the keys' segment ids (int, 0 = none)
+    and `seg_q` the queries': a query sees only keys of its own segment."""
+    allowed = (idx_k[:, None, :] <= q_pos[:, :, None]) & (in_range_k[:, None, :] != 0)
+    if seg_q is not None:
+        allowed = allowed & (seg_q[:, :, None] == in_range_k[:, None, :])
+    return allowed[:, None]
 
 
 def scatter_add_rows(h: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
@@ -158,6 +164,81 @@ def straight_through_rows(dense: torch.Tensor, rows: torch.Tensor, idx: torch.Te
     """Value: `dense` (no grad) exactly. Gradient: to `rows` only, read from the kept rows idx."""
     delta = (rows - rows.detach()) * in_range.unsqueeze(-1).to(rows.dtype)  # exactly +0.0
     return dense.detach().scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), delta.to(dense.dtype))
+
+
+# -- masks carried as segments (passes.masks; DESIGN 2 item 9) -------------------------------------
+# A (b, n) int tensor of segment ids stands for the model's causal mask: 0 = a padding token, k >= 1 =
+# the k-th document of its row. Query i may attend key j iff seg_i == seg_j != 0 and j <= i. A padding
+# query sees no key (its attention output is 0); the model's mask may let it see earlier real keys, but
+# no real token reads a padding row and its label is ignore_index, so loss and gradients are the same.
+
+
+def segments_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, n) 2-D attention_mask -> segment ids: 1 for real tokens, 0 for padding."""
+    return (attention_mask != 0).to(torch.int32)
+
+
+def segments_from_positions(position_ids: torch.Tensor, b: int | None = None) -> torch.Tensor:
+    """(b|1, n) packed position_ids -> (b, n) segment ids: a new document wherever the position does not
+    follow the previous one (transformers' packed-sequence rule), numbered from 1 in each row."""
+    pos = position_ids if b is None else position_ids.expand(b, position_ids.shape[-1])
+    step = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
+    return (torch.cumsum((step != 1).to(torch.int32), -1) + 1).to(torch.int32)
+
+
+def segment_mask(seg: torch.Tensor) -> torch.Tensor:
+    """The (b, 1, n, n) bool mask that segments `seg` (b, n) stand for. Only for paths that need a tensor
+    (the `keys` mode, an attention passes.masks cannot lower): passes.masks lowers every attention
+    that reads it to lemo::segment_attention, which never builds it."""
+    n = seg.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, None, :, None] == seg[:, None, None, :]) & (seg != 0)[:, None, None, :] & causal)
+
+
+def token_valid_from_segments(seg: torch.Tensor) -> torch.Tensor:
+    """(b, n) bool: real tokens (segment id not 0)."""
+    return seg != 0
+
+
+def gather_segments(seg: torch.Tensor, idx: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
+    """Segment ids of kept rows idx (b, m); rows out of range get 0. Kept rows are sorted, so each
+    document's kept rows stay contiguous and in order: causal order by position is compact order."""
+    return torch.gather(seg, 1, idx) * in_range.to(seg.dtype)
+
+
+def segment_mask_keys(seg: torch.Tensor, idx_k: torch.Tensor, in_range_k: torch.Tensor) -> torch.Tensor:
+    """(b, 1, n, m) bool for the `keys` mode: every query, the kept keys idx_k, within a segment."""
+    q_pos = torch.arange(seg.shape[1], device=seg.device).expand(seg.shape[0], seg.shape[1])
+    return causal_positions_mask(q_pos, idx_k, gather_segments(seg, idx_k, in_range_k), seg_q=seg)
+
+
+def _segment_rows(seg: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+    """(row, rows of one segment) for every segment of seg (b, n): a slice when the segment is
+    contiguous (padding, packed documents), else an index tensor. One device-to-host copy."""
+    out = []
+    seg_host = seg.detach().cpu()
+    for b in range(seg_host.shape[0]):
+        row = seg_host[b]
+        for sid in torch.unique(row).tolist():
+            if sid == 0:
+                continue
+            rows = torch.nonzero(row == sid).flatten()
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            out.append((b, slice(lo, hi) if hi - lo == rows.numel() else rows.to(seg.device)))
+    return out
+
+
+def _take(t: torch.Tensor, b: int, rows: slice | torch.Tensor) -> torch.Tensor:
+    """t[b:b+1, :, rows] (b, H, n, d) or (b, H, n)."""
+    t = t[b:b + 1]
+    return t[:, :, rows] if isinstance(rows, slice) else t.index_select(2, rows)
+
+
+def _put(dst: torch.Tensor, b: int, rows: slice | torch.Tensor, src: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        dst[b:b + 1, :, rows] = src
+    else:
+        dst[b:b + 1].index_copy_(2, rows, src)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -304,7 +385,8 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
     dS = P (dO v^T - D); dq = scale dS k; dk = scale dS^T q; dv = P^T dO. Shapes (b, H, m, hd); k/v may
     have fewer (GQA) heads, their gradients are summed over each group. The bias comes from `mask`
     (b|1, H|1, m, m) or, when it is None and `pos` (b, m) is given, causally from the kept rows'
-    positions and `valid` (b, m), one chunk of queries at a time."""
+    positions and `valid` (b, m), one chunk of queries at a time. `valid` may hold segment ids (int,
+    0 = none; passes.masks): then a query sees only the keys of its own segment."""
     if (pos is None) != (valid is None):
         raise ValueError("attention_kept_backward_torch: pos and valid go together")
     kv_heads = k.shape[1]
@@ -323,7 +405,8 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
         if bias is not None:
             sc = sc + bias[:, :, s:e]
         elif pos is not None:  # queries s:e of causal_positions_mask(pos, pos, valid)
-            sc = sc + _bias(causal_positions_mask(pos[:, s:e], pos, valid), torch.float32)
+            seg_q = None if valid.dtype == torch.bool else valid[:, s:e]
+            sc = sc + _bias(causal_positions_mask(pos[:, s:e], pos, valid, seg_q), torch.float32)
         p = torch.exp(sc - _finite_lse(lse[:, :, s:e]).unsqueeze(-1))
         dv += torch.matmul(p.transpose(-1, -2), go[:, :, s:e])
         dp = torch.matmul(go[:, :, s:e], vf.transpose(-1, -2))
@@ -356,6 +439,20 @@ def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: to
     return _contiguous(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
 
 
+def _kept_backward_flash_segments(grad_out, q, k, v, out, lse, seg, scale):
+    """attention_kept_backward_flash one segment at a time (kept rows of one document are contiguous in
+    compact order, and sorted); rows of segment 0 (out of range, padding) get zero gradients."""
+    ke, ve = _expand_kv(q, k, v)
+    dq, dke, dve = torch.zeros_like(q), torch.zeros_like(ke), torch.zeros_like(ve)
+    for b, rows in _segment_rows(seg):
+        parts = [_take(t, b, rows) for t in (grad_out, q, ke, ve, out, lse)]
+        valid = torch.ones(1, parts[1].shape[2], dtype=torch.bool, device=q.device)
+        for dst, src in zip((dq, dke, dve), attention_kept_backward_flash(*parts, valid, scale)):
+            _put(dst, b, rows, src.to(dst.dtype))
+    dk, dv = _sum_kv_groups(dke, dve, k.shape[1])
+    return _contiguous(dq, dk, dv)
+
+
 @torch.library.custom_op("lemo::attention_kept", mutates_args=())
 def attention_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    mask: torch.Tensor | None, pos: torch.Tensor | None, valid: torch.Tensor | None,
@@ -386,7 +483,9 @@ def attention_kept_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             pos: torch.Tensor | None, valid: torch.Tensor | None,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if mask is None and pos is not None and _use_cuda_kernels(q) and _flash_supported(q):
-        return attention_kept_backward_flash(grad_out, q, k, v, out, lse, valid, scale)
+        if valid.dtype == torch.bool:
+            return attention_kept_backward_flash(grad_out, q, k, v, out, lse, valid, scale)
+        return _kept_backward_flash_segments(grad_out, q, k, v, out, lse, valid, scale)
     # With a model mask the twin runs (a path through aten's memory-efficient attention backward gave
     # wrong gradients and an illegal memory access on torch 2.11).
     return attention_kept_backward_torch(grad_out, q, k, v, out, lse, mask, scale, pos=pos, valid=valid)
@@ -398,6 +497,91 @@ def _(grad_out, q, k, v, out, lse, mask, pos, valid, scale):
 
 
 attention_kept.register_autograd(_kept_backward, setup_context=_kept_setup)
+
+
+# -- attention over segments ----------------------------------------------------------------------
+
+
+def segment_attention_lse_impl(q, k, v, seg, scale):
+    """(out, lse) of causal attention within each segment of seg (b, n): each segment's rows run the
+    causal kernel of attention_lse (flash on CUDA, the twin elsewhere) on their own; padding rows get
+    out 0, lse -inf. Never an n x n mask."""
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    impl = attention_lse_cuda if _use_cuda_kernels(q) else attention_lse_torch
+    for b, rows in _segment_rows(seg):
+        o, l = impl(_take(q, b, rows), _take(k, b, rows), _take(v, b, rows), None, scale, True)
+        _put(out, b, rows, o.to(q.dtype))
+        _put(lse, b, rows, l.float())
+    return out, lse
+
+
+@torch.library.custom_op("lemo::segment_attention_lse", mutates_args=())
+def segment_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return segment_attention_lse_impl(q, k, v, seg, scale)
+
+
+@segment_attention_lse.register_fake
+def _(q, k, v, seg, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("lemo::segment_attention", mutates_args=())
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SDPA computes under segment_mask(seg), for the rows of real tokens (padding rows: 0), and
+    the log-sum-exp its backward reads. q (b, H, n, hd); k, v (b, H_kv, n, hd)."""
+    return segment_attention_lse_impl(q, k, v, seg, scale)
+
+
+@segment_attention.register_fake
+def _(q, k, v, seg, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("lemo::segment_attention_backward", mutates_args=())
+def segment_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, seg: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per segment, the causal attention backward given its output and lse: PyTorch's flash backward on
+    CUDA, the twin elsewhere (attention_kept_backward with every row kept is the full gradient)."""
+    ke, ve = _expand_kv(q, k, v)
+    dq, dke, dve = torch.zeros_like(q), torch.zeros_like(ke), torch.zeros_like(ve)
+    for b, rows in _segment_rows(seg):
+        qs, ks, vs = _take(q, b, rows), _take(ke, b, rows), _take(ve, b, rows)
+        gs, os_, ls = _take(grad_out, b, rows), _take(out, b, rows), _take(lse, b, rows)
+        m = qs.shape[2]
+        pos = torch.arange(m, device=q.device)[None]
+        valid = torch.ones(1, m, dtype=torch.bool, device=q.device)
+        if _use_cuda_kernels(q) and _flash_supported(q):
+            g = attention_kept_backward_flash(gs, qs, ks, vs, os_, ls, valid, scale)
+        else:
+            g = attention_kept_backward_torch(gs, qs, ks, vs, os_, ls, None, scale, pos=pos, valid=valid)
+        for dst, src in zip((dq, dke, dve), g):
+            _put(dst, b, rows, src.to(dst.dtype))
+    dk, dv = _sum_kv_groups(dke, dve, k.shape[1])
+    return _contiguous(dq, dk, dv)
+
+
+@segment_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, seg, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _segment_setup(ctx, inputs, output):
+    q, k, v, seg, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], seg)
+    ctx.scale = scale
+
+
+def _segment_backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, seg = ctx.saved_tensors
+    dq, dk, dv = segment_attention_backward(grad.contiguous(), q, k, v, out, lse, seg, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+segment_attention.register_autograd(_segment_backward, setup_context=_segment_setup)
 
 
 @torch.library.custom_op("lemo::saved", mutates_args=())

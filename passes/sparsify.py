@@ -36,6 +36,7 @@ from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
 from .common import CantRewrite, PassResult, closure_back, is_call, same_size, shape_of, value_of
 from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer
+from .masks import segments_of
 
 
 @dataclasses.dataclass
@@ -111,7 +112,9 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     # --- keep set, inserted right before the attention call ----------------------------------
     with g.inserting_before(sdpa):
         x_pred = g.call_method("detach", (_norm_output(layer, attn),))
-        valid = g.call_function(ops.token_valid_from_mask, (attn.mask, h0))
+        seg = segments_of(attn.mask)  # a mask passes.masks carries as segments
+        valid = (g.call_function(ops.token_valid_from_segments, (seg,)) if seg is not None
+                 else g.call_function(ops.token_valid_from_mask, (attn.mask, h0)))
         scores = _predictor_node(g, cfg, layer, attn, x_pred, valid)
         ks = g.call_function(ops.keep_set, (scores, valid, cfg.block_size, keep.numerator,
                                             keep.denominator, tuple(cfg.forced_blocks)))
@@ -277,7 +280,7 @@ def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m, save_rows: bool = False) -
         x_c = env[attn.residual_in]
         if save_rows:
             x_c = env[attn.residual_in] = g.call_function(torch.ops.lemo.saved.default, (x_c,))
-        mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok)) if attn.mask is not None else None
+        mask_c = _kept_mask(g, attn.mask, idx, ok)
         out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c))[attn.output]
         h1 = _like(g.call_function(ops.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
     attn.residual_add.replace_all_uses_with(h1)
@@ -292,7 +295,9 @@ def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
     with g.inserting_before(sdpa):
         env = _gather_inputs(g, attn.residual_in, seq_ext, idx)
         q_pos = g.call_function(ops.positions_like, (idx, attn.residual_in))
-        if attn.mask is not None:
+        if segments_of(attn.mask) is not None:
+            mask_k = g.call_function(ops.segment_mask_keys, (segments_of(attn.mask), idx, ok))
+        elif attn.mask is not None:
             mask_k = g.call_function(ops.gather_mask, (attn.mask, None, idx, ok))
         else:
             mask_k = g.call_function(ops.causal_positions_mask, (q_pos, idx, ok))
@@ -333,8 +338,12 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
     # dense attention with its log-sum-exp (inputs detached below: exact forward, nothing saved)
     with g.inserting_before(sdpa):
         qd, kd, vd = (g.call_method("detach", (t,)) for t in (q, k, v))  # LoRA weights still want grad
-        lse_pair = g.call_function(torch.ops.lemo.attention_lse.default,
-                                   (qd, kd, vd, attn.mask, scale, bool(sdpa.kwargs.get("is_causal", False))))
+        seg = segments_of(attn.mask)
+        if seg is not None:
+            lse_pair = g.call_function(torch.ops.lemo.segment_attention_lse.default, (qd, kd, vd, seg, scale))
+        else:
+            lse_pair = g.call_function(torch.ops.lemo.attention_lse.default,
+                                       (qd, kd, vd, attn.mask, scale, bool(sdpa.kwargs.get("is_causal", False))))
         dense_out = g.call_function(operator.getitem, (lse_pair, 0))
         dense_lse = g.call_function(operator.getitem, (lse_pair, 1))
     # kept rows, with grad: attention output = the dense one, backward = the dropped-term one
@@ -347,8 +356,15 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
                                      for t in (env[h0], out_g, lse_g))
         # the model's mask gathered to kept x kept; without one, causal by the kept rows' positions,
         # which the op's backward expands a chunk of queries at a time (never an m x m mask)
-        mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok)) if attn.mask is not None else None
-        pos, valid = (None, None) if attn.mask is not None else (idx, ok)
+        # with segments: causal by position within the kept rows' segments (0 = out of range)
+        mask_c = None
+        if seg is not None:
+            pos, valid = idx, g.call_function(ops.gather_segments, (seg, idx, ok))
+        elif attn.mask is not None:
+            mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok))
+            pos, valid = None, None
+        else:
+            pos, valid = idx, ok
 
         def kept_attention(node: fx.Node) -> fx.Node:
             return g.call_function(torch.ops.lemo.attention_kept.default,
@@ -362,6 +378,16 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
     _detach_block_input(g, attn, h0)
     attn.residual_add.replace_input_with(attn.output, a_st)
     return env[h0], out_c  # out_c equals the attention update at the kept rows (attention_kept is the identity)
+
+
+def _kept_mask(g: fx.Graph, mask: fx.Node | None, idx: fx.Node, ok: fx.Node) -> fx.Node | None:
+    """The model's mask restricted to kept x kept rows: gathered from the tensor, or, for a mask carried as
+    segments, the segment mask of the kept rows' segments (kept rows are sorted, so compact order is
+    causal order; passes.masks then lowers the attention to lemo::segment_attention)."""
+    seg = segments_of(mask)
+    if seg is not None:
+        return g.call_function(ops.segment_mask, (g.call_function(ops.gather_segments, (seg, idx, ok)),))
+    return g.call_function(ops.gather_mask, (mask, idx, idx, ok)) if mask is not None else None
 
 
 def _set_mask(node: fx.Node, mask_c: fx.Node | None) -> None:

@@ -34,11 +34,42 @@ PAD_KINDS: dict[str, list[tuple[int, int]]] = {
 }
 
 
+KINDS = tuple(PAD_KINDS) + ("packed",)
+
+
+def packed_docs(n: int = N) -> list[list[int]]:
+    """Document lengths per row of a packed batch of 2 (HF DataCollatorWithFlattening / TRL padding_free:
+    no attention_mask, position_ids restarting at 0 per document): a one-token document between two
+    others, and a row that is one document."""
+    first = min(70, n // 3)
+    return [[first, 1, n - first - 1], [n]]
+
+
+def packed_batch(n: int = N, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids, position_ids, labels (2, n) of documents packed per packed_docs(n); each document's
+    first label is -100 (nothing predicts it from the previous document), as HF's flattening collator
+    does."""
+    g = torch.Generator().manual_seed(seed)
+    layout = packed_docs(n)
+    ids = torch.randint(3, VOCAB, (len(layout), n), generator=g)
+    pos = torch.zeros_like(ids)
+    labels = ids.clone()
+    for r, docs in enumerate(layout):
+        start = 0
+        for length in docs:
+            pos[r, start:start + length] = torch.arange(length)
+            labels[r, start] = -100
+            start += length
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
 def padded_batch(kind: str, n: int = N, seed: int = 0) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, labels (3, n) with the padding of PAD_KINDS[kind] (pad id 0,
-    mask 0, label -100)."""
+    mask 0, label -100); kind "packed": packed_batch."""
+    if kind == "packed":
+        return packed_batch(n, seed)
     if kind not in PAD_KINDS:
-        raise ValueError(f"unknown padding kind {kind!r}; expected one of {sorted(PAD_KINDS)}")
+        raise ValueError(f"unknown padding kind {kind!r}; expected one of {sorted(KINDS)}")
     rows = PAD_KINDS[kind]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (len(rows), n), generator=g)

@@ -214,6 +214,6 @@ def test_large_mask_left_in_place_is_a_warning(monkeypatch, caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="lemo_compile"):
             torch.compile(_FlippedMaskAttention(), backend=lemo_compile.backend(LemoConfig(inner="eager")))(q, k, v)
-        lines = [r for r in caplog.records if "keep an explicit mask" in r.getMessage()]
+        lines = [r for r in caplog.records if "keep an explicit mask tensor" in r.getMessage()]
         assert len(lines) == 1 and lines[0].levelno == level, [r.getMessage() for r in caplog.records]
         assert "0.00 GiB" in lines[0].getMessage() and "not row-local" in lines[0].getMessage()

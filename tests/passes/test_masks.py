@@ -1,0 +1,148 @@
+"""passes.masks: padded and packed masks carried as segments (no n x n tensor), exact."""
+
+import pytest
+import sympy
+import torch
+
+import lemo_compile
+from lemo_compile import LemoConfig, ops
+from lemo_compile.testing.models import tiny_model, trainable_grads
+from lemo_compile.testing.padding import padded_batch
+
+
+def _compiled(model, cfg, batch):
+    model.zero_grad(set_to_none=True)
+    out = torch.compile(model, backend=lemo_compile.backend(cfg))(**batch)
+    out.loss.backward()
+    rec = [r for r in lemo_compile.records() if r.detect and r.detect.layers][-1]
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads, rec
+
+
+def _dense(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _close(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=0)
+    for k in b[1]:
+        torch.testing.assert_close(a[1][k], b[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("attn_mode", ["backward", "tokens"])
+@pytest.mark.parametrize("kind,expect", [("left", "padding"), ("right", "padding"), ("empty_row", "padding"),
+                                         ("packed", "packed")])
+def test_masks_become_segments_and_no_mask_is_left(kind, expect, attn_mode):
+    model = tiny_model("qwen2", lora=True)
+    batch = padded_batch(kind)
+    cfg = LemoConfig(inner="eager", keep_ratio=1.0, dense_layers=(0,), attn_mode=attn_mode, predictor="random")
+    got = _compiled(model, cfg, batch)
+    rec = got[2]
+    assert list(rec.masks.structured.values()) == [expect] and not rec.masks.skips
+    # every attention that ran the mask runs lemo::segment_attention (dense layer 0; in tokens mode the
+    # compacted attention of the sparse layers too), and no mask tensor is built
+    assert rec.masks.counters["segment_attention"] == (1 if attn_mode == "backward" else 4)
+    code = "\n".join(line for line in rec.after.splitlines() if not line.strip().startswith("#"))
+    assert "segment_mask" not in code and "scaled_dot_product_attention" not in code, code
+    _close(got[:2], _dense(model, batch))  # keep 1.0 is the dense model
+
+
+@pytest.mark.parametrize("kind", ["left", "packed"])
+def test_checkpointed_layers_read_segments(kind):
+    """Under gradient checkpointing the mask enters each layer's checkpoint body as an operand: the
+    segments go in instead, and the result equals the run without checkpointing."""
+    model = tiny_model("llama", lora=True)
+    batch = padded_batch(kind)
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0, 3), predictor="random")
+    model.train()
+    plain = _compiled(model, cfg, batch)
+    torch._dynamo.reset()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        ckpt = _compiled(model, cfg, batch)
+    finally:
+        model.gradient_checkpointing_disable()
+    rec = ckpt[2]
+    assert rec.masks.structured and rec.masks.counters["segment_attention"] == 2  # dense layers 0 and 3
+    assert rec.sparsify.counters["sparse_layers"] == 2
+    _close(ckpt[:2], plain[:2])
+
+
+def _peak_growth(model, batch, cfg) -> float:
+    ex = lemo_compile.explain(model, **batch, config=cfg, dynamic=True)
+    est = max((r.memory for r in ex.records if r.memory is not None), key=lambda e: e.peak_hint)
+    peak = est.peak_bytes
+    (s,) = [x for x in peak.free_symbols]
+    return float(peak.subs(s, 1 << 21) / peak.subs(s, 1 << 20))
+
+
+@pytest.mark.parametrize("kind", ["left", "packed"])
+def test_dynamic_peak_has_no_quadratic_term(kind):
+    """explain(dynamic=True): the symbolic peak of a padded / packed step grows linearly in the length
+    with the masks carried as segments (doubling the length at 1M tokens less than doubles the peak),
+    and quadratically without (the n x n mask: about 4x)."""
+    batch = padded_batch(kind, n=256)
+    cfg = LemoConfig(inner="eager", dense_layers=(0,))
+    assert _peak_growth(tiny_model("llama", lora=True), batch, cfg) < 2.01
+    assert _peak_growth(tiny_model("llama", lora=True), batch, cfg.replace(causal_mask=False)) > 3.5
+
+
+def test_sliding_window_masks_stay_tensors_with_a_reason():
+    model = tiny_model("gemma3", lora=True)  # layers alternate sliding window (96) and full attention
+    _, _, rec = _compiled(model, LemoConfig(inner="eager", dense_layers=(0,), predictor="random"),
+                          padded_batch("right"))
+    assert list(rec.masks.structured.values()) == ["padding"]  # the full-attention layers' mask
+    assert len(rec.masks.skips) == 1 and "sliding window" in rec.masks.skips[0].detail
+
+
+class _PrefixLM(torch.nn.Module):
+    """Attention whose mask comes from an attention_mask but is not causal + padding: the first 8 tokens
+    see each other (a prefix-LM pattern)."""
+
+    def forward(self, q, k, v, attention_mask):
+        n = q.shape[2]
+        i = torch.arange(n)
+        allowed = (i[None, :] <= i[:, None]) | ((i[None, :] < 8) & (i[:, None] < 8))
+        mask = allowed[None, None] & attention_mask[:, None, None, :].bool()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_a_mask_that_is_not_padding_or_packing_keeps_the_tensor():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 8, generator=g) for _ in range(3))
+    am = torch.ones(2, 40, dtype=torch.int64)
+    am[1, :5] = 0
+    want = _PrefixLM()(q, k, v, am)
+    got = torch.compile(_PrefixLM(), backend=lemo_compile.backend(LemoConfig(inner="eager")))(q, k, v, am)
+    rec = [r for r in lemo_compile.records() if r.masks is not None][-1]
+    assert not rec.masks.structured and "neither" in rec.masks.skips[0].detail
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_segment_attention_is_sdpa_under_the_segment_mask(kv_heads):
+    """The op against SDPA with the mask the segments stand for, fp64, on rows of real tokens (padding
+    rows: 0): left padding, packed documents with a one-token one, a hole, a fully padded row."""
+    g = torch.Generator().manual_seed(1)
+    b, h, n, d = 3, 4, 150, 16
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(b, kv_heads, n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    seg = torch.zeros(b, n, dtype=torch.int32)
+    seg[0, 5:] = 1
+    seg[1, :40], seg[1, 40], seg[1, 41:120], seg[1, 130] = 1, 2, 3, 3
+    out, lse = torch.ops.lemo.segment_attention(q, k, v, seg, d ** -0.5)
+    rep = h // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                            attn_mask=ops.segment_mask(seg))
+    want = torch.where((seg != 0)[:, None, :, None], want, 0.0)
+    # the twin computes in fp32: its own rounding
+    assert (out - want).abs().max() < 1e-5 and (out[2] == 0).all() and (lse[2] == float("-inf")).all()
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        assert (a - w).abs().max() < 1e-4 * w.abs().max()
