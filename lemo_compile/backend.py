@@ -74,6 +74,31 @@ class CompileRecord:
         return self._memory
 
     @property
+    def attention_path(self) -> str:
+        """How this graph's attention ran: masks carried as segments (lemo::segment_attention), made
+        is_causal, or kept as tensors (SDPA's masked kernel)."""
+        parts = []
+        if self.masks and self.masks.structured:
+            kinds = "/".join(sorted(set(self.masks.structured.values())))
+            parts.append(f"segments ({kinds}): {self.masks.counters['segment_attention']} segment_attention calls")
+        if self.causal and self.causal.counters["sdpa_made_causal"]:
+            parts.append(f"is_causal: {self.causal.counters['sdpa_made_causal']} calls")
+        if self.masks and self.masks.skips:
+            parts.append(f"mask tensor: {len(self.masks.skips)} masks ({self.masks.skips[0].detail})")
+        return "; ".join(parts) or "no mask (is_causal or no attention)"
+
+    @property
+    def loss_path(self) -> str:
+        """How this graph's loss ran: lemo's segmented loss, the model's own (with why), or none in this graph
+        (e.g. TRL's fused LM head computes its chunked loss outside the graph that holds the layers)."""
+        pc = self.peak_cut
+        if pc and pc.losses:
+            return f"segmented ({len(pc.losses)} losses, logits {pc.losses[0]['logits']})"
+        if pc and pc.skips:
+            return f"model's own: {pc.skips[0].detail}"
+        return "no cross-entropy in this graph (the caller computes the loss)"
+
+    @property
     def sparsified(self) -> bool:
         return bool(self.sparsify and self.sparsify.layers)
 

@@ -45,8 +45,8 @@ def token_valid_from_mask(mask: torch.Tensor | None, h: torch.Tensor) -> torch.T
 
 
 def keep_set(scores: torch.Tensor, token_valid: torch.Tensor, block: int, keep_num: int, keep_den: int,
-             forced: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return selection.keep_set(scores, token_valid, block, Fraction(keep_num, keep_den), forced)
+             forced: Sequence[int], seg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return selection.keep_set(scores, token_valid, block, Fraction(keep_num, keep_den), forced, seg)
 
 
 def random_block_scores(x: torch.Tensor, layer: int, seed: int, block: int) -> torch.Tensor:

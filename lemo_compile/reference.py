@@ -119,12 +119,15 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
         raise ValueError("reference_forward supports only a 2-D (batch, tokens) attention_mask")
     token_valid = mask.bool() if mask is not None else None
+    segments = _segments(mask, model_kwargs.get("position_ids"))
 
     if scorer is None:
         def scorer(layer: int, x: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
             return random_scores(layer, cfg.seed, x.shape[0], num_blocks(x.shape[1], cfg.block_size), x.device)
 
-    run = _Run(cfg=cfg, scorer=scorer, token_valid=token_valid, given=keep_sets, fractions=fractions)
+    run = _Run(cfg=cfg, scorer=scorer, token_valid=token_valid, given=keep_sets, fractions=fractions,
+               segments=segments, sliding={i: getattr(layers[i].self_attn, "sliding_window", None)
+                                           or _model_window(model) for i in fractions})
     _register()
     with contextlib.ExitStack() as stack:
         for i, keep in fractions.items():
@@ -139,6 +142,27 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
         stack.callback(_ACTIVE.pop)
         output = model(**model_kwargs)
     return ReferenceOutput(output, dict(sorted(run.keep_sets.items())))
+
+
+def _segments(mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Segment ids (DESIGN 2 item 9) of a padded batch (from its 2-D attention_mask) or of packed
+    documents (position_ids without an attention_mask), as passes.masks derives them; None otherwise.
+    Sparse layers of full (not sliding-window) attention choose keep sets per document from them."""
+    from .ops import segments_from_padding, segments_from_positions
+
+    if mask is not None:
+        return segments_from_padding(mask)
+    if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
+        return segments_from_positions(position_ids)
+    return None
+
+
+def _model_window(model: nn.Module) -> int | None:
+    """A sliding window set for every layer by the config (Mistral v0.1), else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "layer_types", None) is not None:
+        return None  # per-layer: the attention modules carry theirs
+    return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -209,6 +233,8 @@ class _Run:
     token_valid: torch.Tensor | None
     given: dict[int, KeepSet]
     fractions: dict[int, Fraction]
+    segments: torch.Tensor | None = None  # (b, n) segment ids of a padded or packed batch
+    sliding: dict[int, int | None] = dataclasses.field(default_factory=dict)  # layer -> its sliding window
     attn_layer: dict[int, int] = dataclasses.field(default_factory=dict)  # id(self_attn) -> layer
     kept: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (b, n) bool
     keep_sets: dict[int, KeepSet] = dataclasses.field(default_factory=dict)
@@ -232,8 +258,11 @@ class _Run:
                 if tuple(scores.shape) != (b, nb):
                     raise ValueError(f"scorer returned shape {tuple(scores.shape)} for layer {layer}, "
                                      f"expected (b, nb) = {(b, nb)}")
+                window = self.sliding.get(layer)
+                seg = self.segments if window is None or window >= n else None  # as passes.masks reads masks
                 token_index, in_range = keep_set(scores, tv.to(x.device), self.cfg.block_size,
-                                                 self.fractions[layer], self.cfg.forced_blocks)
+                                                 self.fractions[layer], self.cfg.forced_blocks,
+                                                 None if seg is None else seg.to(x.device))
             self.keep_sets[layer] = (token_index, in_range)
             self.kept[layer] = kept_rows(token_index, in_range, n)
         return hook

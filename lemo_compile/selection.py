@@ -64,14 +64,16 @@ def block_validity(token_valid: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def select_blocks(scores: torch.Tensor, block_valid: torch.Tensor, k: int,
-                  forced: Sequence[int]) -> torch.Tensor:
+                  forced: Sequence[int], forced_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k blocks per sequence, sorted. scores, block_valid: (b, nb). Returns (b, k) int64.
 
-    Forced blocks come first (if real), padding blocks last; ties break toward lower indices."""
+    Forced blocks (the indices `forced`, and where `forced_mask` (b, nb) is True) come first (if real),
+    padding blocks last; ties break toward lower indices."""
     s = torch.nan_to_num(scores.detach().float(), nan=0.0, posinf=1e30, neginf=-1e30).clamp(-1e30, 1e30)
-    if forced:
-        is_forced = torch.zeros_like(block_valid)
-        is_forced[:, list(forced)] = True
+    if forced or forced_mask is not None:
+        is_forced = torch.zeros_like(block_valid) if forced_mask is None else forced_mask.clone()
+        if forced:
+            is_forced[:, list(forced)] = True
         s = torch.where(is_forced & block_valid, torch.full_like(s, _FORCED), s)
     s = torch.where(block_valid, s, torch.full_like(s, _PADDING))
     idx = torch.topk(s, k, dim=-1, sorted=True).indices
@@ -87,14 +89,63 @@ def token_index(block_idx: torch.Tensor, block: int, n: int) -> tuple[torch.Tens
     return raw.clamp(max=n - 1), in_range
 
 
+def document_blocks(seg: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment ids seg (b, n) (0 = padding, k = the k-th document of a row) -> per block (b, nb): the
+    document of the block's first real token (0 for a block of padding only), and whether a document
+    starts in it.
+
+    A block that straddles a boundary belongs to the document it starts in for the share below, and it
+    holds the next document's first token, so it is that document's first block: forced, the
+    document's attention sink. Attention never crosses documents whatever is kept (the segments
+    say which keys a query sees)."""
+    b, n = seg.shape
+    nb = num_blocks(n, block)
+    pad = nb * block - n
+    s = torch.nn.functional.pad(seg, (0, pad)).view(b, nb, block)
+    prev = torch.nn.functional.pad(seg, (1, 0))[:, :n]
+    starts = (seg != 0) & (seg != prev)
+    has_start = torch.nn.functional.pad(starts.to(torch.int8), (0, pad)).view(b, nb, block).amax(-1) > 0
+    first_real = torch.argmax((s != 0).to(torch.int8), dim=-1, keepdim=True)  # 0 for an all-padding block
+    return s.gather(-1, first_real).squeeze(-1), has_start
+
+
+def share_scores(scores: torch.Tensor, doc: torch.Tensor, max_doc: int) -> torch.Tensor:
+    """Scores (b, nb) -> scores of equal shares: -(rank of the block within its document + 1/2) / (blocks
+    of that document), doc ids in [0, max_doc]. A global top-k of these keeps about the same fraction of
+    every document's blocks, each document's best first (ties toward lower indices)."""
+    b, nb = scores.shape
+    s = torch.nan_to_num(scores.detach().float(), nan=0.0, posinf=1e30, neginf=-1e30)
+    by_score = torch.argsort(-s, dim=-1, stable=True)
+    order = by_score.gather(1, torch.argsort(doc.gather(1, by_score), dim=-1, stable=True))  # doc, then score
+    sorted_doc = doc.gather(1, order)
+    pos = torch.arange(nb, device=scores.device).expand(b, nb)
+    new = torch.ones_like(sorted_doc, dtype=torch.bool)
+    new[:, 1:] = sorted_doc[:, 1:] != sorted_doc[:, :-1]
+    first = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=-1).values
+    rank = torch.empty_like(pos).scatter_(1, order, pos - first)
+    counts = torch.zeros(b, max_doc + 1, dtype=torch.int64, device=scores.device)
+    counts.scatter_add_(1, doc.long(), torch.ones_like(doc, dtype=torch.int64))
+    return -(rank.float() + 0.5) / counts.gather(1, doc.long()).float()
+
+
 def keep_set(scores: torch.Tensor, token_valid: torch.Tensor, block: int, keep: Fraction,
-             forced: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole rule: scores (b, nb), token_valid (b, n) -> (token_index, in_range), each (b, m)."""
+             forced: Sequence[int], seg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole rule: scores (b, nb), token_valid (b, n) -> (token_index, in_range), each (b, m).
+
+    With segment ids seg (b, n) (a padded or packed batch, DESIGN 2 item 9) the real tokens are those of
+    a segment, every document's first block is forced (its attention sink) and the blocks are ranked
+    within their document (share_scores), so each document keeps about its share; the count kept, k,
+    is still a function of n only. Forced blocks beyond k (more documents than kept blocks) are dropped
+    from the end."""
     n = token_valid.shape[1]
     nb = num_blocks(n, block)
     fb = resolve_forced(forced, nb)
     k = keep_blocks_count(nb, keep, len(fb))
-    blocks = select_blocks(scores, block_validity(token_valid, block), k, fb)
+    if seg is None:
+        blocks = select_blocks(scores, block_validity(token_valid, block), k, fb)
+    else:
+        doc, has_start = document_blocks(seg, block)
+        blocks = select_blocks(share_scores(scores, doc, n), block_validity(seg != 0, block), k, fb, has_start)
     return token_index(blocks, block, n)
 
 

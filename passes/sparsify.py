@@ -117,7 +117,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
                  else g.call_function(ops.token_valid_from_mask, (attn.mask, h0)))
         scores = _predictor_node(g, cfg, layer, attn, x_pred, valid)
         ks = g.call_function(ops.keep_set, (scores, valid, cfg.block_size, keep.numerator,
-                                            keep.denominator, tuple(cfg.forced_blocks)))
+                                            keep.denominator, tuple(cfg.forced_blocks), seg))
         idx = g.call_function(operator.getitem, (ks, 0))
         ok = g.call_function(operator.getitem, (ks, 1))
         m = g.call_method("size", (idx, 1))

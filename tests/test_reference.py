@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 import types
 
 import pytest
@@ -310,3 +311,37 @@ def test_registered_names():
     assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
     assert ATTN_IMPLEMENTATION in AttentionMaskInterface._global_mapping
     assert model.config._attn_implementation == "sdpa"
+
+
+# -- keep sets per document (packed and padded batches) ----------------------------------------------
+
+def test_keep_sets_force_every_document_start_and_share_blocks():
+    from lemo_compile import ops
+    from lemo_compile.selection import document_blocks, keep_set
+
+    # documents of 70, 1, 300 and 200 tokens packed in 571 (9 blocks); keep 0.6 -> 6 blocks
+    pos = torch.cat([torch.arange(70), torch.arange(1), torch.arange(300), torch.arange(200)])[None]
+    seg = ops.segments_from_positions(pos)
+    doc, start = document_blocks(seg, 64)
+    assert doc.tolist() == [[1, 1, 3, 3, 3, 3, 4, 4, 4]]  # a straddling block belongs to the document it starts in
+    assert start.tolist() == [[True, True, False, False, False, True, False, False, False]]
+    scores = torch.tensor([[0.0, 0.0, 9.0, 8.0, 7.0, 0.0, -5.0, -6.0, -7.0]])  # doc 3 scores far higher
+    idx, ok = keep_set(scores, seg != 0, 64, Fraction(3, 5), (0,), seg)
+    blocks = sorted(set((idx[0][ok[0]] // 64).tolist()))
+    assert {0, 1, 5} <= set(blocks)  # every document's first block
+    assert 6 in blocks  # doc 4 keeps its best block although every doc-3 block scores higher
+    # without segments: the plain top-k (block 0 forced), doc 4 gets nothing
+    idx, ok = keep_set(scores, seg != 0, 64, Fraction(3, 5), (0,))
+    assert not {6, 7, 8} & set((idx[0][ok[0]] // 64).tolist())
+
+
+def test_left_padded_rows_force_their_first_real_block():
+    from lemo_compile import ops
+    from lemo_compile.selection import keep_set
+
+    am = torch.ones(2, 300, dtype=torch.int64)
+    am[0, :130] = 0  # blocks 0 and 1 padding, the first real token in block 2
+    seg = ops.segments_from_padding(am)
+    scores = torch.tensor([[5.0, 5.0, -9.0, 1.0, 2.0], [-9.0, 1.0, 2.0, 3.0, 4.0]])
+    idx, ok = keep_set(scores, am.bool(), 64, Fraction(2, 5), (0,), seg)
+    assert (idx[:, ::64] // 64).tolist() == [[2, 4], [0, 4]]
