@@ -1,7 +1,8 @@
 """The padding matrix (issue 26, DESIGN 2 item 9): every padded-batch case, counted.
 
 Runs lemo_compile.testing.padding.run_case over architectures x padding kinds (left, right past
-Gemma3's sliding window, a fully padded row between two padded ones) x attention/MLP modes x keep
+Gemma3's sliding window, a fully padded row between two padded ones, packed documents with a
+one-token one) x attention/MLP modes x keep
 ratios (0.5 against the reference, 1.0 against the dense model) x inner compilers, on CPU in fp32
 (tiny models, batch 3, 200 tokens), and writes every case and two counts:
 
@@ -10,7 +11,7 @@ ratios (0.5 against the reference, 1.0 against the dense model) x inner compiler
     padded_mismatch_cases  finite cases that did not match their oracle (loss 1e-5, gradients 2e-4)
 
 Inductor compiles a tiny model in ~40 s on 2 cores, so by default it runs the default modes only
-(--inductor-modes all for every mode). The whole default matrix takes ~25 minutes on 2 cores:
+(--inductor-modes all for every mode). The whole default matrix takes ~60 minutes on 2 cores:
 
     python benchmarks/padding_matrix.py --out benchmarks/results/padding_matrix_cpu.json \
         --headline benchmarks/results/headline.json
@@ -31,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lemo_compile.testing.models import ARCHS  # noqa: E402
-from lemo_compile.testing.padding import PAD_KINDS, run_case  # noqa: E402
+from lemo_compile.testing.padding import KINDS, PAD_KINDS, packed_docs, run_case  # noqa: E402
 
 ATTN_MODES = ("backward", "tokens", "keys")
 MLP_MODES = ("backward", "tokens", "dense")
@@ -44,7 +45,7 @@ def cases(args) -> list[tuple]:
                 ("qwen2", "empty_row", "tokens", "backward", "eager", 0.5),
                 ("phi3", "left", "keys", "dense", "eager", 0.5)]
     out = []
-    for arch, kind, keep in itertools.product(args.archs, PAD_KINDS, (0.5, 1.0)):
+    for arch, kind, keep in itertools.product(args.archs, KINDS, (0.5, 1.0)):
         for attn, mlp in itertools.product(ATTN_MODES, MLP_MODES):
             out.append((arch, kind, attn, mlp, "eager", keep))
             if "inductor" in args.inner and (args.inductor_modes == "all" or (attn, mlp) == DEFAULT):
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     mismatch = sum(r["finite"] and not r["matches"] for r in rows)
     command = "python benchmarks/padding_matrix.py " + " ".join(sys.argv[1:] if argv is None else argv)
     doc = {"command": command, "when": datetime.date.today().isoformat(), "seconds": round(time.time() - t0),
-           "device": "cpu", "dtype": "float32", "batch": "3 x 200 tokens", "padding": PAD_KINDS,
+           "device": "cpu", "dtype": "float32", "batch": "3 x 200 tokens (packed: 2 x 200)", "padding": PAD_KINDS,
+           "packed_documents": packed_docs(),
            "padded_nan_cases": nan_cases, "padded_cases_tried": len(rows), "padded_mismatch_cases": mismatch,
            "cases": rows}
     print(f"padded_nan_cases {nan_cases} of {len(rows)} cases tried; {mismatch} finite cases off their oracle")
