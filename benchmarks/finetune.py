@@ -116,8 +116,21 @@ VARIANTS: dict[str, dict] = {
     # opt-in (--variants): lemo + checkpointing without the logits, as Liger's fused loss returns none
     "lemo_ckpt_drop_logits": dict(ckpt=True, compile="lemo", lemo={"logits": "drop"}),
     "lemo_ckpt_drop_logits_seg_mlp": dict(ckpt=True, compile="lemo", lemo={"logits": "drop", "segment_mlp": True}),
+    # opt-in: the real-loop batches (see LOOPS) with the same total tokens as the clean loop's
+    "lemo_ckpt_drop_logits_packed": dict(ckpt=True, compile="lemo", lemo={"logits": "drop"}, loop="packed"),
+    "lemo_ckpt_drop_logits_padded": dict(ckpt=True, compile="lemo", lemo={"logits": "drop"}, loop="padded"),
+    "dense_ckpt_liger_packed": dict(ckpt=True, liger=True, loop="packed"),
+    "dense_ckpt_packed": dict(ckpt=True, loop="packed"),
 }
-OPT_IN = ("lemo_ckpt_drop_logits", "lemo_ckpt_drop_logits_seg_mlp")  # not in the default variant list
+OPT_IN = ("lemo_ckpt_drop_logits", "lemo_ckpt_drop_logits_seg_mlp", "lemo_ckpt_drop_logits_packed",
+          "lemo_ckpt_drop_logits_padded", "dense_ckpt_liger_packed", "dense_ckpt_packed")  # --variants only
+# The batches a step runs on ("loop" of a variant; default "clean"), each with seq tokens in total:
+#   clean   random ids (1, seq), labels = ids, no attention_mask (every figure before the real-loop issue)
+#   packed  documents of mixed lengths (log-uniform in [seq/64, seq/4], seeded) packed into one row by
+#           transformers' DataCollatorWithFlattening (what TRL's padding_free does): position_ids restart
+#           at 0 per document, each document's first label -100, no attention_mask
+#   padded  two rows of seq/2 tokens, the second right-padded by seq/8 (attention_mask, labels -100 there)
+LOOPS = ("clean", "packed", "padded")
 DENSE = ("eager_dense", "inductor_dense")  # "dense" of the headline ratios: no checkpointing
 CKPT_BASELINES = ("dense_ckpt", "dense_ckpt_liger", "dense_ckpt_auto_chunker")
 
@@ -212,13 +225,55 @@ def prepare(spec: dict, variant: str, arch: str, seq: int, lora: str, dev: str, 
     return model, step_model, patch_ctx
 
 
-def make_step(model, step_model, ids, shapes: dict | None = None):
-    """forward + backward + AdamW on the LoRA parameters; returns the step function."""
+def doc_lengths(seq: int, seed: int = 0) -> list[int]:
+    """Mixed document lengths summing to seq: log-uniform in [seq/64, seq/4] (at least 16), the last cut."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    lo, hi = max(16, seq // 64), max(16, seq // 4)
+    out: list[int] = []
+    while sum(out) < seq:
+        out.append(int(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+    out[-1] -= sum(out) - seq
+    return [n for n in out if n > 0]
+
+
+def loop_batch(loop: str, seq: int, vocab: int, dev: str, seed: int = 0) -> dict:
+    """The step's batch for a loop of LOOPS (random token values: the cost does not depend on them)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    if loop == "clean":
+        ids = torch.randint(0, vocab, (1, seq), generator=gen)
+        batch = {"input_ids": ids, "labels": ids}
+    elif loop == "packed":
+        from transformers import DataCollatorWithFlattening
+
+        docs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in doc_lengths(seq, seed)]
+        batch = dict(DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in docs]))
+    elif loop == "padded":
+        half, pad = seq // 2, seq // 8
+        ids = torch.randint(0, vocab, (2, half), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, half - pad:] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    else:
+        raise ValueError(f"unknown loop {loop!r}; expected one of {LOOPS}")
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def make_step(model, step_model, batch, shapes: dict | None = None):
+    """forward + backward + AdamW on the LoRA parameters; returns the step function. `batch`: token ids
+    (labels = ids) or a batch dict (loop_batch)."""
     import torch
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch, "labels": batch}
 
     def step():
-        out = step_model(input_ids=ids, labels=ids)
+        out = step_model(**batch)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -254,6 +309,10 @@ def lemo_records_summary() -> dict:
     out = {"lemo_records": len(recs),
            "sparse_layers": sum(len(r.sparsify.layers) for r in recs if r.sparsify is not None),
            "losses_segmented": sum(len(r.peak_cut.losses) for r in recs if r.peak_cut is not None)}
+    layered = [r for r in recs if r.detect is not None and r.detect.layers]
+    if layered:
+        out["attention_path"] = layered[-1].attention_path
+        out["loss_path"] = layered[-1].loss_path
     causal = [r.causal for r in recs if getattr(r, "causal", None) is not None]
     if causal:
         out["sdpa_made_causal"] = sum(c.counters["sdpa_made_causal"] for c in causal)
@@ -282,9 +341,15 @@ def prepare_worker(args, spec: dict, lora: str, res: dict, **options):
         if "error" in res:
             res["phase"] = "setup"
         return None
-    gen = torch.Generator(device=dev).manual_seed(0)
-    ids = torch.randint(0, built[0].config.vocab_size, (1, args.seq), device=dev, generator=gen)
-    return (*built, ids)
+    loop = spec.get("loop", "clean")
+    res["loop"] = loop
+    if loop == "clean":  # the ids every earlier figure used
+        gen = torch.Generator(device=dev).manual_seed(0)
+        return (*built, torch.randint(0, built[0].config.vocab_size, (1, args.seq), device=dev, generator=gen))
+    batch = loop_batch(loop, args.seq, built[0].config.vocab_size, dev)
+    if "position_ids" in batch:
+        res["documents"] = int((batch["position_ids"] == 0).sum())
+    return (*built, batch)
 
 
 def worker(args) -> dict:
@@ -301,9 +366,9 @@ def worker(args) -> dict:
         built = prepare_worker(args, spec, args.lora, res, chunker_ratio=args.chunker_ratio)
         if built is None:
             return res
-        model, step_model, patch_ctx, ids = built
+        model, step_model, patch_ctx, batch = built
         shapes: dict = {}
-        step = make_step(model, step_model, ids, shapes)
+        step = make_step(model, step_model, batch, shapes)
         phase = "first step"
         _sync(dev)
         t0 = time.perf_counter()
@@ -427,7 +492,9 @@ def _note(r: dict) -> str:
     notes = []
     if "sparse_layers" in r:
         notes.append(f"{r['sparse_layers']} sparse layers, {r.get('losses_segmented', 0)} loss(es) segmented")
-        if "sdpa_made_causal" in r:
+        if r.get("attention_path", "").startswith("segments"):
+            notes.append(f"attention: {r['attention_path']}")
+        elif "sdpa_made_causal" in r:
             notes.append(f"{r['sdpa_made_causal']} SDPA made causal")
     if "auto_chunking_applied" in r:
         notes.append(f"auto-chunking applied {r['auto_chunking_applied']}x")
@@ -495,6 +562,14 @@ def plot(results: list[dict], path: str) -> bool:
     return True
 
 
+# Real-loop figures: lemo in a real loop's batches / lemo in the clean loop, same total tokens (8B, 32K).
+LOOP_FIGURES = {
+    "real_loop_peak_ratio_8b_32k": ("lemo_ckpt_drop_logits_packed", "lemo_ckpt_drop_logits", "peak_allocated_gb"),
+    "real_loop_step_ratio_8b_32k": ("lemo_ckpt_drop_logits_packed", "lemo_ckpt_drop_logits", "median_step_s"),
+}
+LOOP_TARGETS = {"real_loop_peak_ratio_8b_32k": "<= 1.05", "real_loop_step_ratio_8b_32k": "<= 1.10"}
+
+
 def figures(doc: dict, src: str | None, lora: str) -> tuple[dict, list[str]]:
     """The headline figures whose variants ran at their setting; what kept the others from being written."""
     tiny = doc["config"]["tiny"]
@@ -538,6 +613,17 @@ def figures(doc: dict, src: str | None, lora: str) -> tuple[dict, list[str]]:
         if len(doc.get("commands", ())) > 1:
             fig["commands"] = doc["commands"]
         figs[name] = fig
+    seq = seqs["32k"]
+    for name, (variant, base, key) in LOOP_FIGURES.items():
+        row, ref = at(variant, seq), at(base, seq)
+        if row is None or ref is None or not _ok(row) or not _ok(ref) or not row.get(key) or not ref.get(key):
+            missing.append(f"{name}: {variant} and {base} at {arch}/{lora}/{seq} not both measured")
+            continue
+        figs[name] = {"value": row[key] / ref[key], "target": LOOP_TARGETS[name], "source": src,
+                      "command": doc["command"], "when": when, "variant": variant, "baseline": base,
+                      "measure": key, "arch": arch, "lora": lora, "seq": seq, "lemo": row[key],
+                      "baseline_value": ref[key], "loop": "packed (DataCollatorWithFlattening, mixed lengths)",
+                      "attention_path": row.get("attention_path")}
     return figs, missing
 
 
@@ -626,7 +712,8 @@ def main():
                       "optimizer": "AdamW lr 1e-4 on LoRA params", "inner": args.inner,
                       "segment_bytes": args.segment_bytes, "gradient_checkpointing": "HF, non-reentrant",
                       "timeout_s": args.timeout, "budget_s": args.budget, "shared_cache": args.shared_cache,
-                      "alloc_conf": "expandable_segments:True", "tokens": "random, labels = input ids"},
+                      "alloc_conf": "expandable_segments:True", "tokens": "random, labels = input ids",
+                      "loops": {v: VARIANTS[v].get("loop", "clean") for v in variants}},
            "results": []}
     fresh: list[dict] = []
 
