@@ -11,11 +11,10 @@ Checkpoints saved from such a run are plain PEFT adapters: lemo changes how the 
 computed, not the parameters or their names.
 
 Data collators of the HF stack add an `attention_mask` to every batch, all ones when nothing is
-padded. The compiled graph then builds its n x n mask from that input, and lemo cannot prove it
-causal (`passes.causal`), so attention runs the masked kernel (2x slower at 16K on an H200). Wrap the
-collator so unpadded batches go without it:
-
-    Trainer(..., data_collator=drop_all_ones_attention_mask(DataCollatorForLanguageModeling(tok, mlm=False)))
+padded; packing collators pass `position_ids`. lemo carries the mask HF builds from either as segment
+ids (`passes.masks`), so no collator needs wrapping. `drop_all_ones_attention_mask` remains for
+graphs lemo leaves alone (then an unpadded batch without its mask lets `passes.causal` prove the
+causal pattern): it is no longer needed with lemo's default passes.
 
 Per-layer compilation (FSDP2, or any setup that compiles decoder layers one by one) goes through
 `compile_layers`: a graph of one decoder layer does not say which layer it is, so each layer is
