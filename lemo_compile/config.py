@@ -71,7 +71,9 @@ class LemoConfig:
     # Replace an attention mask that is provably the causal pattern (built from constants only, static
     # length) by SDPA's is_causal=True, in every layer (passes.causal): HF materializes the n x n mask
     # under torch.compile, which keeps SDPA off its causal flash kernel (H200, Llama-3.2-1B, 16K: a
-    # dense compiled step 0.66 -> 0.33 s, benchmarks/results/causal_1b_16k.json).
+    # dense compiled step 0.66 -> 0.33 s, benchmarks/results/causal_1b_16k.json). Also carry a mask built
+    # from one input (a 2-D attention_mask: padding; packed position_ids: documents) as segment ids, with
+    # attention per segment and no n x n mask (passes.masks). False leaves every mask as HF builds it.
     causal_mask: bool = True
     # Fused row kernels (passes.fuse, kernels/rows.py) at both ends of each kept-row block copy:
     # gather + RMSNorm, and GEMM + residual scatter-add. Triton on CUDA, PyTorch twins elsewhere.
