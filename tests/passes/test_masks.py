@@ -146,3 +146,21 @@ def test_segment_attention_is_sdpa_under_the_segment_mask(kv_heads):
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
         assert (a - w).abs().max() < 1e-4 * w.abs().max()
+
+
+def test_checkpointed_segments_under_inductor():
+    """The 8B real loop's setting (Inductor, gradient checkpointing, a padded batch): exact against the
+    eager inner compiler's run."""
+    model = tiny_model("llama", lora=True)
+    batch = padded_batch("left")
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0, 3), predictor="random")
+        eager = _compiled(model, cfg, batch)
+        torch._dynamo.reset()
+        ind = _compiled(model, cfg.replace(inner="inductor"), batch)
+    finally:
+        model.gradient_checkpointing_disable()
+    assert ind[2].masks.counters["segment_attention"] == 2 and ind[2].sparsify.counters["sparse_layers"] == 2
+    _close(ind[:2], eager[:2])
