@@ -49,8 +49,16 @@ def keep_set(scores: torch.Tensor, token_valid: torch.Tensor, block: int, keep_n
     return selection.keep_set(scores, token_valid, block, Fraction(keep_num, keep_den), forced, seg)
 
 
+@torch.library.custom_op("lemo::random_block_scores", mutates_args=())
 def random_block_scores(x: torch.Tensor, layer: int, seed: int, block: int) -> torch.Tensor:
+    """predictors.random_scores as an opaque op: its 64-bit hash constants must not reach Inductor, whose
+    Triton code would compute them in 32-bit index arithmetic."""
     return predictors.random_scores(layer, seed, x.shape[0], selection.num_blocks(x.shape[1], block), x.device)
+
+
+@random_block_scores.register_fake
+def _(x, layer, seed, block):
+    return x.new_empty((x.shape[0], (x.shape[1] + block - 1) // block), dtype=torch.float32)
 
 
 def pooled_block_scores(x: torch.Tensor, token_valid: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | None,

@@ -180,7 +180,7 @@ def _norm_output(layer: Layer, attn: Block) -> fx.Node:
 def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: fx.Node, valid: fx.Node) -> fx.Node:
     if cfg.predictor == "random":
         lid = layer.index if layer.index is not None else (cfg.layer_index or 0)
-        return g.call_function(ops.random_block_scores, (x, lid, cfg.seed, cfg.block_size))
+        return g.call_function(torch.ops.lemo.random_block_scores.default, (x, lid, cfg.seed, cfg.block_size))
     if cfg.predictor != "pooled":  # a calibrated predictor file
         lid = layer.index if layer.index is not None else cfg.layer_index
         return g.call_function(torch.ops.lemo.calibrated_block_scores.default,
