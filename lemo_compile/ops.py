@@ -10,6 +10,10 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
                             dropped-term attention gradient over kept queries x kept keys, masked
                             by a gathered mask or, causally, by the kept rows' positions (no m x m
                             mask is ever held: the backward builds it a chunk of queries at a time).
+- `lemo::segment_attention` causal attention within the segments of a padded or packed batch
+                            (passes.masks), with its log-sum-exp; per segment the flash kernel on
+                            CUDA, the twin elsewhere; `lemo::segment_attention_backward` its backward.
+- `lemo::random_block_scores` the `random` predictor's scores (opaque: 64-bit hash arithmetic).
 - `lemo::saved`             identity that marks a value for saving in a checkpointed layer.
 On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path.
 On CUDA `attention_lse` calls PyTorch's flash attention kernel (its memory-efficient one under a
@@ -524,22 +528,12 @@ def segment_attention_lse_impl(q, k, v, seg, scale):
     return out, lse
 
 
-@torch.library.custom_op("lemo::segment_attention_lse", mutates_args=())
-def segment_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return segment_attention_lse_impl(q, k, v, seg, scale)
-
-
-@segment_attention_lse.register_fake
-def _(q, k, v, seg, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
 @torch.library.custom_op("lemo::segment_attention", mutates_args=())
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """What SDPA computes under segment_mask(seg), for the rows of real tokens (padding rows: 0), and
-    the log-sum-exp its backward reads. q (b, H, n, hd); k, v (b, H_kv, n, hd)."""
+    the log-sum-exp its backward reads (and the default mode's kept-rows backward, which calls it on
+    detached inputs for the dense output). q (b, H, n, hd); k, v (b, H_kv, n, hd)."""
     return segment_attention_lse_impl(q, k, v, seg, scale)
 
 

@@ -340,7 +340,7 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
         qd, kd, vd = (g.call_method("detach", (t,)) for t in (q, k, v))  # LoRA weights still want grad
         seg = segments_of(attn.mask)
         if seg is not None:
-            lse_pair = g.call_function(torch.ops.lemo.segment_attention_lse.default, (qd, kd, vd, seg, scale))
+            lse_pair = g.call_function(torch.ops.lemo.segment_attention.default, (qd, kd, vd, seg, scale))
         else:
             lse_pair = g.call_function(torch.ops.lemo.attention_lse.default,
                                        (qd, kd, vd, attn.mask, scale, bool(sdpa.kwargs.get("is_causal", False))))
