@@ -364,8 +364,18 @@ def attention_lse_cuda(q, k, v, mask, scale, is_causal):
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   scale: float, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_cuda_kernels(q):
-        return attention_lse_cuda(q, k, v, mask, scale, is_causal)
+        out, lse = attention_lse_cuda(q, k, v, mask, scale, is_causal)
+        return _strided_like(q, out), lse
     return attention_lse_torch(q, k, v, mask, scale, is_causal)
+
+
+def _strided_like(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out in the layout of torch.empty_like(q), the layout the fake promises (a kernel may return
+    another; the compiled graph then turns a reshape into a view that fails on the real strides)."""
+    like = torch.empty_like(q)
+    if like.stride() == out.stride():
+        return out
+    return like.copy_(out)
 
 
 @attention_lse.register_fake
