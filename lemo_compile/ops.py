@@ -12,7 +12,7 @@ Custom ops (opaque to the compiler, with a registered fake and autograd formula)
                             mask is ever held: the backward builds it a chunk of queries at a time).
 - `lemo::segment_attention` causal attention within the segments of a padded or packed batch
                             (passes.masks), with its log-sum-exp; per segment the flash kernel on
-                            CUDA, the twin elsewhere; `lemo::segment_attention_backward` its backward.
+                            CUDA, the twin elsewhere; its backward is attention_kept's with every row kept.
 - `lemo::random_block_scores` the `random` predictor's scores (opaque: 64-bit hash arithmetic).
 - `lemo::saved`             identity that marks a value for saving in a checkpointed layer.
 On CPU (and with LEMO_ATTENTION_IMPL=torch) they are plain PyTorch, the oracle of every faster path.
@@ -372,10 +372,9 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 def _strided_like(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out in the layout of torch.empty_like(q), the layout the fake promises (a kernel may return
     another; the compiled graph then turns a reshape into a view that fails on the real strides)."""
-    like = torch.empty_like(q)
-    if like.stride() == out.stride():
+    if torch.empty_like(q, device="meta").stride() == out.stride():  # the layout, without allocating
         return out
-    return like.copy_(out)
+    return torch.empty_like(q).copy_(out)
 
 
 @attention_lse.register_fake
@@ -552,35 +551,6 @@ def _(q, k, v, seg, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("lemo::segment_attention_backward", mutates_args=())
-def segment_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               out: torch.Tensor, lse: torch.Tensor, seg: torch.Tensor,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per segment, the causal attention backward given its output and lse: PyTorch's flash backward on
-    CUDA, the twin elsewhere (attention_kept_backward with every row kept is the full gradient)."""
-    ke, ve = _expand_kv(q, k, v)
-    dq, dke, dve = torch.zeros_like(q), torch.zeros_like(ke), torch.zeros_like(ve)
-    for b, rows in _segment_rows(seg):
-        qs, ks, vs = _take(q, b, rows), _take(ke, b, rows), _take(ve, b, rows)
-        gs, os_, ls = _take(grad_out, b, rows), _take(out, b, rows), _take(lse, b, rows)
-        m = qs.shape[2]
-        pos = torch.arange(m, device=q.device)[None]
-        valid = torch.ones(1, m, dtype=torch.bool, device=q.device)
-        if _use_cuda_kernels(q) and _flash_supported(q):
-            g = attention_kept_backward_flash(gs, qs, ks, vs, os_, ls, valid, scale)
-        else:
-            g = attention_kept_backward_torch(gs, qs, ks, vs, os_, ls, None, scale, pos=pos, valid=valid)
-        for dst, src in zip((dq, dke, dve), g):
-            _put(dst, b, rows, src.to(dst.dtype))
-    dk, dv = _sum_kv_groups(dke, dve, k.shape[1])
-    return _contiguous(dq, dk, dv)
-
-
-@segment_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, seg, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
 def _segment_setup(ctx, inputs, output):
     q, k, v, seg, scale = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], seg)
@@ -588,8 +558,11 @@ def _segment_setup(ctx, inputs, output):
 
 
 def _segment_backward(ctx, grad, _grad_lse):
+    """The kept-rows backward with every row kept, causal by position within the segments: given the
+    output and lse it is the full attention gradient (flash per segment on CUDA, the twin elsewhere)."""
     q, k, v, out, lse, seg = ctx.saved_tensors
-    dq, dk, dv = segment_attention_backward(grad.contiguous(), q, k, v, out, lse, seg, ctx.scale)
+    pos = torch.arange(seg.shape[1], device=seg.device).expand(seg.shape)
+    dq, dk, dv = attention_kept_backward(grad.contiguous(), q, k, v, out, lse, None, pos, seg, ctx.scale)
     return dq, dk, dv, None, None
 
 
