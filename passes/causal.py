@@ -175,14 +175,30 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen]  # graph order
 
 
-def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> torch.Tensor:
+def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node, inputs: tuple = (),
+              fixed: dict | None = None, band: tuple | None = None) -> fx.GraphModule:
+    """`nodes` (ancestors of `out`, in graph order) as a module of (*inputs[, band positions]): nodes in
+    `fixed` become those constants; with band = (arange, rows of _propagate_rows) that arange becomes
+    the last argument and the expands along the row axis keep the band's own row count."""
     g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in nodes:
-        env[n] = g.node_copy(n, lambda a: env[a])
+    env: dict[fx.Node, object] = {x: g.placeholder(f"input_{i}") for i, x in enumerate(inputs)}
+    if band is not None:
+        env[band[0]] = g.placeholder("band")
+    env.update(fixed or {})
+    for node in nodes:
+        if node in env:
+            continue
+        new = g.node_copy(node, lambda a: env[a])
+        if band is not None and node.op == "call_method" and node.target == "expand" and node in band[1]:
+            new.args = _expand_args_for_band(new.args, band[1][node])
+        env[node] = new
     g.output(env[out])
+    return fx.GraphModule(gm, g)
+
+
+def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> torch.Tensor:
     with torch.no_grad():
-        return fx.GraphModule(gm, g)()
+        return _subgraph(gm, nodes, out)()
 
 
 # Row-local operations: row i of the output depends only on row i of the row-indexed inputs.
@@ -276,9 +292,11 @@ def _propagate_rows(nodes: list[fx.Node], start: fx.Node, n: int) -> dict[fx.Nod
     return rows
 
 
-def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int):
-    """A function (r0, rows) -> mask[..., r0:r0 + rows, :], computed without the rest of the mask,
-    or None when no arange of the subgraph indexes the mask's rows row-locally."""
+def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int, inputs: tuple = (),
+               fixed: dict | None = None):
+    """A function (r0, rows, *input values) -> mask[..., r0:r0 + rows, :], computed without the rest of
+    the mask, or None when no arange of the subgraph indexes the mask's rows row-locally. `inputs` and
+    `fixed` as in _subgraph."""
     for a in nodes:
         if not (is_call(a, torch.arange) and shape_of(a) == (n,)):
             continue
@@ -286,23 +304,12 @@ def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int):
         rows = _propagate_rows(nodes, a, n) if bounds is not None else None
         if rows is None or rows.get(mask) != -2:
             continue
-        g = fx.Graph()
-        band = g.placeholder("band")
-        env: dict[fx.Node, fx.Node] = {a: band}
-        for node in nodes:
-            if node is a:
-                continue
-            new = g.node_copy(node, lambda x: env[x])
-            if node.op == "call_method" and node.target == "expand" and node in rows:
-                new.args = _expand_args_for_band(new.args, rows[node])
-            env[node] = new
-        g.output(env[mask])
-        fn = fx.GraphModule(gm, g)
+        fn = _subgraph(gm, nodes, mask, inputs, fixed, band=(a, rows))
         start, kwargs = bounds
 
-        def evaluate(r0: int, count: int, fn=fn, start=start, kwargs=kwargs) -> torch.Tensor:
+        def evaluate(r0: int, count: int, *values, fn=fn, start=start, kwargs=kwargs) -> torch.Tensor:
             with torch.no_grad():
-                return fn(torch.arange(start + r0, start + r0 + count, **kwargs))
+                return fn(*values, torch.arange(start + r0, start + r0 + count, **kwargs))
 
         return evaluate
     return None

@@ -40,8 +40,7 @@ import torch.fx as fx
 
 from lemo_compile import ops
 
-from .causal import (BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _arange_bounds, _expand_args_for_band, _graphs,
-                     _mask_arg, _nbytes, _propagate_rows)
+from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
 from .common import PassResult, is_call, shape_of, value_of
 from .detect import SDPA_TARGETS
 
@@ -235,53 +234,23 @@ def _scalar_inputs(nodes: list[fx.Node]) -> dict[fx.Node, int]:
 
 
 def _evaluator(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, src: fx.Node, n: int):
-    """A function (probe, r0, rows) -> mask[..., r0:r0 + rows, :] for the input `src` = probe; banded
-    (HF's masks: rows row-local in one arange) or whole (small masks, whole rows only)."""
+    """(A function (probe, r0, rows) -> mask[..., r0:r0 + rows, :] for the input `src` = probe, rows per
+    call): banded (HF's masks: rows row-local in one arange) or whole (small masks), symbolic sizes
+    fixed to their hints; None when neither applies."""
     scalars = _scalar_inputs(nodes)
-    static = all(isinstance(d, int) for d in shape_of(mask))
-    for a in nodes if static else ():
-        if not (is_call(a, torch.arange) and shape_of(a) == (n,)):
-            continue
-        bounds = _arange_bounds(a, n)
-        rows = _propagate_rows(nodes, a, n) if bounds is not None else None
-        if rows is None or rows.get(mask) != -2:
-            continue
-        fn = _copy(gm, nodes, mask, src, scalars, band_of=(a, rows))
-        start, kwargs = bounds
-
-        def banded(probe, r0, count, fn=fn, start=start, kwargs=kwargs):
-            with torch.no_grad():
-                return fn(probe, torch.arange(start + r0, start + r0 + count, **kwargs))
-
-        return banded, max(1, BAND_ELEMENTS // n)
-    mb = _hint(shape_of(mask)[0])
-    if mb * n * n > FULL_EVAL_BYTES:
+    if all(isinstance(d, int) for d in shape_of(mask)):
+        bands = _row_bands(gm, nodes, mask, n, inputs=(src,), fixed=scalars)
+        if bands is not None:
+            return (lambda probe, r0, count: bands(r0, count, probe)), max(1, BAND_ELEMENTS // n)
+    if _hint(shape_of(mask)[0]) * n * n > FULL_EVAL_BYTES:
         return None
-    fn = _copy(gm, nodes, mask, src, scalars)
+    fn = _subgraph(gm, nodes, mask, inputs=(src,), fixed=scalars)
 
-    def whole(probe, r0, count, fn=fn):
+    def whole(probe, r0, count):
         with torch.no_grad():
             return fn(probe)[..., r0:r0 + count, :]
 
     return whole, n
-
-
-def _copy(gm, nodes, mask, src, scalars, band_of=None) -> fx.GraphModule:
-    """The mask's subgraph as a module of (probe[, band positions]); symbolic sizes fixed to their hints."""
-    g = fx.Graph()
-    env: dict[fx.Node, object] = {src: g.placeholder("probe")}
-    if band_of is not None:
-        env[band_of[0]] = g.placeholder("band")
-    env.update(scalars)
-    for node in nodes:
-        if node in env:
-            continue
-        new = g.node_copy(node, lambda x: env[x])
-        if band_of is not None and node.op == "call_method" and node.target == "expand" and node in band_of[1]:
-            new.args = _expand_args_for_band(new.args, band_of[1][node])
-        env[node] = new
-    g.output(env[mask])
-    return fx.GraphModule(gm, g)
 
 
 def _probes(kind: str, b: int, n: int, device) -> list[torch.Tensor]:
