@@ -77,3 +77,14 @@ def trace_structured(name: str, payload_fn) -> None:
                                         payload_fn=payload_fn)
     except Exception:  # pragma: no cover
         log.debug("trace_structured unavailable")
+
+
+def recompile_reason() -> str | None:
+    """Why Dynamo is compiling this frame again (its first failed guard), read inside a backend call;
+    None on a frame's first compile or where this torch does not say."""
+    try:
+        from torch._dynamo.utils import get_metrics_context
+        ctx = get_metrics_context()
+        return ctx._metrics.get("recompile_reason") if ctx.in_progress() else None
+    except Exception:  # pragma: no cover - private API moved
+        return None

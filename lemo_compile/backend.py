@@ -49,6 +49,7 @@ class CompileRecord:
     masks: Any = None  # passes.masks.MasksResult
     mlp_segment: Any = None  # passes.mlp_segment.MlpSegmentResult
     left_alone: str | None = None  # why nothing was rewritten
+    recompile_reason: str | None = None  # why Dynamo compiled this frame again (its first failed guard)
     before: str = ""  # readable graph before the rewrite
     after: str = ""  # ... and after
     aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
@@ -223,7 +224,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
     from .passes.peak_cut import peak_cut
     from .passes.sparsify import sparsify
 
-    rec = CompileRecord(graph_id=next(_ids), config=cfg)
+    rec = CompileRecord(graph_id=next(_ids), config=cfg, recompile_reason=_compat.recompile_reason())
     RECORDS.append(rec)
     del RECORDS[:-_MAX_RECORDS]
     if cfg.enabled:

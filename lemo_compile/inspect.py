@@ -11,6 +11,8 @@ import torch
 def format_record(rec: Any, graphs: bool = False) -> str:
     lines = [f"graph {rec.graph_id}: inner={rec.config.inner.value} attn_mode={rec.config.attn_mode.value} "
              f"mlp_mode={rec.config.mlp_mode.value} keep_ratio={rec.config.keep_ratio} predictor={rec.config.predictor}"]
+    if getattr(rec, "recompile_reason", None):
+        lines.append(f"  recompiled: {rec.recompile_reason}")
     det = rec.detect
     if det is not None:
         s = det.summary()

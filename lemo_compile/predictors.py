@@ -58,11 +58,13 @@ def qk_block_scores(xb: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | Non
     """(b, nb, d) block means -> (b, nb) key-block scores: sum over query blocks i >= j of the
     head mean of relu(q_i . k_j) / sqrt(head_dim), with q = xb W_q^T + b_q, k = xb W_k^T + b_k."""
     b, nb, _ = xb.shape
-    q = torch.nn.functional.linear(xb, w_q, b_q).float()
-    k = torch.nn.functional.linear(xb, w_k, b_k).float()
+    rows = xb.flatten(0, 1)  # 2-D GEMMs: a 3-D linear's reshape guards on nb under dynamic shapes (recompiles)
+    q = torch.nn.functional.linear(rows, w_q, b_q).float()
+    k = torch.nn.functional.linear(rows, w_k, b_k).float()
     hd = q.shape[-1] // num_heads
-    q = q.view(b, nb, num_heads, hd).transpose(1, 2)
-    k = k.view(b, nb, num_kv_heads, hd).transpose(1, 2).repeat_interleave(num_heads // num_kv_heads, dim=1)
+    q = q.unflatten(0, (b, nb)).unflatten(-1, (num_heads, hd)).transpose(1, 2)
+    k = k.unflatten(0, (b, nb)).unflatten(-1, (num_kv_heads, hd)).transpose(1, 2)
+    k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
     s = torch.relu(torch.matmul(q, k.transpose(-1, -2)) * hd ** -0.5).mean(1)  # (b, nb_q, nb_k)
     causal = torch.ones(nb, nb, device=s.device, dtype=torch.bool).tril()
     return (s * causal).sum(-2)

@@ -1,0 +1,51 @@
+"""A loop whose sequence lengths vary, padded or packed, compiles twice: the first (static) graph and
+one dynamic graph that serves every later length (issue 28). The second compile record says why Dynamo
+compiled again."""
+
+import pytest
+import torch
+
+import lemo_compile
+from lemo_compile import LemoConfig
+from lemo_compile.backend import clear_records
+from lemo_compile.integrations import compile_for_training
+from lemo_compile.testing.models import tiny_model
+
+# At least three 64-token blocks: Dynamo specializes a block count of 1 or 2 (its size-0/1 and
+# broadcasting guards), so a batch of <= 128 tokens costs one more compile, whose record says why.
+LENGTHS = (200, 320, 260, 600, 421, 193)
+
+
+def _batch(kind: str, n: int, gen: torch.Generator) -> dict:
+    if kind == "padded":  # two rows, the second right-padded by a third
+        ids = torch.randint(3, 256, (2, n), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, n - n // 3:] = 0
+        return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    from transformers import DataCollatorWithFlattening
+
+    docs, left = [], n
+    while left > 0:
+        k = min(left, int(torch.randint(8, max(9, n // 3), (1,), generator=gen)))
+        docs.append(torch.randint(3, 256, (k,), generator=gen).tolist())
+        left -= k
+    return dict(DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in docs]))
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_varying_lengths_compile_once_more(kind):
+    torch._dynamo.reset()
+    clear_records()
+    model = tiny_model("llama", lora=True).train()
+    compile_for_training(model, LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,)))
+    gen = torch.Generator().manual_seed(0)
+    for n in LENGTHS:
+        loss = model(**_batch(kind, n, gen)).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+    recs = [r for r in lemo_compile.records() if r.detect and r.detect.layers]
+    assert len(recs) == 2, [r.recompile_reason for r in recs]
+    assert recs[0].recompile_reason is None
+    assert "size mismatch" in recs[1].recompile_reason, recs[1].recompile_reason
+    assert "recompiled: " in lemo_compile.inspect.format_record(recs[1])
+    assert all(r.sparsify.counters["sparse_layers"] == 3 for r in recs)
