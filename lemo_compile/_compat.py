@@ -88,3 +88,27 @@ def recompile_reason() -> str | None:
         return ctx._metrics.get("recompile_reason") if ctx.in_progress() else None
     except Exception:  # pragma: no cover - private API moved
         return None
+
+
+OFFLOAD_PREFIX = "cpu_offload_"  # AOT autograd names each offloaded forward output so (sync and async paths)
+
+
+def activation_offload(enabled: bool, cuda: bool):
+    """Context enabling AOT autograd's activation offloading for one compile: the partitioner moves
+    saved forward outputs whose joint-graph node carries meta["should_offload"] to host memory and
+    reloads them in the backward; on CUDA the copies run on a side stream, the forward's waits sink to
+    the end and the backward's reloads are prefetched. A functorch config: part of AOT's cache key."""
+    import contextlib
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+    if not hasattr(functorch_config, "enable_activation_offloading"):
+        raise RuntimeError(f"LemoConfig.offload needs AOT autograd's activation offloading, which torch "
+                           f"{torch.__version__} does not have (torch._functorch.config.enable_activation_offloading)")
+    patch = {"enable_activation_offloading": True}
+    if cuda:
+        for key in ("activation_offload_separate_stream", "activation_offload_sink_wait",
+                    "activation_reload_prefetch"):
+            if hasattr(functorch_config, key):
+                patch[key] = True
+    return functorch_config.patch(**patch)

@@ -55,6 +55,7 @@ class CompileRecord:
     aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
     saved: list = dataclasses.field(default_factory=list)  # memory.SavedValue: what the backward keeps
     saved_for_recompute: int = 0  # values tagged MUST_SAVE for sparse checkpointing
+    offloaded: list = dataclasses.field(default_factory=list)  # memory.SavedValue moved to host (offload)
     _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
     # (forward graph, backward graph or None, fusion_aware) for the memory estimate, made on first use
     _graphs: tuple | None = dataclasses.field(default=None, repr=False)
@@ -100,6 +101,12 @@ class CompileRecord:
         return "no cross-entropy in this graph (the caller computes the loss)"
 
     @property
+    def host_bytes(self) -> int:
+        """Bytes of activations this graph's forward moves to host memory (LemoConfig.offload), at the
+        traced length."""
+        return sum(v.nbytes for v in self.offloaded)
+
+    @property
     def sparsified(self) -> bool:
         return bool(self.sparsify and self.sparsify.layers)
 
@@ -132,6 +139,10 @@ def _source_files() -> tuple[str, ...]:
     return tuple(sorted(set(files)))
 
 
+class HostMemoryBudgetError(ValueError):
+    """A graph's offloaded activations do not fit LemoConfig.host_memory_budget."""
+
+
 class AotPasses(_compat.custom_graph_pass_base()):
     """The composite AOT-level pass (one object per Inductor slot: torch 2.11 takes no lists).
 
@@ -156,8 +167,26 @@ class AotPasses(_compat.custom_graph_pass_base()):
             else:
                 self.record._fw_values = memory.forward_values(graph.owning_module)
                 self._fw_graph = graph
+                if self.cfg.offload:
+                    self.record.offloaded = memory.offloaded_values(graph, _compat.OFFLOAD_PREFIX)
+                    self._check_host_budget()
             self._estimate(graph if is_bw else None)
         log.debug("lemo AOT pass on %s graph (%d nodes)", "backward" if is_bw else "forward", len(graph.nodes))
+
+    def _check_host_budget(self) -> None:
+        """Refuse a graph whose offloaded activations exceed LemoConfig.host_memory_budget (at compile
+        time: before its step runs)."""
+        budget, rec = self.cfg.host_memory_budget, self.record
+        if budget is None or rec.host_bytes <= budget:
+            return
+        device = ""
+        if torch.cuda.is_available():
+            device = f"; the device holds {torch.cuda.get_device_properties(0).total_memory / 2**30:.2f} GiB"
+        raise HostMemoryBudgetError(
+            f"lemo: graph {rec.graph_id} offloads {rec.host_bytes / 2**30:.3f} GiB of activations "
+            f"({len(rec.offloaded)} tensors) to host memory at this length, over "
+            f"LemoConfig.host_memory_budget={budget / 2**30:.3f} GiB{device}. Raise host_memory_budget, "
+            f"shorten the sequence, or set offload=False to keep the activations on the device.")
 
     def _estimate(self, bw: fx.Graph | None) -> None:
         """Keep the graphs for the record's lazily computed memory estimate (forward-only until the
@@ -182,15 +211,20 @@ class JointPasses(_compat.custom_graph_pass_base()):
         self.record = record
 
     def __call__(self, graph: fx.Graph) -> None:
+        from .memory import _nbytes
         must_save = _compat.must_save_policy()
-        tagged = 0
+        tagged = offload = 0
         for node in graph.nodes:
             if node.target is torch.ops.lemo.saved.default and node.meta.get("recompute") is not None:
                 node.meta["recompute"] = must_save
                 tagged += 1
+            # activation offload: the partitioner moves the tagged values it saves (forward outputs)
+            if self.cfg.offload and node.op == "call_function" and _nbytes(node.meta.get("val")) >= self.cfg.offload_min_bytes:
+                node.meta["should_offload"] = True
+                offload += 1
         if self.record is not None:
             self.record.saved_for_recompute = tagged
-        log.debug("lemo joint pass: %d values kept for recompute", tagged)
+        log.debug("lemo joint pass: %d values kept for recompute, %d tagged for offload", tagged, offload)
 
     def uuid(self) -> bytes:
         return _compat.hash_for_files(_source_files(), extra="joint" + self.cfg.to_json())
@@ -282,11 +316,13 @@ def _record_text(rec: CompileRecord) -> str:
 def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: CompileRecord):
     passes = AotPasses(cfg, rec, fusion_aware=cfg.inner is Inner.INDUCTOR)
     joint = JointPasses(cfg, rec)
-    if cfg.inner is Inner.EAGER:
-        return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(gm, example_inputs)
-    with _compat.activation_memory_budget(cfg.activation_memory_budget):
-        return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes,
-                                                                      "joint_custom_pre_pass": joint})
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    with _compat.activation_offload(cfg.offload, cuda):
+        if cfg.inner is Inner.EAGER:
+            return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(gm, example_inputs)
+        with _compat.activation_memory_budget(cfg.activation_memory_budget):
+            return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes,
+                                                                          "joint_custom_pre_pass": joint})
 
 
 def make_backend(cfg: LemoConfig | None = None, **options: Any):

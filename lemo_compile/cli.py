@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--fits", type=float, default=None, metavar="GB",
                     help="compile with a dynamic sequence length and print the longest context whose "
                          "estimated peak fits in GB gigabytes")
+    ex.add_argument("--host", type=float, default=None, metavar="GB",
+                    help="with --fits: offload activations to host memory (LemoConfig.offload) and also "
+                         "require the offloaded bytes to fit in GB gigabytes of host memory")
     ex.add_argument("--memory-plot", default=None, metavar="PNG",
                     help="write the estimated memory timeline without lemo's rewrites and with them")
     ex.add_argument("--keep-plot", default=None, metavar="PNG",
@@ -119,8 +122,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from lemo_compile import LemoConfig
     from lemo_compile.testing.models import random_batch, tiny_model
 
+    if args.host is not None and args.fits is None:
+        raise SystemExit("lemo explain: --host needs --fits (a device budget)")
     cfg = LemoConfig(inner="eager", **_mode_overrides(args),
-                     **({"predictor": args.predictor} if args.predictor else {}))
+                     **({"predictor": args.predictor} if args.predictor else {}),
+                     **({"offload": True, "offload_min_bytes": 1} if args.host is not None else {}))
     model = tiny_model(args.arch, lora=args.lora, layers=args.layers)
     batch = random_batch(model.config.vocab_size, b=args.batch, n=args.seq, seed=0)
     explanation = lemo_compile.explain(model, input_ids=batch["input_ids"], labels=batch["labels"],
@@ -131,8 +137,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if explanation.loss is not None:
         print(f"loss of the compiled forward: {explanation.loss:.4f}")
     if args.fits is not None:
-        n = explanation.max_context(int(args.fits * 1e9))
-        print(f"longest context whose estimated peak fits in {args.fits:g} GB: {n} tokens (batch {args.batch})")
+        host = None if args.host is None else int(args.host * 1e9)
+        n = explanation.max_context(int(args.fits * 1e9), host_bytes=host)
+        where = f"{args.fits:g} GB" + ("" if host is None else f" (offloaded activations in {args.host:g} GB of host memory)")
+        print(f"longest context whose estimated peak fits in {where}: {n} tokens (batch {args.batch})")
     if args.memory_plot:
         from lemo_compile.passes.memory import plot_timeline
 

@@ -103,6 +103,16 @@ class LemoConfig:
     # without lemo) or "drop" (an empty (batch, seq, 0) tensor: saves the head's full matmul and
     # its n x vocab output; any use of the logits then fails loudly).
     logits: str = "keep"
+    # Activation offload: the tensors a training graph saves for its backward (each of at least
+    # offload_min_bytes: under checkpointing the layer inputs, a sparse layer's kept rows and what its
+    # backward mode keeps) go to pinned host memory in the forward and come back ahead of their use in
+    # the backward, copied on a side stream on CUDA (AOT autograd's activation offloading, driven by
+    # lemo's tags). Exact. Composes with HF's gradient_checkpointing_kwargs={"offload": True}.
+    offload: bool = False
+    offload_min_bytes: int = 1 << 20
+    # Host bytes one graph's offloaded activations may take (None: no limit); a graph that needs more
+    # is refused at compile time, before its step runs, with both figures.
+    host_memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -154,7 +164,12 @@ class LemoConfig:
         amb = self.activation_memory_budget
         if amb is not None and (isinstance(amb, bool) or not isinstance(amb, (int, float)) or not 0.0 <= amb <= 1.0):
             raise ValueError(f"LemoConfig.activation_memory_budget must be None or a number in [0, 1], got {amb!r}")
-        for name in ("segment_bytes", "mlp_segment_bytes"):
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"LemoConfig.offload must be a bool, got {self.offload!r}")
+        hb = self.host_memory_budget
+        if hb is not None and (isinstance(hb, bool) or not isinstance(hb, int) or hb < 0):
+            raise ValueError(f"LemoConfig.host_memory_budget must be None or a number of bytes >= 0, got {hb!r}")
+        for name in ("segment_bytes", "mlp_segment_bytes", "offload_min_bytes"):
             sb = getattr(self, name)
             if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
                 raise ValueError(f"LemoConfig.{name} must be a positive int, got {sb!r}")

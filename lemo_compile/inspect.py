@@ -78,9 +78,10 @@ class Explanation:
     def text(self, graphs: bool = False) -> str:
         return "\n".join(format_record(r, graphs=graphs) for r in self.records)
 
-    def max_context(self, budget_bytes: int, resident: int = 0) -> int:
+    def max_context(self, budget_bytes: int, resident: int = 0, host_bytes: int | None = None) -> int:
         """Longest sequence length whose estimated peak (graph with the largest peak, plus `resident`
-        bytes held outside the graphs: optimizer state, the allocator's slack) fits `budget_bytes`.
+        bytes held outside the graphs: optimizer state, the allocator's slack) fits `budget_bytes`
+        and, with LemoConfig.offload, whose offloaded activations (every graph's) fit `host_bytes`.
         Needs an explanation compiled with `dynamic=True`."""
         ests = [r.memory for r in self.records if getattr(r, "memory", None) is not None]
         if not ests:
@@ -89,7 +90,10 @@ class Explanation:
         if len(est.symbols) != 1:
             raise ValueError(f"max_context needs exactly one size symbol (the sequence length); the estimate has "
                              f"{list(est.symbols) or 'none'}: compile with explain(..., dynamic=True) and batch 1")
-        return est.max_length(budget_bytes - resident, est.symbols[0])
+        if host_bytes is not None and len(ests) > 1 and any(e.host_hint for e in ests if e is not est):
+            raise ValueError("max_context with a host budget needs one graph that offloads; this model compiled "
+                             f"to {len(ests)} graphs that do")
+        return est.max_length(budget_bytes - resident, est.symbols[0], host_budget_bytes=host_bytes)
 
 
 def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bool = True, dynamic: bool = False,

@@ -101,8 +101,31 @@ def saved_values(fw: dict[str, tuple[str, str, int]], bw_graph: fx.Graph) -> lis
     for n in bw_graph.nodes:
         if n.op != "placeholder" or n.name.startswith(("tangents", "primals")):
             continue
-        layer, block, nbytes = fw.get(n.name, ("other", "other", _nbytes(n.meta.get("val"))))
+        name = n.name.removeprefix("cpu_offload_")  # offloaded (LemoConfig.offload): attribute the source
+        layer, block, _ = fw.get(name, ("other", "other", 0))
+        nbytes = _nbytes(n.meta.get("val")) if name != n.name else fw.get(n.name, (0, 0, _nbytes(n.meta.get("val"))))[2]
         res.append(SavedValue(n.name, layer, block, nbytes))
+    return res
+
+
+def offloaded_values(fw_graph: fx.Graph, prefix: str) -> list[SavedValue]:
+    """The forward graph's outputs that AOT autograd's activation offloading moved to host memory
+    (named prefix + the saved value's name; on a CPU graph Inductor drops the copy as a no-op and
+    the value keeps its mark), attributed to their layer and block."""
+    out = fw_graph.find_nodes(op="output")[0].args[0]
+    by_name = {n.name: n for n in fw_graph.nodes}
+    res = []
+    for n in out:
+        if not isinstance(n, fx.Node):
+            continue
+        if n.name.startswith(prefix):
+            src = by_name.get(n.name[len(prefix):], n)
+        elif n.meta.get("saved_for_offloading"):  # chosen, its copy removed as a no-op (a CPU graph)
+            src = n
+        else:
+            continue
+        layer, block = attribute(src)
+        res.append(SavedValue(src.name, layer, block, _nbytes(n.meta.get("val"))))
     return res
 
 

@@ -83,6 +83,7 @@ class MemoryEstimate:
     hints: dict[str, int] = dataclasses.field(default_factory=dict)  # symbol name -> value used
     candidates: tuple[Size, ...] = ()  # every distinct timeline formula; the peak is their max
     unsized: tuple[str, ...] = ()  # nodes without a fake value, counted as 0 bytes
+    host_bytes: Size = 0  # activations offloaded to host memory (LemoConfig.offload); not in the peak
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -107,8 +108,18 @@ class MemoryEstimate:
         subs = self._subs(symbol_values)
         return max(_eval(c, subs) for c in self.candidates)
 
-    def max_length(self, budget_bytes: int, symbol: str | sympy.Symbol) -> int:
-        """Largest integer value of `symbol` (e.g. the sequence length) whose peak fits `budget_bytes`.
+    @property
+    def host_hint(self) -> int:
+        """Offloaded bytes at `hints`."""
+        return _eval(self.host_bytes, self._subs({}))
+
+    def host_at(self, **symbol_values: int) -> int:
+        """Offloaded bytes with the given symbols (others at their hints)."""
+        return _eval(self.host_bytes, self._subs(symbol_values))
+
+    def max_length(self, budget_bytes: int, symbol: str | sympy.Symbol, host_budget_bytes: int | None = None) -> int:
+        """Largest integer value of `symbol` (e.g. the sequence length) whose peak fits `budget_bytes`
+        (and whose offloaded bytes fit `host_budget_bytes`, when given).
 
         Binary search over the maximum of every timeline formula, other symbols at their hints;
         assumes the peak does not shrink as the length grows. 0 when even length 1 does not fit."""
@@ -116,7 +127,12 @@ class MemoryEstimate:
         if name not in self.symbols:
             raise ValueError(f"unknown symbol {name!r}: the peak depends on {self.symbols or 'no symbol'}")
         sym = sympy.Symbol(name, integer=True, positive=True)
-        peak = _max_evaluator(self.candidates, sym, self._subs({}, drop=name))
+        device = _max_evaluator(self.candidates, sym, self._subs({}, drop=name))
+        if host_budget_bytes is None:
+            peak = device
+        else:  # over the host budget counts as not fitting
+            host = _max_evaluator((self.host_bytes,), sym, self._subs({}, drop=name))
+            peak = lambda n: device(n) if host(n) <= host_budget_bytes else budget_bytes + 1  # noqa: E731
         if peak(1) > budget_bytes:
             return 0
         lo, hi = 1, 2
@@ -220,6 +236,7 @@ class _Walk:
         self.unsized: list[str] = []
         self._envs: set[int] = set()
         self._fw_by_name: dict[str, fx.Node] = {}
+        self.host: list[Size] = []  # sizes of offloaded values
 
     def bufs_of(self, node: Any) -> frozenset:
         return self.vals[node][0] if isinstance(node, fx.Node) and node in self.vals else frozenset()
@@ -305,6 +322,9 @@ class _Walk:
             return frozenset().union(*elems), elems
         if not isinstance(val, torch.Tensor):
             return frozenset(), None
+        if _offloaded(node):  # lives in host memory: its own budget, not the device's peak
+            self.host.append(_nbytes(val))
+            return frozenset(), None
         b = _Buffer(node.name, graph, _nbytes(val), step, step, is_input=is_input)
         self.buffers.append(b)
         return frozenset([b]), None
@@ -366,7 +386,7 @@ class _Walk:
             peak_bytes=_Sum.expr(formulas[peak_i]), peak_graph=self.points[peak_i][1],
             peak_node=self.points[peak_i][2], live_at_peak=at_peak, timeline=timeline,
             inputs_bytes=inputs, saved_bytes=saved, resident=resident, hints=dict(self.hints),
-            candidates=cands, unsized=tuple(self.unsized))
+            candidates=cands, unsized=tuple(self.unsized), host_bytes=_total(self.host))
 
 
 class _Sum:
@@ -406,6 +426,12 @@ class _Sum:
 def _terms(size: sympy.Expr) -> tuple:
     """{monomial: coefficient} of an expanded size (the same few sizes recur on every layer)."""
     return tuple(sympy.expand(size).as_coefficients_dict().items())
+
+
+def _offloaded(node: fx.Node) -> bool:
+    """A forward value AOT autograd's activation offloading moved to host memory (sync device_put
+    or async ao.offload / ao.wait_tensor, all named cpu_offload_*)."""
+    return node.name.startswith(("cpu_offload_", "async_cpu_offload_"))
 
 
 def _saved_names(bw: fx.Graph) -> set[str]:
