@@ -121,9 +121,12 @@ VARIANTS: dict[str, dict] = {
     "lemo_ckpt_drop_logits_padded": dict(ckpt=True, compile="lemo", lemo={"logits": "drop"}, loop="padded"),
     "dense_ckpt_liger_packed": dict(ckpt=True, liger=True, loop="packed"),
     "dense_ckpt_packed": dict(ckpt=True, loop="packed"),
+    # opt-in: the default config with activation offload (LemoConfig.offload), against lemo_ckpt_drop_logits
+    "lemo_ckpt_drop_logits_offload": dict(ckpt=True, compile="lemo", lemo={"logits": "drop", "offload": True}),
 }
 OPT_IN = ("lemo_ckpt_drop_logits", "lemo_ckpt_drop_logits_seg_mlp", "lemo_ckpt_drop_logits_packed",
-          "lemo_ckpt_drop_logits_padded", "dense_ckpt_liger_packed", "dense_ckpt_packed")  # --variants only
+          "lemo_ckpt_drop_logits_padded", "dense_ckpt_liger_packed", "dense_ckpt_packed",
+          "lemo_ckpt_drop_logits_offload")  # --variants only
 # The batches a step runs on ("loop" of a variant; default "clean"), each with seq tokens in total:
 #   clean   random ids (1, seq), labels = ids, no attention_mask (every figure before the real-loop issue)
 #   packed  documents of mixed lengths (log-uniform in [seq/64, seq/4], seeded) packed into one row by
@@ -306,7 +309,9 @@ def lemo_records_summary() -> dict:
     segmented MLPs (and how many carry LoRA adapters)."""
     import lemo_compile
     recs = lemo_compile.records()
-    out = {"lemo_records": len(recs),
+    host = sum(r.host_bytes for r in recs)
+    out = {"host_offloaded_gb": host / GB} if host else {}
+    out |= {"lemo_records": len(recs),
            "sparse_layers": sum(len(r.sparsify.layers) for r in recs if r.sparsify is not None),
            "losses_segmented": sum(len(r.peak_cut.losses) for r in recs if r.peak_cut is not None)}
     layered = [r for r in recs if r.detect is not None and r.detect.layers]
@@ -568,6 +573,9 @@ LOOP_FIGURES = {
     "real_loop_step_ratio_8b_32k": ("lemo_ckpt_drop_logits_packed", "lemo_ckpt_drop_logits", "median_step_s"),
 }
 LOOP_TARGETS = {"real_loop_peak_ratio_8b_32k": "<= 1.05", "real_loop_step_ratio_8b_32k": "<= 1.10"}
+# activation offload: the default config with offload / without, same length (128K; tiny: 256)
+OFFLOAD_FIGURES = {"offload_step_ratio_8b_128k": "median_step_s", "offload_peak_ratio_8b_128k": "peak_allocated_gb"}
+OFFLOAD_TARGETS = {"offload_step_ratio_8b_128k": "<= 1.15", "offload_peak_ratio_8b_128k": "reported"}
 
 
 def figures(doc: dict, src: str | None, lora: str) -> tuple[dict, list[str]]:
@@ -624,6 +632,17 @@ def figures(doc: dict, src: str | None, lora: str) -> tuple[dict, list[str]]:
                       "measure": key, "arch": arch, "lora": lora, "seq": seq, "lemo": row[key],
                       "baseline_value": ref[key], "loop": "packed (DataCollatorWithFlattening, mixed lengths)",
                       "attention_path": row.get("attention_path")}
+    seq = 256 if tiny else 131072
+    row, ref = at("lemo_ckpt_drop_logits_offload", seq), at("lemo_ckpt_drop_logits", seq)
+    for name, key in OFFLOAD_FIGURES.items():
+        if row is None or ref is None or not _ok(row) or not _ok(ref) or not row.get(key) or not ref.get(key):
+            missing.append(f"{name}: lemo_ckpt_drop_logits_offload and lemo_ckpt_drop_logits at {arch}/{lora}/{seq} "
+                           "not both measured")
+            continue
+        figs[name] = {"value": row[key] / ref[key], "target": OFFLOAD_TARGETS[name], "source": src,
+                      "command": doc["command"], "when": when, "variant": "lemo_ckpt_drop_logits_offload",
+                      "baseline": "lemo_ckpt_drop_logits", "measure": key, "arch": arch, "lora": lora, "seq": seq,
+                      "lemo": row[key], "baseline_value": ref[key], "host_offloaded_gb": row.get("host_offloaded_gb")}
     return figs, missing
 
 

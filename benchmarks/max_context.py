@@ -139,16 +139,20 @@ VARIANTS: dict[str, dict] = {  # same spec format as benchmarks/finetune.py
     "lemo_ckpt_mlpseg": dict(ckpt=True, compile="lemo",
                              lemo=dict(logits="drop", attn_mode="tokens", segment_mlp=True, mlp_segment_bytes=1 << 27)),
     "lemo_ckpt_fwd_exact": dict(ckpt=True, compile="lemo", lemo=dict(logits="drop")),
+    # the default modes with activation offload to host memory (LemoConfig.offload; opt-in)
+    "lemo_ckpt_fwd_exact_offload": dict(ckpt=True, compile="lemo", lemo=dict(logits="drop", offload=True)),
     # the longest-context schedule: every layer sparse but 0, 1 and the last, MLPs segmented (opt-in)
     "lemo_ckpt_long": dict(ckpt=True, compile="lemo",
                            lemo=dict(logits="drop", attn_mode="tokens", segment_mlp=True, dense_layers="edges",
                                      mlp_segment_bytes=1 << 27)),
 }
 LEMO = tuple(v for v, s in VARIANTS.items() if s.get("compile") == "lemo")
-OPT_IN = ("lemo_ckpt_mlpseg", "lemo_ckpt_fwd_exact", "lemo_ckpt_long")  # searched only when named
+OPT_IN = ("lemo_ckpt_mlpseg", "lemo_ckpt_fwd_exact", "lemo_ckpt_long", "lemo_ckpt_fwd_exact_offload")  # only when named
+DEFAULT_CONFIG = ("lemo_ckpt_fwd_exact", "lemo_ckpt_fwd_exact_offload")  # max_context_tokens_<arch>_default
 
 TARGETS = {
     "max_context_tokens": ">= 1000000 (goal)",
+    "max_context_tokens_default": ">= 1500000 (goal)",
     "max_context_ratio_vs_ckpt": ">= 4",
     "max_context_ratio_vs_ckpt_chunked": ">= 2",
     "max_context_prediction_error": "<= 0.15",
@@ -483,7 +487,8 @@ def search_state(probes: list[dict], start: int, resolution: int, growth: float,
         st["first_failure_status"] = status(final[hi])
     if lo:
         best = final[lo]
-        for k in ("peak_allocated_gb", "peak_reserved_gb", "estimated_peak_gb", "estimate_error", "step_s"):
+        for k in ("peak_allocated_gb", "peak_reserved_gb", "estimated_peak_gb", "estimate_error", "step_s",
+                  "host_offloaded_gb"):
             if best.get(k) is not None:
                 st[f"{k}_at_max"] = best[k]
     broken = [s for s, r in final.items() if status(r) == "error" and (r.get("phase") == "setup" or "unavailable" in r)]
@@ -579,7 +584,8 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
     def info(v):
         st = search[v]
         return {"tokens": st["max_tokens"], "bounded_by": st.get("bounded_by"),
-                "first_failure": st.get("first_failure")}
+                "first_failure": st.get("first_failure"), "step_s_at_max": st.get("step_s_at_max"),
+                "host_offloaded_gb_at_max": st.get("host_offloaded_gb_at_max")}
 
     def capped(v):  # a search stopped at --max-len with every probe fitting: its length is a lower bound
         if search[v].get("bounded_by") != "max_len":
@@ -614,6 +620,15 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
                 **capped(best_lemo))
         else:
             missing.append("max_context_ratio_vs_ckpt_chunked: no chunked-loss baseline finished its search")
+    # the default configuration's figure (forward-exact modes, with or without offload): whichever searched
+    default = [v for v in DEFAULT_CONFIG if search.get(v, {}).get("done")]
+    if default:
+        best = max(default, key=lambda v: search[v]["max_tokens"] or 0)
+        fig(f"max_context_tokens_{sfx}_default", "max_context_tokens_default", search[best]["max_tokens"],
+            variant=best, offload=best.endswith("_offload"), **info(best), **capped(best),
+            searched={v: info(v) for v in default})
+    else:
+        missing.append(f"max_context_tokens_{sfx}_default: neither of {', '.join(DEFAULT_CONFIG)} finished its search")
     for v, name in (("lemo_ckpt", "max_context_prediction_error"),
                     ("lemo_ckpt_loss_only", "max_context_prediction_error_loss_only")):
         name = name.replace("max_context_prediction_error", "max_context_prediction_error" +
