@@ -18,7 +18,7 @@ import glob
 import itertools
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -56,6 +56,7 @@ class CompileRecord:
     saved: list = dataclasses.field(default_factory=list)  # memory.SavedValue: what the backward keeps
     saved_for_recompute: int = 0  # values tagged MUST_SAVE for sparse checkpointing
     offloaded: list = dataclasses.field(default_factory=list)  # memory.SavedValue moved to host (offload)
+    host_formula: Any = None  # their bytes as a formula in the graph's size symbols (int when static)
     _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
     # (forward graph, backward graph or None, fusion_aware) for the memory estimate, made on first use
     _graphs: tuple | None = dataclasses.field(default=None, repr=False)
@@ -143,6 +144,52 @@ class HostMemoryBudgetError(ValueError):
     """A graph's offloaded activations do not fit LemoConfig.host_memory_budget."""
 
 
+def _host_budget_error(rec: CompileRecord, need: int, budget: int, where: str) -> HostMemoryBudgetError:
+    device = ""
+    if torch.cuda.is_available():
+        device = f"; the device holds {torch.cuda.get_device_properties(0).total_memory / 2**30:.2f} GiB"
+    return HostMemoryBudgetError(
+        f"lemo: graph {rec.graph_id} offloads {need / 2**30:.3f} GiB of activations ({len(rec.offloaded)} "
+        f"tensors) to host memory {where}, over LemoConfig.host_memory_budget={budget / 2**30:.3f} GiB{device}. "
+        f"Raise host_memory_budget, shorten the sequence, or set offload=False to keep the activations on "
+        f"the device.")
+
+
+def _host_checked(compiled: Callable, example_inputs: list, rec: CompileRecord, budget: int) -> Callable:
+    """`compiled` refusing, before it runs, a call whose offloaded bytes at the actual sizes exceed
+    `budget` (a dynamic-length graph serves lengths longer than the one it was traced and checked at).
+    The formula comes from lemo's AOT pass; a graph loaded from the compile cache has none: unchecked."""
+    import sympy
+
+    where: dict[str, tuple[int, int | None]] = {}  # size symbol -> (input index, dim or None for an int)
+    for i, t in enumerate(example_inputs):
+        sizes = [(None, t)] if isinstance(t, torch.SymInt) else (
+            enumerate(t.shape) if isinstance(t, torch.Tensor) else ())
+        for d, s in sizes:
+            expr = getattr(getattr(s, "node", None), "expr", None)
+            if isinstance(expr, sympy.Symbol):
+                where.setdefault(expr.name, (i, d))
+
+    def check(args) -> None:
+        f = rec.host_formula
+        if not isinstance(f, sympy.Expr) or not f.free_symbols:
+            return  # static: checked at compile time
+        subs = {}
+        for sym in f.free_symbols:
+            if sym.name not in where:
+                return  # a size no input names (unbacked): the compile-time check stands
+            i, d = where[sym.name]
+            subs[sym] = int(args[i]) if d is None else args[i].shape[d]
+        need = int(f.subs(subs))
+        if need > budget:
+            raise _host_budget_error(rec, need, budget, f"at sizes {({k.name: v for k, v in subs.items()})}")
+
+    def run(*args):  # Dynamo calls a backend's result with the graph's inputs, unboxed
+        check(args)
+        return compiled(*args)
+    return run
+
+
 class AotPasses(_compat.custom_graph_pass_base()):
     """The composite AOT-level pass (one object per Inductor slot: torch 2.11 takes no lists).
 
@@ -168,7 +215,9 @@ class AotPasses(_compat.custom_graph_pass_base()):
                 self.record._fw_values = memory.forward_values(graph.owning_module)
                 self._fw_graph = graph
                 if self.cfg.offload:
+                    from .passes.memory import offloaded_bytes
                     self.record.offloaded = memory.offloaded_values(graph, _compat.OFFLOAD_PREFIX)
+                    self.record.host_formula = offloaded_bytes(graph)
                     self._check_host_budget()
             self._estimate(graph if is_bw else None)
         log.debug("lemo AOT pass on %s graph (%d nodes)", "backward" if is_bw else "forward", len(graph.nodes))
@@ -177,16 +226,8 @@ class AotPasses(_compat.custom_graph_pass_base()):
         """Refuse a graph whose offloaded activations exceed LemoConfig.host_memory_budget (at compile
         time: before its step runs)."""
         budget, rec = self.cfg.host_memory_budget, self.record
-        if budget is None or rec.host_bytes <= budget:
-            return
-        device = ""
-        if torch.cuda.is_available():
-            device = f"; the device holds {torch.cuda.get_device_properties(0).total_memory / 2**30:.2f} GiB"
-        raise HostMemoryBudgetError(
-            f"lemo: graph {rec.graph_id} offloads {rec.host_bytes / 2**30:.3f} GiB of activations "
-            f"({len(rec.offloaded)} tensors) to host memory at this length, over "
-            f"LemoConfig.host_memory_budget={budget / 2**30:.3f} GiB{device}. Raise host_memory_budget, "
-            f"shorten the sequence, or set offload=False to keep the activations on the device.")
+        if budget is not None and rec.host_bytes > budget:
+            raise _host_budget_error(rec, rec.host_bytes, budget, "at the traced length")
 
     def _estimate(self, bw: fx.Graph | None) -> None:
         """Keep the graphs for the record's lazily computed memory estimate (forward-only until the
@@ -319,10 +360,15 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     with _compat.activation_offload(cfg.offload, cuda):
         if cfg.inner is Inner.EAGER:
-            return _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(gm, example_inputs)
-        with _compat.activation_memory_budget(cfg.activation_memory_budget):
-            return _compat.compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes,
-                                                                          "joint_custom_pre_pass": joint})
+            compiled = _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(
+                gm, example_inputs)
+        else:
+            with _compat.activation_memory_budget(cfg.activation_memory_budget):
+                compiled = _compat.compile_fx(gm, example_inputs, config_patches={
+                    "post_grad_custom_post_pass": passes, "joint_custom_pre_pass": joint})
+    if cfg.offload and cfg.host_memory_budget is not None:
+        compiled = _host_checked(compiled, example_inputs, rec, cfg.host_memory_budget)
+    return compiled
 
 
 def make_backend(cfg: LemoConfig | None = None, **options: Any):

@@ -428,6 +428,14 @@ def _terms(size: sympy.Expr) -> tuple:
     return tuple(sympy.expand(size).as_coefficients_dict().items())
 
 
+def offloaded_bytes(fw: fx.Graph) -> Size:
+    """Bytes of the forward outputs moved to host memory (a formula under dynamic shapes); a value
+    whose copy Inductor dropped as a no-op (a CPU graph) keeps its saved_for_offloading mark."""
+    out = fw.find_nodes(op="output")[0].args[0]
+    return _total(_nbytes(n.meta["val"]) for n in out if isinstance(n, fx.Node) and "val" in n.meta
+                  and (_offloaded(n) or n.meta.get("saved_for_offloading")))
+
+
 def _offloaded(node: fx.Node) -> bool:
     """A forward value AOT autograd's activation offloading moved to host memory (sync device_put
     or async ao.offload / ao.wait_tensor, all named cpu_offload_*)."""

@@ -136,3 +136,30 @@ def test_max_context_with_a_host_budget():
     host_small = est.host_at(**{est.symbols[0]: n_off // 4})
     n_host = off.max_context(budget, host_bytes=host_small)
     assert n_host < n_off and abs(n_host - n_off // 4) <= 64, (n_host, n_off)
+
+
+def test_host_budget_checked_at_every_length_of_a_dynamic_graph():
+    """A graph compiled for a dynamic length is checked at the actual length of each call, before it
+    runs: one that fits at 200 tokens and not at 400 refuses the 400-token call."""
+    model = tiny_model("llama").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,), offload=True, offload_min_bytes=1024)
+    short, long = (random_batch(256, 1, n, seed=6) for n in (200, 400))
+    torch.compiler.reset()
+    clear_records()
+    for t in short.values():
+        torch._dynamo.mark_dynamic(t, 1)
+    torch.compile(model, backend=lemo_compile.backend(cfg))(**short).loss.backward()
+    rec = next(r for r in lemo_compile.records() if r.sparsified)
+    at = {n: int(rec.host_formula.subs({s: n for s in rec.host_formula.free_symbols})) for n in (200, 400)}
+    assert at[200] == rec.host_bytes and at[400] > at[200]
+    budget = (at[200] + at[400]) // 2
+    torch.compiler.reset()
+    clear_records()
+    for t in short.values():
+        torch._dynamo.mark_dynamic(t, 1)
+    compiled = torch.compile(model, backend=lemo_compile.backend(cfg.replace(host_memory_budget=budget)))
+    compiled(**short).loss.backward()  # fits
+    with pytest.raises(HostMemoryBudgetError, match="at sizes"):
+        compiled(**long)
+    assert len([r for r in lemo_compile.records() if r.sparsified]) == 1  # no recompile: the same graph refused
