@@ -112,3 +112,13 @@ def activation_offload(enabled: bool, cuda: bool):
             if hasattr(functorch_config, key):
                 patch[key] = True
     return functorch_config.patch(**patch)
+
+
+def cacheable_functions(names: dict[str, str]) -> dict[str, str]:
+    """Inductor's unsafe_marked_cacheable_functions with `names` (qualified name -> key) added: the
+    plain Python functions lemo's rewrites call in a graph, which AOT autograd's cache otherwise refuses
+    (it bypasses the whole graph). {} where this torch has no such option."""
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+        return {}
+    return {"unsafe_marked_cacheable_functions": {**inductor_config.unsafe_marked_cacheable_functions, **names}}

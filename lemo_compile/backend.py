@@ -14,6 +14,7 @@ compiled with other lemo code or options.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import itertools
 import logging
@@ -129,6 +130,48 @@ def records() -> list[CompileRecord]:
 
 def clear_records() -> None:
     RECORDS.clear()
+
+
+def _fill_example_values(gm: fx.GraphModule) -> None:
+    """Give the nodes lemo's rewrites inserted the fake values Dynamo's own nodes carry
+    (meta["example_value"]), by fake propagation from the placeholders' values: AOT autograd's cache
+    refuses a graph in which a method is called on a value without one (and then compiles it afresh
+    in every process)."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    if all("example_value" in n.meta for n in gm.graph.nodes if n.op == "call_function"):
+        return
+    args = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+    mode = next((a.fake_mode for a in args if isinstance(a, torch.Tensor) and hasattr(a, "fake_mode")), None)
+    if mode is None or any(a is None for a in args):
+        return
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+    except Exception as e:  # a report-level loss only: the graph then bypasses AOT autograd's cache
+        log.debug("lemo: fake propagation for cache metadata failed: %s: %s", type(e).__name__, e)
+        return
+    for n in gm.graph.nodes:
+        if "example_value" not in n.meta and "val" in n.meta:
+            n.meta["example_value"] = n.meta["val"]
+
+
+@functools.cache
+def _source_hash() -> str:
+    return _compat.hash_for_files(_source_files(), extra="").hex()
+
+
+def _own_functions(gm: fx.GraphModule) -> dict[str, str]:
+    """The plain Python functions of lemo_compile that the rewritten graph calls (qualified name ->
+    a hash of lemo's sources): AOT autograd's cache may key the graph by their names, since a change
+    to their code changes the hash."""
+    names = {}
+    for mod in (gm, *(m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm)):
+        for node in mod.graph.nodes:
+            fn = node.target
+            if (node.op == "call_function" and callable(fn) and not isinstance(fn, torch._ops.OpOverload)
+                    and getattr(fn, "__module__", "").startswith("lemo_compile")):
+                names[f"{fn.__module__}.{fn.__name__}"] = _source_hash()
+    return names
 
 
 def _source_files() -> tuple[str, ...]:
@@ -358,6 +401,8 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     passes = AotPasses(cfg, rec, fusion_aware=cfg.inner is Inner.INDUCTOR)
     joint = JointPasses(cfg, rec)
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    if cfg.inner is Inner.INDUCTOR and rec.rewritten:
+        _fill_example_values(gm)
     with _compat.activation_offload(cfg.offload, cuda):
         if cfg.inner is Inner.EAGER:
             compiled = _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(
@@ -365,7 +410,8 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
         else:
             with _compat.activation_memory_budget(cfg.activation_memory_budget):
                 compiled = _compat.compile_fx(gm, example_inputs, config_patches={
-                    "post_grad_custom_post_pass": passes, "joint_custom_pre_pass": joint})
+                    "post_grad_custom_post_pass": passes, "joint_custom_pre_pass": joint,
+                    **_compat.cacheable_functions(_own_functions(gm))})
     if cfg.offload and cfg.host_memory_budget is not None:
         compiled = _host_checked(compiled, example_inputs, rec, cfg.host_memory_budget)
     return compiled

@@ -97,3 +97,43 @@ def test_compile_cache_never_skips_the_aot_pass(tmp_path):
     assert "forward" in first  # cold cache: the pass ran
     assert run(0.5) == []  # warm cache, same options: a cache hit
     assert "forward" in run(0.25)  # other options: a miss, the pass runs
+
+
+_WARM_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    import lemo_compile
+    from lemo_compile import LemoConfig
+    from lemo_compile.testing.models import random_batch, tiny_model
+    torch.set_num_threads(1)
+    model = tiny_model("llama", lora=True).train()
+    batch = random_batch(256, 1, 200, seed=0)
+    cfg = LemoConfig(inner="inductor", keep_ratio=float(sys.argv[1]), dense_layers=(0,))
+    loss = torch.compile(model, backend=lemo_compile.backend(cfg))(**batch).loss
+    loss.backward()
+    rec = next(r for r in lemo_compile.records() if r.sparsified)
+    print("WARM", json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"]),
+                              "loss": float(loss), "sparse": rec.sparsify.counters["sparse_layers"],
+                              "passes": rec.aot_graphs}))
+""")
+
+
+def test_rewritten_graph_warm_start_reuses_aot_and_inductor_caches(tmp_path):
+    """A fresh process with a warm cache reuses a rewritten (sparse) graph whole: AOT autograd's cache
+    hits (lemo's inserted functions and fake values make the graph cacheable), so neither AOT tracing
+    nor Inductor runs again; the same loss comes out; other options miss."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run(keep):
+        p = subprocess.run([sys.executable, "-c", _WARM_PROBE, str(keep)], env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads([l for l in p.stdout.splitlines() if l.startswith("WARM ")][-1][5:])
+
+    cold = run(0.5)
+    assert cold["aot"].get("autograd_cache_saved") == 1 and "forward" in cold["passes"], cold
+    warm = run(0.5)
+    assert warm["aot"].get("autograd_cache_hit") == 1 and warm["passes"] == [], warm
+    assert warm["loss"] == cold["loss"] and warm["sparse"] == cold["sparse"] == 3
+    other = run(0.25)
+    assert other["aot"].get("autograd_cache_hit", 0) == 0 and "forward" in other["passes"], other

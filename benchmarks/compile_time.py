@@ -1,0 +1,162 @@
+"""Compile time of a lemo training step (issue 28): cold, warm, and the recompiles of a loop whose length varies.
+
+Each run is a fresh process (the only honest way to time a cold start):
+    cold     an empty compile cache (TORCHINDUCTOR_CACHE_DIR in a new temporary folder)
+    warm     a second process on the cache the cold run filled (Inductor's FX graph cache and AOT
+             autograd's cache; lemo's Dynamo-level passes still run)
+    varying  one process, 8 steps over lengths 1K..64K (tiny: 64..640 tokens x 8), counting Dynamo graphs
+compile_s = first step - median of the later steps at the first length (the steps themselves: forward,
+backward, AdamW on the LoRA parameters). Default config (logits="drop"), LoRA r=8 q/k/v/o, HF
+checkpointing on GPU.
+
+Figures (GPU, llama-8b, 8K): compile_seconds_8b_cold (<= 30), compile_seconds_8b_warm (<= 10),
+recompiles_varying_length_loop (graphs compiled after the first, <= 1).
+
+    python3 benchmarks/compile_time.py --arch llama-8b --seq 8192 --out $OUT/compile_time_8b.json \\
+        --headline $OUT/headline.json                      # GPU, ~10 min (cold + warm + varying)
+    python benchmarks/compile_time.py --tiny --out /tmp/compile_time_tiny.json   # CPU, ~3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import LORA_PRESETS, build_model, environment, publish_figures  # noqa: E402
+
+TARGETS = {"compile_seconds_8b_cold": "<= 30", "compile_seconds_8b_warm": "<= 10",
+           "recompiles_varying_length_loop": "<= 1"}
+
+
+def _model(args, dev: str):
+    import torch
+
+    if args.tiny:
+        from lemo_compile.testing.models import tiny_model
+        return tiny_model("llama", lora=True).train()
+    r, targets = LORA_PRESETS["r8-qkvo"]
+    model = build_model(args.arch, max(args.seq, 65536), r, targets, device=dev)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().disable_input_require_grads()
+    torch.manual_seed(0)
+    return model
+
+
+def worker(args) -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+
+    import lemo_compile
+
+    dev = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        torch.set_num_threads(1)
+    model = _model(args, dev)
+    cfg = lemo_compile.LemoConfig(logits="drop", **({"inner": "inductor", "dense_layers": (0,)} if args.tiny else {}))
+    step_model = torch.compile(model, backend=lemo_compile.backend(cfg))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab = model.config.vocab_size
+    lengths = ([args.seq] * (args.steps + 1) if args.worker != "varying"
+               else [1024 * k for k in (1, 2, 3, 5, 8, 13, 21, 64)])
+    if args.tiny and args.worker == "varying":
+        lengths = [64 * k for k in (3, 4, 5, 6, 7, 8, 9, 10)]  # >= 3 blocks: 1-2 blocks specialize
+    times = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (1, n), device=dev)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    recs = lemo_compile.records()
+    res = {"mode": args.worker, "lengths": lengths, "step_times_s": times, "first_step_s": times[0],
+           "aot_autograd": dict(counters["aot_autograd"]),
+           "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
+           "graphs": int(counters["stats"].get("unique_graphs", 0)),
+           "lemo_records": len(recs), "recompile_reasons": [r.recompile_reason for r in recs if r.recompile_reason],
+           "sparse_layers": sum(len(r.sparsify.layers) for r in recs if r.sparsify is not None)}
+    if args.worker != "varying":
+        res["median_step_s"] = statistics.median(times[1:])
+        res["compile_s"] = times[0] - res["median_step_s"]
+    return res
+
+
+def _run(mode: str, args, cache: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--arch", args.arch, "--seq", str(args.seq),
+           "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return {**json.loads(line[7:]), "process_s": time.perf_counter() - t0}
+    return {"mode": mode, "error": f"exit {p.returncode}", "log_tail": (p.stdout + p.stderr)[-3000:]}
+
+
+def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
+    if doc["config"]["tiny"] or doc["config"]["arch"] != "llama-8b" or doc["config"]["seq"] != 8192:
+        return {}, ["compile figures: only from llama-8b at 8192 tokens on the GPU"]
+    rows = {r["mode"]: r for r in doc["results"]}
+    figs, missing = {}, []
+    base = {"source": src, "command": doc["command"], "when": doc["env"]["when"][:10], "arch": "llama-8b", "seq": 8192}
+    for mode in ("cold", "warm"):
+        r = rows.get(mode, {})
+        if r.get("compile_s") is None:
+            missing.append(f"compile_seconds_8b_{mode}: {r.get('error', 'not run')}")
+            continue
+        figs[f"compile_seconds_8b_{mode}"] = {"value": r["compile_s"], "target": TARGETS[f"compile_seconds_8b_{mode}"],
+                                              "first_step_s": r["first_step_s"], "median_step_s": r["median_step_s"],
+                                              "aot_autograd": r["aot_autograd"], **base}
+    r = rows.get("varying", {})
+    if "graphs" in r and "error" not in r:
+        figs["recompiles_varying_length_loop"] = {"value": r["graphs"] - 1, "target": TARGETS["recompiles_varying_length_loop"],
+                                                  "lengths": r["lengths"], "reasons": r["recompile_reasons"], **base}
+    else:
+        missing.append(f"recompiles_varying_length_loop: {r.get('error', 'not run')}")
+    return figs, missing
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="llama-8b")
+    ap.add_argument("--seq", type=int, default=None, help="length of the cold/warm runs (default 8192; tiny 256)")
+    ap.add_argument("--steps", type=int, default=4, help="steps after the first (cold/warm)")
+    ap.add_argument("--modes", default="cold,warm,varying")
+    ap.add_argument("--timeout", type=int, default=580)
+    ap.add_argument("--tiny", action="store_true", help="tiny Llama on CPU (Inductor): every code path")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--headline", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.seq = args.seq or (256 if args.tiny else 8192)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    results = []
+    with tempfile.TemporaryDirectory() as cache:
+        for mode in args.modes.split(","):
+            results.append(_run(mode, args, cache if mode != "varying" else tempfile.mkdtemp()))
+            r = results[-1]
+            print(f"{mode}: " + json.dumps({k: r.get(k) for k in ("first_step_s", "compile_s", "graphs", "aot_autograd",
+                                                                 "error")}), flush=True)
+    doc = {"benchmark": "compile_time", "command": "python " + " ".join(sys.argv), "env": environment(),
+           "config": {"arch": args.arch, "seq": args.seq, "steps": args.steps, "tiny": args.tiny}, "results": results}
+    figs, missing = figures(doc, args.out and os.path.join("benchmarks/results", os.path.basename(args.out)))
+    publish_figures(doc, figs, missing, args.out, args.headline, args.tiny)
+
+
+if __name__ == "__main__":
+    main()
