@@ -93,3 +93,61 @@ def same_size(a: Any, b: Any) -> bool:
         return bool(statically_known_true(a == b))
     except Exception:  # pragma: no cover - defensive across versions
         return str(a) == str(b)
+
+
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "transpose",
+                           "permute", "t", "narrow", "select", "diagonal", "unflatten", "flatten", "as_strided",
+                           "__getitem__", "unfold", "split", "chunk", "unbind"})
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An in-place op (x.scatter_(...), torch.relu_, x[i] = v, a mutable aten overload)."""
+    tgt = node.target
+    if node.op == "call_method":
+        return isinstance(tgt, str) and tgt.endswith("_") and not tgt.startswith("_") or tgt == "__setitem__"
+    if node.op != "call_function":
+        return False
+    if isinstance(tgt, torch._ops.OpOverload):
+        return tgt._schema.is_mutable
+    name = getattr(tgt, "__name__", "")
+    return tgt is operator.setitem or (name.endswith("_") and not name.startswith("_")) or "out" in node.kwargs
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and (node.target is operator.getitem or
+                                           getattr(node.target, "__name__", "") in _VIEW_METHODS)
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """`node`'s root tensor and every view of it reached through view ops (the storage a mutation of
+    `node` writes)."""
+    root = node
+    while _is_view(root) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    seen, todo = {root}, [root]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and _is_view(user) and user.args and user.args[0] in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Dead-code elimination that keeps in-place ops whose result is unused but whose mutated tensor is
+    read afterwards (an MoE router's mask.scatter_(...), say): FX's own treats them as dead. An in-place
+    op on a tensor nothing else reads goes with it (the n x n mask HF fills before a replaced attention)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users or node.is_impure():
+                continue
+            if _mutates(node) and node.args and isinstance(node.args[0], fx.Node):
+                alias = _aliases(node.args[0])
+                if any(u is not node and u not in alias for a in alias for u in a.users):
+                    continue
+            graph.erase_node(node)
+            changed = True

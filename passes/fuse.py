@@ -32,7 +32,7 @@ import torch.fx as fx
 from lemo_compile import ops
 from lemo_compile.kernels import rows as row_kernels
 
-from .common import PassResult, is_call, shape_of, value_of
+from .common import PassResult, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS
 
 
@@ -54,7 +54,7 @@ def fuse(gm: fx.GraphModule) -> FuseResult:
             elif is_call(node, ops.scatter_add_rows) and _fuse_scatter(g, node, res):
                 changed[id(mod)] = mod
     for mod in changed.values():
-        mod.graph.eliminate_dead_code()
+        eliminate_dead_code(mod.graph)
         mod.graph.lint()
         mod.recompile()
     if changed:

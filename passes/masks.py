@@ -41,7 +41,7 @@ import torch.fx as fx
 from lemo_compile import ops
 
 from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
-from .common import PassResult, is_call, shape_of, value_of
+from .common import PassResult, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import SDPA_TARGETS
 
 PADDING, PACKED = "padding", "packed"
@@ -79,7 +79,7 @@ def structure_masks(gm: fx.GraphModule) -> MasksResult:
         res.counters["attention_calls"] += len(sdpas)
     if res.structured:
         for mod, _ in _graphs(gm):
-            mod.graph.eliminate_dead_code()
+            eliminate_dead_code(mod.graph)
             mod.graph.lint()
             mod.recompile()
     return res
@@ -114,7 +114,7 @@ def lower_segment_attention(gm: fx.GraphModule) -> int:
             changed = True
             count += 1
         if changed:
-            mod.graph.eliminate_dead_code()
+            eliminate_dead_code(mod.graph)
             mod.graph.lint()
             mod.recompile()
     if count:
@@ -368,4 +368,4 @@ def _rewrite(gm: fx.GraphModule, mask: fx.Node, kind: str, src: fx.Node) -> None
                 if u is not inner:
                     u.replace_input_with(ph, inner)
         user.args = tuple(args)
-    g.eliminate_dead_code()
+    eliminate_dead_code(g)

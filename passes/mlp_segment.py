@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from lemo_compile import mlp
 from lemo_compile.config import LemoConfig
 
-from .common import ADD_TARGETS, PassResult, is_call, shape_of, value_of
+from .common import ADD_TARGETS, PassResult, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS, subgraph_modules
 
 SILU = (F.silu, torch.nn.functional.silu, torch.ops.aten.silu.default)
@@ -79,7 +79,7 @@ def _segment_in(gm: fx.GraphModule, cfg: LemoConfig, res: MlpSegmentResult, wher
         res.counters["mlps_segmented"] += 1
         changed = True
     if changed:
-        g.eliminate_dead_code()
+        eliminate_dead_code(g)
         g.lint()
         gm.recompile()
     for name, sub, _ in subgraph_modules(gm):

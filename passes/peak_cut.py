@@ -36,7 +36,7 @@ from lemo_compile import lm_loss
 from lemo_compile.config import LemoConfig
 from lemo_compile.kernels import cross_entropy
 
-from .common import PassResult, is_call, shape_of, value_of
+from .common import PassResult, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS
 
 CE_TARGETS = (F.cross_entropy, torch.nn.functional.cross_entropy, torch._C._nn.cross_entropy_loss)
@@ -73,7 +73,7 @@ def peak_cut(gm: fx.GraphModule, cfg: LemoConfig) -> PeakCutResult:
             res.losses.append(_rewrite(g, match, cfg, res))
             res.counters["losses_segmented"] += 1
     if res.losses:
-        g.eliminate_dead_code()
+        eliminate_dead_code(g)
         g.lint()
         gm.recompile()
     return res

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from lemo_compile import ops
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
-from .common import CantRewrite, PassResult, closure_back, is_call, same_size, shape_of, value_of
+from .common import (CantRewrite, PassResult, closure_back, eliminate_dead_code, is_call, same_size, shape_of,
+                     value_of)
 from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer
 from .masks import segments_of
 
@@ -78,7 +79,7 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
         res.counters[f"attn_{cfg.attn_mode.value}"] += 1
         res.counters[f"mlp_{cfg.mlp_mode.value}"] += 1
     for sub in touched.values():
-        sub.graph.eliminate_dead_code()
+        eliminate_dead_code(sub.graph)
         sub.graph.lint()
         sub.recompile()
     if touched:
