@@ -43,6 +43,7 @@ TINY_SIZES: dict[str, Any] = dict(
     num_attention_heads=4,  # 32
     num_key_value_heads=2,  # 8
     head_dim=16,  # 128
+    rotary_dim=8,  # (GPT-J, CodeGen: rotary on part of each head)
     vocab_size=256,  # 128256
     max_position_embeddings=1024,  # 131072
     # encoder-decoder families registered as causal LMs (BART, Marian, ...) size their decoder apart
@@ -88,7 +89,7 @@ def _sized(default: Any, **extra: Any) -> Any:
 
 def tiny_config(model_type: str, class_name: str) -> Any:
     """The tiny config `class_name` is built from: the text config of a multimodal family whose causal LM
-    takes one, else the model type's own. Unsupported for a multimodal model (its vision or audio
+    takes one, else the model type's own. Unsupported for a model with other sub-models (vision or audio
     towers would be built at full size) or a class the config does not fit."""
     import transformers
 
@@ -102,7 +103,8 @@ def tiny_config(model_type: str, class_name: str) -> Any:
         return _sized(text)
     towers = sorted(k for k in (getattr(default, "sub_configs", None) or {}) if k != "text_config")
     if towers:
-        raise Unsupported(f"{class_name} is multimodal (sub-configs {towers}); the sweep builds text models only")
+        raise Unsupported(f"{class_name}'s config has sub-configs {towers}: towers the sweep does not size "
+                          f"(vision, audio, byte encoders)")
     if not isinstance(default, want):
         raise Unsupported(f"{class_name} takes a {want.__name__}, the {model_type} config is a "
                           f"{type(default).__name__}")
@@ -231,11 +233,15 @@ def _short(s: str, n: int = 160) -> str:
     return s if len(s) <= n else s[:n - 3] + "..."
 
 
+def _empty_row(model_type: str, class_name: str) -> dict[str, Any]:
+    return {"model_type": model_type, "class": class_name, "layers_found": 0, "layers_sparse": 0,
+            "loss_segmented": False, "reasons": [], "exact_at_keep1": None, "keep1_reasons": [],
+            "error": None, "error_kind": None}
+
+
 def run_model(model_type: str, class_name: str, seed: int = 0) -> dict[str, Any]:
     """One sweep row: build, eager, lemo at keep 1.0 (must be dense) and at keep 0.5 (structure)."""
-    row: dict[str, Any] = {"model_type": model_type, "class": class_name, "layers_found": 0, "layers_sparse": 0,
-                           "loss_segmented": False, "reasons": [], "exact_at_keep1": None, "keep1_reasons": [],
-                           "error": None, "error_kind": None}
+    row = _empty_row(model_type, class_name)
     try:
         model = build_model(model_type, class_name, seed)
         row["attn_implementation"] = model.config._attn_implementation
@@ -286,19 +292,13 @@ def _worker(model_types: list[str]) -> None:
         print(ROW_PREFIX + json.dumps(row), flush=True)
 
 
-def _failed_row(model_type: str, class_name: str, error: str) -> dict[str, Any]:
-    return {"model_type": model_type, "class": class_name, "layers_found": 0, "layers_sparse": 0,
-            "loss_segmented": False, "reasons": [], "exact_at_keep1": None, "keep1_reasons": [],
-            "error": error, "error_kind": "unsupported"}
-
-
 def _run_chunk(todo: list[str], classes: dict[str, str], timeout: float, rows: list, log: Any) -> list[str]:
     """Run models of `todo` in one worker until it finishes, hangs or dies; the models it did not reach."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen([sys.executable, "-m", "lemo_compile.testing.sweep", "--worker", ",".join(todo)],
                              stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        left, buf, deadline = list(todo), "", time.monotonic() + timeout
+        left, deadline = list(todo), time.monotonic() + timeout
         while left:
             ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
             line = p.stdout.readline() if ready else None
@@ -315,7 +315,8 @@ def _run_chunk(todo: list[str], classes: dict[str, str], timeout: float, rows: l
             err.seek(0)
             tail = _short(err.read()[-300:], 120)
             why = f"timeout after {timeout:.0f}s" if line is None else f"worker exited {p.returncode}: {tail}"
-            rows.append(_failed_row(left[0], classes[left[0]], f"unsupported by this sweep: {why}"))
+            rows.append({**_empty_row(left[0], classes[left[0]]), "error": f"no result: {why}",
+                         "error_kind": "no_result"})  # hung or died: in lemo or not, unknown
             if log:
                 log(rows[-1])
             return left[1:]
