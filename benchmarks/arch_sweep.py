@@ -2,11 +2,12 @@
 
 Builds each model_type of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES tiny and random (lemo_compile.testing.sweep),
 runs it eagerly and compiled by lemo (keep_ratio 1.0: must equal dense; 0.5: what lemo rewrites) on CPU,
-and writes one row per model and four figures:
+and writes one row per model and five figures:
 
     arch_sweep_total            model types tried
     arch_sweep_sparse_fraction  share with >= 1 sparse layer at keep_ratio 0.5 (default dense_layers)
     arch_sweep_silent_wrong     compiled != dense at keep 1.0 with no skip reason on record   (target 0)
+    arch_sweep_inexact_keep1    compiled != dense at keep 1.0, skip reason or not             (target 0)
     arch_sweep_crashes          crashes with lemo's rewrites on only                           (target 0)
 
 About 5 s per model that builds on 2 cores (~20 minutes for ~200 types):

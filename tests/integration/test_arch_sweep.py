@@ -15,6 +15,7 @@ def test_sweep_subset_is_never_silently_dense_or_wrong():
     assert list(by_type) == list(SUPPORTED + OTHERS)
     figs = sweep.figures(rows)
     assert figs["arch_sweep_silent_wrong"]["value"] == 0, [r for r in rows if sweep.silent_wrong(r)]
+    assert figs["arch_sweep_inexact_keep1"]["value"] == 0, [r for r in rows if sweep.inexact(r)]
     assert figs["arch_sweep_crashes"]["value"] == 0, [r["error"] for r in rows if r["error"]]
     assert all(r["error"] is None for r in rows), [(r["model_type"], r["error"]) for r in rows if r["error"]]
     for mt in SUPPORTED:
@@ -38,5 +39,5 @@ def test_figures_count_silent_wrong_and_lemo_crashes_only():
     ]
     values = {k: v["value"] for k, v in sweep.figures(rows).items()}
     assert values == {"arch_sweep_total": 6, "arch_sweep_sparse_fraction": 1 / 6, "arch_sweep_silent_wrong": 1,
-                      "arch_sweep_crashes": 1}
+                      "arch_sweep_inexact_keep1": 2, "arch_sweep_crashes": 1}
     assert "| d | D | 4 | 0 | no | no (eager varies too) |" in sweep.markdown_table(rows)
