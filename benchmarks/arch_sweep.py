@@ -10,7 +10,7 @@ and writes one row per model and five figures:
     arch_sweep_inexact_keep1    compiled != dense at keep 1.0, skip reason or not             (target 0)
     arch_sweep_crashes          crashes with lemo's rewrites on only                           (target 0)
 
-About 5 s per model that builds on 2 cores (~20 minutes for ~200 types):
+About 7 s per model on 2 cores (196 types, transformers 5.24: 1415 s):
 
     python benchmarks/arch_sweep.py --out /tmp/arch_sweep.json --table /tmp/arch_sweep.md \\
         --headline /tmp/headline.json
