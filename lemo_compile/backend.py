@@ -19,6 +19,8 @@ import glob
 import itertools
 import logging
 import os
+import re
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -337,6 +339,67 @@ def _log_masks_left(rec: CompileRecord) -> None:
             "runs its masked kernel: %s", rec.graph_id, len(res.skips), res.largest_mask_left / 2**30, why)
 
 
+_warned_dense: set[tuple[str, str]] = set()  # (model, reason) pairs already warned about
+
+
+def _asks_for_sparsity(cfg: LemoConfig) -> bool:
+    return cfg.keep_ratio < 1 or any(ratio < 1 for _, ratio in cfg.layer_keep_ratios)
+
+
+def _layer_index(where: str) -> int | None:
+    m = re.search(r"(?:^|\.)layers\.(\d+)$", where)
+    return int(m.group(1)) if m else None
+
+
+def _sdpa_calls(gm: fx.GraphModule) -> int:
+    """scaled_dot_product_attention calls in `gm` and its higher-order-op bodies."""
+    from .passes.common import is_call
+    from .passes.detect import SDPA_TARGETS
+
+    return sum(is_call(n, *SDPA_TARGETS) for m in gm.modules() if isinstance(m, fx.GraphModule)
+               for n in m.graph.nodes)
+
+
+def _dense_reason(rec: CompileRecord, gm: fx.GraphModule) -> str | None:
+    """Why a graph that the config asks to make sparse got no sparse layer, unless it is the config's
+    own dense schedule: the first skip of a decoder layer the schedule makes sparse (or whose index is
+    unknown), or attention outside any decoder layer detect recognises. None when nothing is amiss."""
+    cfg = rec.config
+    if rec.sparsified or not _asks_for_sparsity(cfg):
+        return None
+    skips = [s for s in rec.detect.skips + (rec.sparsify.skips if rec.sparsify else [])
+             if s.kind != "no_decoder_layers"]
+    indices = {layer.index for layer in rec.detect.layers} | {_layer_index(s.where) for s in skips}
+    indices.discard(None)
+    n = cfg.num_layers or (max(indices) + 1 if indices else None)
+    for s in skips:
+        i = _layer_index(s.where)
+        if i is None or n is None or cfg.keep_fraction(i, n) is not None:
+            return str(s)
+    if not rec.detect.layers and not skips:
+        calls = _sdpa_calls(gm)
+        if calls:
+            return f"{calls} scaled_dot_product_attention calls, but {rec.detect.skips[0].detail}"
+    return None
+
+
+def _warn_if_dense(rec: CompileRecord, gm: fx.GraphModule) -> None:
+    """"Never silently dense": one UserWarning per model and reason when a graph that should have
+    sparse layers trains dense (the log line alone is easy to miss)."""
+    why = _dense_reason(rec, gm)
+    if why is None:
+        return
+    from .passes.detect import module_stack
+
+    model = next((st[0][1] for n in gm.graph.nodes if (st := module_stack(n))), "graph")
+    if (model, why) in _warned_dense:
+        return
+    _warned_dense.add((model, why))
+    warnings.warn(f"lemo: {model} (graph {rec.graph_id}) trains dense: no sparse layer although "
+                  f"keep_ratio={rec.config.keep_ratio}: {why}. lemo_compile.explain() shows every skip.",
+                  UserWarning, stacklevel=2)
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
     from .passes.detect import detect
     from .passes.peak_cut import peak_cut
@@ -385,6 +448,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
                 rec.left_alone = "; ".join(str(s) for s in skips[:3]) or "nothing to rewrite"
             log.info("lemo: left graph %d alone (%s); compiling it as %s would", rec.graph_id,
                      rec.left_alone, cfg.inner.value)
+        _warn_if_dense(rec, gm)
         _compat.trace_structured("lemo_compile_record", lambda: _record_text(rec))
     else:
         rec.left_alone = "rewrites disabled (LemoConfig.enabled=False)"

@@ -137,3 +137,64 @@ def test_rewritten_graph_warm_start_reuses_aot_and_inductor_caches(tmp_path):
     assert warm["loss"] == cold["loss"] and warm["sparse"] == cold["sparse"] == 3
     other = run(0.25)
     assert other["aot"].get("autograd_cache_hit", 0) == 0 and "forward" in other["passes"], other
+
+@pytest.fixture
+def fresh_dense_warnings():
+    from lemo_compile.backend import _warned_dense
+
+    _warned_dense.clear()
+    yield
+    _warned_dense.clear()
+
+
+def _lemo_warnings(model, cfg, batch) -> list[str]:
+    import warnings
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend=lemo_compile.backend(cfg))(**batch).loss.backward()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "lemo:" in str(w.message)]
+
+
+def test_dense_by_skip_warns_once_dense_by_schedule_never(fresh_dense_warnings):
+    import transformers
+
+    from lemo_compile.testing.models import tiny_config
+
+    config = tiny_config("llama")
+    config._attn_implementation = "eager"  # matmul + softmax attention: detect skips every layer
+    eager_attn = transformers.LlamaForCausalLM(config).eval()
+    batch = random_batch(256, 1, 130, seed=0)
+    first = _lemo_warnings(eager_attn, LemoConfig(inner="eager", keep_ratio=0.5), batch)
+    assert len(first) == 1 and "trains dense" in first[0] and "[unknown_attention] layers.2" in first[0], first
+    assert _lemo_warnings(eager_attn, LemoConfig(inner="eager", keep_ratio=0.5), batch) == []  # once
+    sdpa = tiny_model("llama")
+    for cfg in (LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0, 1, 2, 3)),  # the config's own choice
+                LemoConfig(inner="eager", keep_ratio=1.0),  # no sparsity asked for
+                LemoConfig(inner="eager", keep_ratio=0.5)):  # sparse: nothing to warn about
+        assert _lemo_warnings(sdpa, cfg, batch) == [], cfg
+
+
+class _BareAttention(nn.Module):
+    """Attention outside anything named like a decoder layer (and no residual stream)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+
+def test_attention_without_decoder_layers_warns(fresh_dense_warnings):
+    import warnings
+
+    x = torch.randn(1, 10, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(_BareAttention(), backend=lemo_compile.backend(LemoConfig(inner="eager", keep_ratio=0.5)))(x)
+        torch.compile(nn.Linear(16, 4), backend=lemo_compile.backend(LemoConfig(inner="eager")))(x)  # no attention
+    got = [str(w.message) for w in caught if "lemo:" in str(w.message)]
+    assert len(got) == 1 and "1 scaled_dot_product_attention calls, but no node belongs" in got[0], got
