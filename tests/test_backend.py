@@ -138,6 +138,7 @@ def test_rewritten_graph_warm_start_reuses_aot_and_inductor_caches(tmp_path):
     other = run(0.25)
     assert other["aot"].get("autograd_cache_hit", 0) == 0 and "forward" in other["passes"], other
 
+
 @pytest.fixture
 def fresh_dense_warnings():
     from lemo_compile.backend import _warned_dense
