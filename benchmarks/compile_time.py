@@ -31,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import LORA_PRESETS, build_model, environment, publish_figures  # noqa: E402
+from benchmarks.peak_cut_bench import _sync  # noqa: E402
 
 TARGETS = {"compile_seconds_8b_cold": "<= 30", "compile_seconds_8b_warm": "<= 10",
            "recompiles_varying_length_loop": "<= 1"}
@@ -71,15 +72,13 @@ def worker(args) -> dict:
     times = []
     for n in lengths:
         ids = torch.randint(0, vocab, (1, n), device=dev)
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
         t0 = time.perf_counter()
         loss = step_model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
         times.append(time.perf_counter() - t0)
     recs = lemo_compile.records()
     res = {"mode": args.worker, "lengths": lengths, "step_times_s": times, "first_step_s": times[0],

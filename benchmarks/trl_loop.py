@@ -48,6 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import LORA_PRESETS, build_model, environment, publish_figures, run_variant_subprocess  # noqa: E402
+from benchmarks.peak_cut_bench import _memory_start, _sync  # noqa: E402
 
 GB = 1e9
 VARIANTS = ("lemo", "liger", "dense")
@@ -95,7 +96,7 @@ class StepTimer:
         class _Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
                 if state.global_step == warmup:
-                    timer.base = _reset_peak(dev)
+                    timer.base = _memory_start(dev)
                 _sync(dev)
                 timer.t0 = time.perf_counter()
 
@@ -112,21 +113,6 @@ class StepTimer:
         self.losses: list[float] = []
         self.base = None
         self.t0 = 0.0
-
-
-def _sync(dev: str) -> None:
-    import torch
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def _reset_peak(dev: str):
-    import torch
-    if dev != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
 
 
 def worker(args) -> dict:

@@ -166,8 +166,10 @@ def _own_functions(gm: fx.GraphModule) -> dict[str, str]:
     """The plain Python functions of lemo_compile that the rewritten graph calls (qualified name ->
     a hash of lemo's sources): AOT autograd's cache may key the graph by their names, since a change
     to their code changes the hash."""
+    from .passes.common import graph_modules
+
     names = {}
-    for mod in (gm, *(m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm)):
+    for mod in graph_modules(gm):
         for node in mod.graph.nodes:
             fn = node.target
             if (node.op == "call_function" and callable(fn) and not isinstance(fn, torch._ops.OpOverload)
@@ -261,7 +263,7 @@ class AotPasses(_compat.custom_graph_pass_base()):
                 self._fw_graph = graph
                 if self.cfg.offload:
                     from .passes.memory import offloaded_bytes
-                    self.record.offloaded = memory.offloaded_values(graph, _compat.OFFLOAD_PREFIX)
+                    self.record.offloaded = memory.offloaded_values(graph)
                     self.record.host_formula = offloaded_bytes(graph)
                     self._check_host_budget()
             self._estimate(graph if is_bw else None)
@@ -305,7 +307,8 @@ class JointPasses(_compat.custom_graph_pass_base()):
                 node.meta["recompute"] = must_save
                 tagged += 1
             # activation offload: the partitioner moves the tagged values it saves (forward outputs)
-            if self.cfg.offload and node.op == "call_function" and _nbytes(node.meta.get("val")) >= self.cfg.offload_min_bytes:
+            if (self.cfg.offload and node.op == "call_function"
+                    and _nbytes(node.meta.get("val")) >= self.cfg.offload_min_bytes):
                 node.meta["should_offload"] = True
                 offload += 1
         if self.record is not None:
@@ -353,11 +356,10 @@ def _layer_index(where: str) -> int | None:
 
 def _sdpa_calls(gm: fx.GraphModule) -> int:
     """scaled_dot_product_attention calls in `gm` and its higher-order-op bodies."""
-    from .passes.common import is_call
+    from .passes.common import graph_modules, is_call
     from .passes.detect import SDPA_TARGETS
 
-    return sum(is_call(n, *SDPA_TARGETS) for m in gm.modules() if isinstance(m, fx.GraphModule)
-               for n in m.graph.nodes)
+    return sum(is_call(n, *SDPA_TARGETS) for m in graph_modules(gm) for n in m.graph.nodes)
 
 
 def _dense_reason(rec: CompileRecord, gm: fx.GraphModule) -> str | None:

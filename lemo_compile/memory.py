@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from . import _compat
+
 _ATTN = ("self_attn", "input_layernorm", "attn", "attention", "ln_1")
 _MLP = ("mlp", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
         "feed_forward", "ln_2")
@@ -101,32 +103,21 @@ def saved_values(fw: dict[str, tuple[str, str, int]], bw_graph: fx.Graph) -> lis
     for n in bw_graph.nodes:
         if n.op != "placeholder" or n.name.startswith(("tangents", "primals")):
             continue
-        name = n.name.removeprefix("cpu_offload_")  # offloaded (LemoConfig.offload): attribute the source
-        layer, block, _ = fw.get(name, ("other", "other", 0))
-        nbytes = _nbytes(n.meta.get("val")) if name != n.name else fw.get(n.name, (0, 0, _nbytes(n.meta.get("val"))))[2]
+        name = n.name.removeprefix(_compat.OFFLOAD_PREFIX)  # offloaded (LemoConfig.offload): its source
+        layer, block, nbytes = fw.get(name, ("other", "other", None))
+        if nbytes is None or name != n.name:  # unknown to the forward, or the host copy's own size
+            nbytes = _nbytes(n.meta.get("val"))
         res.append(SavedValue(n.name, layer, block, nbytes))
     return res
 
 
-def offloaded_values(fw_graph: fx.Graph, prefix: str) -> list[SavedValue]:
+def offloaded_values(fw_graph: fx.Graph) -> list[SavedValue]:
     """The forward graph's outputs that AOT autograd's activation offloading moved to host memory
-    (named prefix + the saved value's name; on a CPU graph Inductor drops the copy as a no-op and
-    the value keeps its mark), attributed to their layer and block."""
-    out = fw_graph.find_nodes(op="output")[0].args[0]
-    by_name = {n.name: n for n in fw_graph.nodes}
-    res = []
-    for n in out:
-        if not isinstance(n, fx.Node):
-            continue
-        if n.name.startswith(prefix):
-            src = by_name.get(n.name[len(prefix):], n)
-        elif n.meta.get("saved_for_offloading"):  # chosen, its copy removed as a no-op (a CPU graph)
-            src = n
-        else:
-            continue
-        layer, block = attribute(src)
-        res.append(SavedValue(src.name, layer, block, _nbytes(n.meta.get("val"))))
-    return res
+    (passes.memory.offloaded_outputs), attributed to their layer and block through the saved value."""
+    from lemo_compile.passes.memory import offloaded_outputs
+
+    return [SavedValue(src.name, *attribute(src), _nbytes(out.meta.get("val")))
+            for out, src in offloaded_outputs(fw_graph)]
 
 
 def saved_by_block(saved: list[SavedValue]) -> dict[str, dict[str, int]]:

@@ -47,6 +47,11 @@ class PassResult:
 ADD_TARGETS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_")
 
 
+def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The root graph and the bodies of higher-order ops (activation checkpointing) under it."""
+    return [gm] + [m for _, m in gm.named_modules() if isinstance(m, fx.GraphModule) and m is not gm]
+
+
 def is_call(node: Any, *targets: Any) -> bool:
     """True for call_function/call_method nodes whose target is one of `targets` (functions or method names)."""
     if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
@@ -104,7 +109,7 @@ def _mutates(node: fx.Node) -> bool:
     """An in-place op (x.scatter_(...), torch.relu_, x[i] = v, a mutable aten overload)."""
     tgt = node.target
     if node.op == "call_method":
-        return isinstance(tgt, str) and tgt.endswith("_") and not tgt.startswith("_") or tgt == "__setitem__"
+        return (isinstance(tgt, str) and tgt.endswith("_") and not tgt.startswith("_")) or tgt == "__setitem__"
     if node.op != "call_function":
         return False
     if isinstance(tgt, torch._ops.OpOverload):

@@ -32,7 +32,7 @@ import torch.fx as fx
 from lemo_compile import ops
 from lemo_compile.kernels import rows as row_kernels
 
-from .common import PassResult, eliminate_dead_code, is_call, shape_of, value_of
+from .common import PassResult, eliminate_dead_code, graph_modules, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS
 
 
@@ -44,7 +44,7 @@ class FuseResult(PassResult):
 def fuse(gm: fx.GraphModule) -> FuseResult:
     res = FuseResult("fuse")
     changed: dict[int, fx.GraphModule] = {}
-    for mod in _graph_modules(gm):
+    for mod in graph_modules(gm):
         g = mod.graph
         for node in list(g.nodes):
             if node.graph is not g:  # erased meanwhile
@@ -60,11 +60,6 @@ def fuse(gm: fx.GraphModule) -> FuseResult:
     if changed:
         gm.recompile()
     return res
-
-
-def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
-    """The root graph and the bodies of higher-order ops (activation checkpointing) under it."""
-    return [gm] + [m for _, m in gm.named_modules() if isinstance(m, fx.GraphModule) and m is not gm]
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:

@@ -41,6 +41,8 @@ import sympy
 import torch
 import torch.fx as fx
 
+from lemo_compile import _compat
+
 log = logging.getLogger(__name__)
 
 Size = Union[int, sympy.Expr]
@@ -428,18 +430,31 @@ def _terms(size: sympy.Expr) -> tuple:
     return tuple(sympy.expand(size).as_coefficients_dict().items())
 
 
+def offloaded_outputs(fw: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """(output, the saved value it holds) for each forward output AOT autograd's activation offloading
+    moved to host memory: named cpu_offload_<saved value>; on a CPU graph Inductor drops the copy as a
+    no-op and the value keeps its saved_for_offloading mark."""
+    by_name = {n.name: n for n in fw.nodes}
+    res = []
+    for n in fw.find_nodes(op="output")[0].args[0]:
+        if not isinstance(n, fx.Node):
+            continue
+        if _offloaded(n):
+            res.append((n, by_name.get(n.name.removeprefix(_compat.OFFLOAD_PREFIX), n)))
+        elif n.meta.get("saved_for_offloading"):
+            res.append((n, n))
+    return res
+
+
 def offloaded_bytes(fw: fx.Graph) -> Size:
-    """Bytes of the forward outputs moved to host memory (a formula under dynamic shapes); a value
-    whose copy Inductor dropped as a no-op (a CPU graph) keeps its saved_for_offloading mark."""
-    out = fw.find_nodes(op="output")[0].args[0]
-    return _total(_nbytes(n.meta["val"]) for n in out if isinstance(n, fx.Node) and "val" in n.meta
-                  and (_offloaded(n) or n.meta.get("saved_for_offloading")))
+    """Bytes of the forward outputs moved to host memory (a formula under dynamic shapes)."""
+    return _total(_nbytes(out.meta["val"]) for out, _ in offloaded_outputs(fw) if "val" in out.meta)
 
 
 def _offloaded(node: fx.Node) -> bool:
     """A forward value AOT autograd's activation offloading moved to host memory (sync device_put
     or async ao.offload / ao.wait_tensor, all named cpu_offload_*)."""
-    return node.name.startswith(("cpu_offload_", "async_cpu_offload_"))
+    return node.name.startswith((_compat.OFFLOAD_PREFIX, "async_" + _compat.OFFLOAD_PREFIX))
 
 
 def _saved_names(bw: fx.Graph) -> set[str]:
@@ -611,7 +626,6 @@ def plot_timeline(estimates: dict[str, MemoryEstimate], path: str | os.PathLike)
 
 
 if __name__ == "__main__":  # python -m lemo_compile.passes.memory: estimate a tiny Llama's training step
-    from lemo_compile import _compat
     from lemo_compile.testing.models import random_batch, tiny_model
 
     graphs: list[fx.GraphModule] = []
