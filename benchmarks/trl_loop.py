@@ -103,16 +103,35 @@ class StepTimer:
             def on_step_end(self, args, state, control, **kw):
                 _sync(dev)
                 timer.times.append(time.perf_counter() - timer.t0)
+                timer.progress()
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     timer.losses.append(float(logs["loss"]))
 
         self.callback = _Callback()
+        self.compiles = 0
         self.times: list[float] = []
         self.losses: list[float] = []
         self.base = None
         self.t0 = 0.0
+
+    def progress(self) -> None:
+        """One line per step on stderr (it survives a timeout in the log tail): the step's seconds and the
+        Dynamo graphs lemo compiled during it, with Dynamo's reason for each recompile."""
+        line = f"step {len(self.times)}: {self.times[-1]:.1f} s"
+        try:
+            import lemo_compile
+        except ImportError:
+            lemo_compile = None
+        if lemo_compile is not None:
+            recs = lemo_compile.records()
+            new = recs[self.compiles:] if len(recs) >= self.compiles else recs
+            self.compiles = len(recs)
+            line += f", {len(new)} graph(s) compiled" + "".join(
+                f"; graph {r.graph_id}: {'sparse' if r.sparsified else 'dense'}"
+                + (f", recompiled: {r.recompile_reason[:160]}" if r.recompile_reason else "") for r in new)
+        print(line, file=sys.stderr, flush=True)
 
 
 def worker(args) -> dict:
@@ -142,6 +161,9 @@ def worker(args) -> dict:
               gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, report_to=[],
               save_strategy="no", disable_tqdm=True, dataset_num_proc=1, use_liger_kernel=variant == "liger",
               bf16=not args.tiny, use_cpu=args.tiny, seed=0)
+    if args.pad_rows:  # every row exactly --seq tokens: BFD's short last bins would recompile once
+        kw["pad_to_multiple_of"] = args.seq
+        res["pad_to_multiple_of"] = args.seq
     timer = StepTimer(dev, args.warmup)
     trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**kw), processing_class=_tokenizer(),
                              train_dataset=datasets.Dataset.from_dict({"input_ids": docs}), callbacks=[timer.callback])
@@ -205,6 +227,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per variant")
+    ap.add_argument("--pad-rows", action="store_true", help="SFTConfig(pad_to_multiple_of=--seq): every packed "
+                    "row the same length, so no shorter row triggers a (dynamic) recompile")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes on CPU: every code path, no real numbers")
     ap.add_argument("--out", default=None)
     ap.add_argument("--headline", default=None)
@@ -222,7 +246,7 @@ def main():
         print("RESULT " + json.dumps(res), flush=True)
         return
     extra = ["--arch", args.arch, "--lora", args.lora, "--seq", str(args.seq), "--steps", str(args.steps),
-             "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+             "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []) + (["--pad-rows"] if args.pad_rows else [])
     results = []
     for v in args.variants.split(","):
         if v not in VARIANTS:
@@ -234,7 +258,7 @@ def main():
               flush=True)
     doc = {"benchmark": "trl_loop", "command": "python " + " ".join(sys.argv), "env": environment(),
            "config": {"arch": args.arch, "lora": args.lora, "seq": args.seq, "steps": args.steps,
-                      "warmup": args.warmup, "tiny": args.tiny}, "results": results, "table": table(results)}
+                      "warmup": args.warmup, "tiny": args.tiny, "pad_rows": args.pad_rows}, "results": results, "table": table(results)}
     figs, missing = figures(doc, args.out and os.path.join("benchmarks/results", os.path.basename(args.out)))
     print(doc["table"], flush=True)
     publish_figures(doc, figs, missing, args.out, args.headline, args.tiny)
