@@ -122,3 +122,17 @@ def cacheable_functions(names: dict[str, str]) -> dict[str, str]:
     if not hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
         return {}
     return {"unsafe_marked_cacheable_functions": {**inductor_config.unsafe_marked_cacheable_functions, **names}}
+
+
+def specialize_float(value: Any) -> Any:
+    """The concrete value of a symbolic float (torch.compile(dynamic=True) passes module floats such as
+    attention dropout as graph inputs), guarded: Dynamo reuses the compiled graph only while the input
+    keeps this value. None when it cannot be specialized; other values are returned as they are."""
+    if not isinstance(value, torch.SymFloat):
+        return value
+    from torch.fx.experimental.symbolic_shapes import guard_float
+
+    try:
+        return guard_float(value)
+    except Exception:  # unbacked (data-dependent) or a torch without the helper: unknown
+        return None

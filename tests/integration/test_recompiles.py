@@ -49,3 +49,35 @@ def test_varying_lengths_compile_once_more(kind):
     assert "size mismatch" in recs[1].recompile_reason, recs[1].recompile_reason
     assert "recompiled: " in lemo_compile.inspect.format_record(recs[1])
     assert all(r.sparsify.counters["sparse_layers"] == 3 for r in recs)
+
+
+def test_dynamic_from_the_first_call_is_sparse_exact_and_guards_dropout():
+    """torch.compile(dynamic=True) passes each layer's attention dropout as a graph input; lemo reads it
+    as 0 under a guard, so the graph is sparse (exact at keep 1.0), and a model whose dropout changes
+    recompiles and trains dense instead of reusing a graph that ignores the dropout."""
+    from lemo_compile.testing.models import random_batch, trainable_grads
+
+    torch._dynamo.reset()
+    clear_records()
+    batch = random_batch(256, 2, 230, seed=7, pad_right=[0, 40])
+    dense = tiny_model("llama", lora=True).train()
+    out = dense(**batch)
+    out.loss.backward()
+    model = tiny_model("llama", lora=True).train()
+    compiled = torch.compile(model, backend=lemo_compile.backend(LemoConfig(inner="eager", keep_ratio=1.0)),
+                             dynamic=True)
+    loss = compiled(**batch).loss
+    loss.backward()
+    assert any(r.sparsified for r in lemo_compile.records())
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    want, got = trainable_grads(dense), trainable_grads(model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    seen = len(lemo_compile.records())
+    for layer in model.base_model.model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    compiled(**batch).loss.backward()
+    new = lemo_compile.records()[seen:]
+    assert new and "attention_dropout" in (new[0].recompile_reason or "")
+    assert not any(r.sparsified for r in new)
+    assert any("attention dropout > 0" in str(s) for r in new for s in (r.detect.skips if r.detect else []))
