@@ -110,7 +110,7 @@ class StepTimer:
                     timer.losses.append(float(logs["loss"]))
 
         self.callback = _Callback()
-        self.compiles = 0
+        self.last_graph = -1  # the last lemo compile record progress() reported
         self.times: list[float] = []
         self.losses: list[float] = []
         self.base = None
@@ -120,14 +120,10 @@ class StepTimer:
         """One line per step on stderr (it survives a timeout in the log tail): the step's seconds and the
         Dynamo graphs lemo compiled during it, with Dynamo's reason for each recompile."""
         line = f"step {len(self.times)}: {self.times[-1]:.1f} s"
-        try:
-            import lemo_compile
-        except ImportError:
-            lemo_compile = None
+        lemo_compile = sys.modules.get("lemo_compile")  # loaded by the lemo variant only
         if lemo_compile is not None:
-            recs = lemo_compile.records()
-            new = recs[self.compiles:] if len(recs) >= self.compiles else recs
-            self.compiles = len(recs)
+            new = [r for r in lemo_compile.records() if r.graph_id > self.last_graph]
+            self.last_graph = max([self.last_graph] + [r.graph_id for r in new])
             line += f", {len(new)} graph(s) compiled" + "".join(
                 f"; graph {r.graph_id}: {'sparse' if r.sparsified else 'dense'}"
                 + (f", recompiled: {r.recompile_reason[:160]}" if r.recompile_reason else "") for r in new)

@@ -35,7 +35,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import PassResult, is_call, shape_of
+from .common import PassResult, attention_dropout, is_call, shape_of
 from .detect import SDPA_TARGETS, subgraph_modules
 
 
@@ -125,8 +125,7 @@ def _why_not_square(node: fx.Node) -> str | None:
         return "query/key lengths are not static"
     if q[-2] != k[-2]:
         return f"query length {q[-2]} != key length {k[-2]} (is_causal would align top-left)"
-    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-    if dropout not in (0, 0.0):
+    if attention_dropout(node) not in (0, 0.0):
         return "attention dropout"
     return None
 

@@ -70,6 +70,18 @@ def value_of(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def attention_dropout(sdpa: fx.Node) -> Any:
+    """The dropout probability of a scaled_dot_product_attention node (positional or keyword). Under
+    torch.compile(dynamic=True) a module's float arrives as a graph input; its value is read under a
+    Dynamo guard, so the graph is reused only while the input keeps that value (None: unknown)."""
+    from lemo_compile import _compat
+
+    dropout = sdpa.args[4] if len(sdpa.args) > 4 else sdpa.kwargs.get("dropout_p", 0.0)
+    if isinstance(dropout, fx.Node):
+        return _compat.specialize_float(value_of(dropout))
+    return dropout
+
+
 def shape_of(node: Any) -> tuple | None:
     v = value_of(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None

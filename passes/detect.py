@@ -26,9 +26,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from lemo_compile import _compat
-
-from .common import CantRewrite, PassResult, closure_back, is_add, is_call, same_size, shape_of, value_of
+from .common import (CantRewrite, PassResult, attention_dropout, closure_back, is_add, is_call, same_size, shape_of,
+                     value_of)
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
@@ -311,10 +310,7 @@ def _check_attention(blk: Block) -> None:
         if mshape is None or len(mshape) != 4:
             raise CantRewrite("mask_structure", f"attention mask {src.name} is not 4-D: {mshape}")
         blk.mask = src
-    dropout = sdpa.kwargs.get("dropout_p", 0.0)
-    if isinstance(dropout, fx.Node):  # dynamic=True: the module's float arrives as a graph input
-        dropout = _compat.specialize_float(value_of(dropout))
-    if dropout not in (0.0, 0):
+    if attention_dropout(sdpa) not in (0.0, 0):
         raise CantRewrite("attention_dropout", "attention dropout > 0 is not supported")
     h = shape_of(blk.residual_in)
     if value_of(sdpa) is None or h is None:

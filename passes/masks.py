@@ -41,7 +41,7 @@ import torch.fx as fx
 from lemo_compile import ops
 
 from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
-from .common import PassResult, eliminate_dead_code, is_call, shape_of, value_of
+from .common import PassResult, attention_dropout, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import SDPA_TARGETS
 
 PADDING, PACKED = "padding", "packed"
@@ -138,8 +138,7 @@ def _why_not_plain(node: fx.Node) -> str | None:
         same = q[-2] is k[-2] or str(q[-2]) == str(k[-2])  # never bool() a symbolic comparison (a guard)
         if not same:
             return "query and key lengths differ"
-    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-    if dropout not in (0, 0.0):
+    if attention_dropout(node) not in (0, 0.0):
         return "attention dropout"
     causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
     if causal:
