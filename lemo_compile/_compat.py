@@ -136,3 +136,14 @@ def specialize_float(value: Any) -> Any:
         return guard_float(value)
     except Exception:  # unbacked (data-dependent) or a torch without the helper: unknown
         return None
+
+
+def wrap_compiled_call(module: torch.nn.Module, wrap) -> bool:
+    """Replace the callable `nn.Module.compile` installed on `module` by `wrap(callable)`, so code runs
+    before Dynamo sees each call's arguments (marking inputs dynamic cannot happen inside the traced
+    call). False when this torch keeps the compiled call elsewhere."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    if compiled is None:
+        return False
+    module._compiled_call_impl = wrap(compiled)
+    return True

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import _compat
 from .backend import make_backend
 from .config import LemoConfig, get_default
 from .reference import decoder_layers
@@ -45,7 +46,30 @@ def compile_for_training(model: torch.nn.Module, cfg: LemoConfig | None = None, 
     unprefixed) and turn off the KV cache, which training graphs do not need. Returns the model."""
     _no_kv_cache(model)
     model.compile(backend=make_backend(cfg), **compile_kwargs)
+    if not _compat.wrap_compiled_call(model, _packed_metadata_dynamic):
+        log.warning("lemo: this torch has no nn.Module._compiled_call_impl; packed batches whose document "
+                    "count changes (cu_seq_lens_q/k) will recompile once")
     return model
+
+
+# Packing collators (HF DataCollatorWithFlattening(return_flash_attn_kwargs=True), TRL padding_free) pass
+# the document boundaries as 1-D tensors whose length is the row's document count + 1. SDPA models never
+# read them, but once a graph break splits the forward (PEFT's input-require-grads hook under gradient
+# checkpointing does), they become inputs of the resumed graph, and Dynamo compiles that graph again the
+# first time the document count changes: minutes at 8B. Marked dynamic before the first call, the first
+# graph already serves every document count.
+PACKED_METADATA = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
+
+
+def _packed_metadata_dynamic(compiled: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for name in PACKED_METADATA:
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def compile_layers(model: torch.nn.Module, cfg: LemoConfig | None = None, **compile_kwargs: Any) -> torch.nn.Module:
