@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -224,33 +224,49 @@ def segment_mask_keys(seg: torch.Tensor, idx_k: torch.Tensor, in_range_k: torch.
     return causal_positions_mask(q_pos, idx_k, gather_segments(seg, idx_k, in_range_k), seg_q=seg)
 
 
-def _segment_rows(seg: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """(row, rows of one segment) for every segment of seg (b, n): a slice when the segment is
-    contiguous (padding, packed documents), else an index tensor. One device-to-host copy."""
-    out = []
-    seg_host = seg.detach().cpu()
-    for b in range(seg_host.shape[0]):
-        row = seg_host[b]
-        for sid in torch.unique(row).tolist():
-            if sid == 0:
-                continue
-            rows = torch.nonzero(row == sid).flatten()
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            out.append((b, slice(lo, hi) if hi - lo == rows.numel() else rows.to(seg.device)))
-    return out
+def _segment_groups(seg: torch.Tensor) -> list[tuple[Any, Any]]:
+    """The segments of seg (b, n) (ids > 0; 0 = no segment), grouped by length so that each group is one
+    batched kernel call: (row, slice) for a group that is one contiguous segment (a view, no copy), else
+    (rows, cols), two (k, L) index tensors for the group's k segments of L tokens, positions ascending.
+    A packed row of thousands of one-token documents (TRL pads with them) is one call, not thousands;
+    there are at most sqrt(2 n) distinct lengths. One device-to-host copy, O(n log n) on the host."""
+    b, n = seg.shape
+    flat = seg.detach().reshape(-1).to("cpu", torch.int64)
+    pos = torch.nonzero(flat != 0).flatten()
+    if pos.numel() == 0:
+        return []
+    key = (pos // n) * (int(flat.max()) + 1) + flat[pos]  # one key per (row, segment id)
+    key, order = torch.sort(key, stable=True)  # stable: positions stay ascending within a segment
+    pos = pos[order]
+    counts = torch.unique_consecutive(key, return_counts=True)[1]
+    starts = torch.cumsum(counts, 0) - counts
+    groups: list[tuple[Any, Any]] = []
+    for length in torch.unique(counts).tolist():
+        which = torch.nonzero(counts == length).flatten()
+        idx = pos[starts[which, None] + torch.arange(length)]
+        rows, cols = idx // n, idx % n
+        if which.numel() == 1 and int(cols[0, -1] - cols[0, 0]) == length - 1:
+            lo = int(cols[0, 0])
+            groups.append((int(rows[0, 0]), slice(lo, lo + length)))
+        else:
+            groups.append((rows.to(seg.device), cols.to(seg.device)))
+    return groups
 
 
-def _take(t: torch.Tensor, b: int, rows: slice | torch.Tensor) -> torch.Tensor:
-    """t[b:b+1, :, rows] (b, H, n, d) or (b, H, n)."""
-    t = t[b:b + 1]
-    return t[:, :, rows] if isinstance(rows, slice) else t.index_select(2, rows)
+def _take(t: torch.Tensor, group: tuple[Any, Any]) -> torch.Tensor:
+    """The group's tokens of t (b, H, n, d) or (b, H, n), as (k, H, L, d) or (k, H, L)."""
+    rows, cols = group
+    if isinstance(cols, slice):
+        return t[rows:rows + 1, :, cols]
+    return t.transpose(1, 2)[rows, cols].transpose(1, 2)
 
 
-def _put(dst: torch.Tensor, b: int, rows: slice | torch.Tensor, src: torch.Tensor) -> None:
-    if isinstance(rows, slice):
-        dst[b:b + 1, :, rows] = src
+def _put(dst: torch.Tensor, group: tuple[Any, Any], src: torch.Tensor) -> None:
+    rows, cols = group
+    if isinstance(cols, slice):
+        dst[rows:rows + 1, :, cols] = src
     else:
-        dst[b:b + 1].index_copy_(2, rows, src)
+        dst.transpose(1, 2)[rows, cols] = src.transpose(1, 2)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -461,15 +477,16 @@ def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: to
 
 
 def _kept_backward_flash_segments(grad_out, q, k, v, out, lse, seg, scale):
-    """attention_kept_backward_flash one segment at a time (kept rows of one document are contiguous in
-    compact order, and sorted); rows of segment 0 (out of range, padding) get zero gradients."""
+    """attention_kept_backward_flash over the segments, one call per group of equal-length segments (kept
+    rows of one document are contiguous in compact order, and sorted); rows of segment 0 (out of range,
+    padding) get zero gradients."""
     ke, ve = _expand_kv(q, k, v)
     dq, dke, dve = torch.zeros_like(q), torch.zeros_like(ke), torch.zeros_like(ve)
-    for b, rows in _segment_rows(seg):
-        parts = [_take(t, b, rows) for t in (grad_out, q, ke, ve, out, lse)]
-        valid = torch.ones(1, parts[1].shape[2], dtype=torch.bool, device=q.device)
+    for group in _segment_groups(seg):
+        parts = [_take(t, group) for t in (grad_out, q, ke, ve, out, lse)]
+        valid = torch.ones(parts[1].shape[0], parts[1].shape[2], dtype=torch.bool, device=q.device)
         for dst, src in zip((dq, dke, dve), attention_kept_backward_flash(*parts, valid, scale)):
-            _put(dst, b, rows, src.to(dst.dtype))
+            _put(dst, group, src.to(dst.dtype))
     dk, dv = _sum_kv_groups(dke, dve, k.shape[1])
     return _contiguous(dq, dk, dv)
 
@@ -525,15 +542,15 @@ attention_kept.register_autograd(_kept_backward, setup_context=_kept_setup)
 
 def segment_attention_lse_impl(q, k, v, seg, scale):
     """(out, lse) of causal attention within each segment of seg (b, n): each segment's rows run the
-    causal kernel of attention_lse (flash on CUDA, the twin elsewhere) on their own; padding rows get
-    out 0, lse -inf. Never an n x n mask."""
+    causal kernel of attention_lse (flash on CUDA, the twin elsewhere) on their own, segments of equal
+    length batched into one call; padding rows get out 0, lse -inf. Never an n x n mask."""
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     impl = attention_lse_cuda if _use_cuda_kernels(q) else attention_lse_torch
-    for b, rows in _segment_rows(seg):
-        o, l = impl(_take(q, b, rows), _take(k, b, rows), _take(v, b, rows), None, scale, True)
-        _put(out, b, rows, o.to(q.dtype))
-        _put(lse, b, rows, l.float())
+    for group in _segment_groups(seg):
+        o, l = impl(_take(q, group), _take(k, group), _take(v, group), None, scale, True)
+        _put(out, group, o.to(q.dtype))
+        _put(lse, group, l.float())
     return out, lse
 
 

@@ -34,16 +34,19 @@ def test_keep_everything_is_dense():
 @cuda
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_segment_attention_bf16_flash_per_segment(kv_heads):
-    """lemo::segment_attention on CUDA (PyTorch's flash kernels, one segment at a time) against SDPA under
-    the mask the segments stand for, in fp64: at most twice the error of bf16 SDPA itself, forward and
-    backward; padding rows 0."""
+    """lemo::segment_attention on CUDA (PyTorch's flash kernels, one call per group of equal-length segments)
+    against SDPA under the mask the segments stand for, in fp64: at most twice the error of bf16 SDPA
+    itself, forward and backward; padding rows 0. Row 2 is padded the way TRL pads a packed row: 200
+    one-token documents, and four documents of 50 tokens."""
     from lemo_compile import ops
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    b, h, n, d = 2, 8, 700, 128
+    b, h, n, d = 3, 8, 700, 128
     seg = torch.zeros(b, n, dtype=torch.int32, device="cuda")
     seg[0, 37:] = 1
     seg[1, :300], seg[1, 300], seg[1, 301:650] = 1, 2, 3
+    seg[2, :200] = torch.arange(1, 201)
+    seg[2, 200:400] = torch.arange(201, 205).repeat_interleave(50)
     q = torch.randn(b, h, n, d, device="cuda", generator=g)
     k, v = (torch.randn(b, kv_heads, n, d, device="cuda", generator=g) for _ in range(2))
     dout = torch.randn(b, h, n, d, device="cuda", generator=g)

@@ -128,14 +128,19 @@ def test_a_mask_that_is_not_padding_or_packing_keeps_the_tensor():
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_segment_attention_is_sdpa_under_the_segment_mask(kv_heads):
     """The op against SDPA with the mask the segments stand for, fp64, on rows of real tokens (padding
-    rows: 0): left padding, packed documents with a one-token one, a hole, a fully padded row."""
+    rows: 0): left padding, packed documents with a one-token one, a hole, a fully padded row, and a row
+    the way TRL pads a packed batch (60 one-token documents, then three of 7 tokens and one of 11: the
+    op batches equal-length segments into one call)."""
     g = torch.Generator().manual_seed(1)
-    b, h, n, d = 3, 4, 150, 16
+    b, h, n, d = 4, 4, 150, 16
     q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(b, kv_heads, n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     seg = torch.zeros(b, n, dtype=torch.int32)
     seg[0, 5:] = 1
     seg[1, :40], seg[1, 40], seg[1, 41:120], seg[1, 130] = 1, 2, 3, 3
+    seg[3, 50:110] = torch.arange(1, 61)
+    seg[3, 110:131] = torch.arange(61, 64).repeat_interleave(7)
+    seg[3, 131:142] = 64
     out, lse = torch.ops.lemo.segment_attention(q, k, v, seg, d ** -0.5)
     rep = h // kv_heads
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
@@ -164,3 +169,34 @@ def test_checkpointed_segments_under_inductor():
         model.gradient_checkpointing_disable()
     assert ind[2].masks.counters["segment_attention"] == 2 and ind[2].sparsify.counters["sparse_layers"] == 2
     _close(ind[:2], eager[:2])
+
+
+def test_kept_backward_segment_groups_match_the_twin(monkeypatch):
+    """The CUDA kept-rows backward over segments batches equal-length segments (one flash call per group).
+    Its grouping, gather and scatter, checked on CPU with the flash call replaced by the twin: equal to
+    the twin over the whole row with segment ids, on one-token documents, equal-length ones, a hole and
+    padding."""
+    g = torch.Generator().manual_seed(2)
+    b, h, kvh, n, d = 2, 4, 2, 90, 8
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, kvh, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    seg = torch.zeros(b, n, dtype=torch.int64)
+    seg[0, :30] = torch.arange(1, 31)
+    seg[0, 30:60] = torch.arange(31, 34).repeat_interleave(10)
+    seg[0, 60:85] = 34
+    seg[1, 3:40], seg[1, 50:60] = 1, 1  # one segment with a hole
+    seg[1, 60:89] = 2
+    scale = d ** -0.5
+    out, lse = ops.segment_attention_lse_impl(q, k, v, seg, scale)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).masked_fill((seg == 0)[:, None, :, None], 0)
+    pos = torch.arange(n).expand(b, n)
+    want = ops.attention_kept_backward_torch(grad, q, k, v, out, lse, None, scale, pos=pos, valid=seg)
+
+    def flash_on_cpu(go, q, k, v, out, lse, valid, scale):
+        p = torch.arange(q.shape[2]).expand(q.shape[0], -1)
+        return ops.attention_kept_backward_torch(go, q, k, v, out, lse, None, scale, pos=p, valid=valid)
+
+    monkeypatch.setattr(ops, "attention_kept_backward_flash", flash_on_cpu)
+    got = ops._kept_backward_flash_segments(grad, q, k, v, out, lse, seg, scale)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape and (a - w).abs().max() < 1e-6 * w.abs().max()
