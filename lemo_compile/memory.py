@@ -70,7 +70,7 @@ def _nbytes(val: Any) -> int:
 
 
 def attribute(node: fx.Node) -> tuple[str, str]:
-    from lemo_compile.passes.detect import _LAYER_TAIL, layer_of, module_stack
+    from lemo_compile.passes.detect import layer_index, layer_of, module_stack
     lo = layer_of(node)
     if lo is None:  # outside decoder layers, or a graph compiled from one layer (children at the top)
         st = module_stack(node)
@@ -78,8 +78,8 @@ def attribute(node: fx.Node) -> tuple[str, str]:
         layer = "(compiled module)"
     else:
         path, _, rel = lo
-        m = _LAYER_TAIL.search(path)
-        layer = f"layers.{m.group(1)}" if m else path
+        i = layer_index(path)
+        layer = f"layers.{i}" if i is not None else path
     head = rel.split(".")[0]
     block = "attn" if head in _ATTN else "mlp" if head in _MLP else "other"
     if lo is None and block == "other":

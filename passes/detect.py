@@ -36,6 +36,8 @@ LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
 KNOWN_ATTENTION = "sdpa"
 
 _LAYER_TAIL = re.compile(r"(?:^|\.)layers\.(\d+)$")
+_LIST_ENTRY = re.compile(r"\.(\d+)$")  # an entry of a ModuleList: transformer.h.3, bert.encoder.layer.3
+_LAYER_CLASSES = ("DecoderLayer", "Layer", "Block")  # GPT2Block, BloomBlock, BertLayer, GPTNeoXLayer
 
 
 def normalize_path(path: str) -> str:
@@ -57,7 +59,16 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
 
 
 def _is_layer_entry(path: str, cls: str) -> bool:
-    return cls.endswith("DecoderLayer") or bool(_LAYER_TAIL.search(path))
+    """A decoder layer: class *DecoderLayer, path layers.N, or an entry of a module list whose class is
+    named like a layer or block (the outermost such module of a node wins)."""
+    return cls.endswith("DecoderLayer") or bool(_LAYER_TAIL.search(path)) or \
+        cls.endswith(_LAYER_CLASSES) and bool(_LIST_ENTRY.search(path))
+
+
+def layer_index(path: str) -> int | None:
+    """N of a decoder layer's path (layers.N, h.N, ...), None for a path without one."""
+    m = _LAYER_TAIL.search(path) or _LIST_ENTRY.search(path)
+    return int(m.group(1)) if m else None
 
 
 def rel_path(node: fx.Node, prefix: str) -> str | None:
@@ -162,7 +173,7 @@ def detect(gm: fx.GraphModule) -> DetectResult:
     res.counters["lora_branches"] = res.summary()["lora"]
     if not res.layers and not res.skips:
         res.skip("no_decoder_layers", "graph", "no node belongs to a module named like a decoder layer "
-                 "(class *DecoderLayer or path layers.N)")
+                 "(class *DecoderLayer, path layers.N, or a *Layer / *Block entry of a module list)")
     return res
 
 
@@ -186,8 +197,7 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
     for path, nodes in groups.items():
         if path in hop_layers:
             continue  # only the call of a checkpointed layer lives here; its body is a subgraph
-        m = _LAYER_TAIL.search(path)
-        _add_layer(res, Layer(path=path, cls=classes[path], index=int(m.group(1)) if m else None, gm=gm), nodes)
+        _add_layer(res, Layer(path=path, cls=classes[path], index=layer_index(path), gm=gm), nodes)
     if not groups and not hop_layers:
         _detect_root_layer(gm, res)
     for name, sub, _ in subgraph_modules(gm):
@@ -264,6 +274,7 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
     body = closure_back(out, allowed, stop=stop)
     if not body:
         raise CantRewrite("empty_block", f"{kind} block output {out.name} is not computed inside the layer")
+    _check_no_hidden_updates(kind, body)
     order = {n: i for i, n in enumerate(out.graph.nodes)}
     nodes = sorted(body, key=order.__getitem__)
     ext: list[fx.Node] = []
@@ -284,6 +295,33 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
     blk = Block(kind=kind, residual_in=h, output=out, residual_add=add, nodes=nodes, externals=ext,
                 linears=linears, lora=lora)
     return blk
+
+
+def _in_place(node: fx.Node) -> bool:
+    """A call that writes into its first argument (x.add_(y), torch.Tensor.mul_, operator.iadd on a tensor)."""
+    t = node.target
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    if node.op == "call_method" or node.op == "call_function" and getattr(t, "__module__", None) in (None, "torch"):
+        return name.endswith("_") and not name.startswith("_") or name.startswith("__i") and name.endswith("__")
+    return node.op == "call_function" and t in _INPLACE_OPERATORS
+
+
+_INPLACE_OPERATORS = {getattr(__import__("operator"), n) for n in ("iadd", "isub", "imul", "itruediv", "ipow")}
+
+
+def _check_no_hidden_updates(kind: str, body: set[fx.Node]) -> None:
+    """A block is its output's backward closure; an in-place update is invisible there when it writes into
+    a block value from outside the closure (Llama 4's MoE: shared_out.add_(routed_out), the routed experts
+    never reach the residual add's inputs) or writes from inside the block into a value outside it. The
+    rewrites would then drop or duplicate the update: refused."""
+    for n in body:
+        if _in_place(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in body:
+            raise CantRewrite("in_place_update", f"{kind} block updates {n.args[0].name}, computed outside "
+                              f"it, in place ({n.name})")
+        for u in n.users:
+            if u not in body and _in_place(u) and u.args and u.args[0] is n:
+                raise CantRewrite("in_place_update", f"{kind} block value {n.name} is updated in place by "
+                                  f"{u.name}, which does not feed the block's output")
 
 
 def _check_attention(blk: Block) -> None:

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from lemo_compile import ops
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
@@ -38,6 +37,7 @@ from .common import (CantRewrite, PassResult, closure_back, eliminate_dead_code,
                      value_of)
 from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer
 from .masks import segments_of
+from .seq_axis import propagate
 
 
 @dataclasses.dataclass
@@ -234,7 +234,7 @@ def _validate(blk: Block, seq_ext: list[fx.Node]) -> None:
     """Dry run of the sequence-axis tracking over the whole block; raises CantRewrite, changes nothing."""
     axes: dict[fx.Node, Any] = {blk.residual_in: 1, **{e: 1 for e in seq_ext}}
     for node in blk.nodes:
-        ax, _, _ = _propagate(node, axes, None)
+        ax, _, _ = propagate(node, axes, None)
         if ax is not None:
             axes[node] = ax
     if axes.get(blk.output) != 1:
@@ -477,21 +477,6 @@ def _reroot(blk: Block, h: fx.Node) -> None:
 # cloning a block onto the compacted rows
 # -------------------------------------------------------------------------------------------------
 
-_ELEMENTWISE = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
-    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt,
-    torch.exp, torch.tanh, torch.sigmoid, torch.where, torch.clamp, torch.abs, F.silu, F.gelu, F.relu,
-    F.dropout, torch.nn.functional.softplus, torch.erf, torch.cos, torch.sin,
-    "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "to", "float",
-    "half", "bfloat16", "type", "type_as", "contiguous", "clone", "detach", "clamp", "abs", "masked_fill",
-    "__mul__", "__add__", "__sub__", "__truediv__", "__neg__", "__radd__", "__rmul__", "silu", "relu", "gelu",
-    "cos", "sin", "erf",
-}
-_VIEWS = ("view", "reshape", "_unsafe_view", torch.reshape)
-_REDUCTIONS = ("mean", "sum", "amax", "amin", "var", "std", "norm", torch.mean, torch.sum, torch.amax,
-               torch.var, torch.std, torch.norm)
-
-
 def _clone(g: fx.Graph, blk: Block, nodes: list[fx.Node], env: dict[fx.Node, fx.Node], m: fx.Node,
            sdpa_patch=None, replace: dict | None = None, check_output: bool = True) -> dict[fx.Node, fx.Node]:
     """Copy `nodes` (graph order) at the insertion point with env applied (env maps the inputs that
@@ -505,7 +490,7 @@ def _clone(g: fx.Graph, blk: Block, nodes: list[fx.Node], env: dict[fx.Node, fx.
             env[node] = replace[node](node)
             axes[node] = 2
             continue
-        ax, args, kwargs = _propagate(node, axes, m)
+        ax, args, kwargs = propagate(node, axes, m)
         new = g.node_copy(node, lambda a: env.get(a, a))
         for key in ("example_value", "val", "tensor_meta"):  # the copy has other shapes: no stale fakes
             new.meta.pop(key, None)
@@ -520,177 +505,3 @@ def _clone(g: fx.Graph, blk: Block, nodes: list[fx.Node], env: dict[fx.Node, fx.
     if check_output and axes.get(blk.output) != 1:
         raise CantRewrite("sequence_axis", f"block output {blk.output.name} does not keep the sequence on axis 1")
     return env
-
-
-def _name(node: fx.Node) -> Any:
-    return node.target
-
-
-def _norm_dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
-def _propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
-    """Sequence axis of `node`'s output given its inputs' axes, and its args rewritten for m rows."""
-    args, kwargs = node.args, dict(node.kwargs)
-    tracked = [a for a in node.all_input_nodes if a in axes]
-    if not tracked:
-        return None, args, kwargs
-    t = node.target
-    out_shape = shape_of(node)
-    val = value_of(node)
-
-    def fail(why: str):
-        raise CantRewrite("sequence_axis", f"cannot follow the sequence axis through {node.name} "
-                          f"({getattr(t, '__name__', t)}): {why}")
-
-    if is_call(node, *_VIEWS):
-        src = args[0]
-        a = axes.get(src)
-        if a is None:
-            return None, args, kwargs
-        sizes, tuple_form = _sizes(args)
-        j = _match_view_axis(shape_of(src), a, out_shape)
-        if j is None:
-            fail("the sequence dimension is merged or split")
-        sizes = list(sizes)
-        if not (isinstance(sizes[j], int) and sizes[j] == -1):
-            sizes[j] = m
-        return j, _with_sizes(args, sizes, tuple_form), kwargs
-    if is_call(node, "expand"):
-        a = axes.get(args[0])
-        sizes, tuple_form = _sizes(args)
-        j = a + len(sizes) - len(shape_of(args[0]))
-        sizes = list(sizes)
-        if not (isinstance(sizes[j], int) and sizes[j] == -1):
-            sizes[j] = m
-        return j, _with_sizes(args, sizes, tuple_form), kwargs
-    if is_call(node, "transpose", torch.transpose):
-        a = axes[args[0]]
-        nd = len(shape_of(args[0]))
-        d0, d1 = _norm_dim(args[1], nd), _norm_dim(args[2], nd)
-        return (d1 if a == d0 else d0 if a == d1 else a), args, kwargs
-    if is_call(node, "permute", torch.permute):
-        a = axes[args[0]]
-        dims = args[1] if isinstance(args[1], (tuple, list)) else args[1:]
-        nd = len(dims)
-        return [_norm_dim(d, nd) for d in dims].index(a), args, kwargs
-    if is_call(node, "unsqueeze", torch.unsqueeze):
-        a = axes[args[0]]
-        d = _norm_dim(args[1], len(out_shape))
-        return (a + 1 if d <= a else a), args, kwargs
-    if is_call(node, operator.getitem):
-        src = args[0]
-        if isinstance(value_of(src), (tuple, list)):
-            return axes.get(src), args, kwargs
-        return _getitem_axis(axes[src], args[1], len(shape_of(src)), fail), args, kwargs
-    if is_call(node, "chunk", "split", torch.chunk, torch.split, "unbind"):
-        a = axes[args[0]]
-        nd = len(shape_of(args[0]))
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
-        if _norm_dim(dim, nd) == a:
-            fail("split along the sequence")
-        return a, args, kwargs
-    if is_call(node, *_REDUCTIONS):
-        a = axes[args[0]]
-        nd = len(shape_of(args[0]))
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if dim is None:
-            fail("reduction over every axis")
-        dims = [_norm_dim(d, nd) for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
-        if a in dims:
-            fail("reduction over the sequence")
-        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-        return (a if keep else a - sum(d < a for d in dims)), args, kwargs
-    if is_call(node, *SDPA_TARGETS):
-        return axes.get(args[0]), args, kwargs
-    if is_call(node, *LINEAR_TARGETS):
-        if any(a in axes for a in args[1:]):
-            fail("weights on the sequence axis")
-        return axes.get(args[0]), args, kwargs
-    if is_call(node, torch.cat, torch.concat, "cat"):
-        seq = args[0]
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-        ax = {axes[x] for x in seq if isinstance(x, fx.Node) and x in axes}
-        if len(ax) != 1 or any(isinstance(x, fx.Node) and x not in axes and isinstance(value_of(x), torch.Tensor)
-                               for x in seq):
-            fail("concatenating tensors with and without the sequence axis")
-        a = ax.pop()
-        if _norm_dim(dim, len(out_shape)) == a:
-            fail("concatenation along the sequence")
-        return a, args, kwargs
-    if is_call(node, "size", "dim"):
-        return None, args, kwargs
-    if node.op in ("call_function", "call_method") and (t in _ELEMENTWISE):
-        if not isinstance(val, torch.Tensor):
-            return None, args, kwargs
-        out_nd = val.dim()
-        cand = {axes[a] + out_nd - len(shape_of(a)) for a in tracked if shape_of(a) is not None}
-        if len(cand) != 1:
-            fail("inputs disagree on the sequence axis")
-        # untracked tensor operands must broadcast along the sequence axis (size 1 or absent)
-        j = cand.pop()
-        for a in node.all_input_nodes:
-            if a in axes or not isinstance(value_of(a), torch.Tensor):
-                continue
-            shp = shape_of(a)
-            k = j - (out_nd - len(shp))
-            if 0 <= k < len(shp) and not same_size(shp[k], 1):
-                fail(f"operand {a.name} is full length on the sequence axis but not compacted")
-        return j, args, kwargs
-    fail("unsupported op")
-
-
-def _sizes(args: tuple) -> tuple[tuple, bool]:
-    if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
-        return tuple(args[1]), True
-    return tuple(args[1:]), False
-
-
-def _with_sizes(args: tuple, sizes: list, tuple_form: bool) -> tuple:
-    return (args[0], tuple(sizes)) if tuple_form else (args[0], *sizes)
-
-
-def _prod(xs) -> Any:
-    p = 1
-    for x in xs:
-        p = p * x
-    return p
-
-
-def _match_view_axis(in_shape, a: int, out_shape) -> int | None:
-    """Output axis j that is exactly input axis a (same size, same product of the sizes before it)."""
-    before = _prod(in_shape[:a])
-    for j in range(len(out_shape)):
-        if same_size(out_shape[j], in_shape[a]) and same_size(_prod(out_shape[:j]), before):
-            return j
-    return None
-
-
-def _getitem_axis(a: int, index: Any, nd: int, fail) -> int:
-    items = index if isinstance(index, tuple) else (index,)
-    n_real = sum(1 for x in items if x is not None and x is not Ellipsis)
-    i_in, i_out = 0, 0
-    for x in items:
-        if x is Ellipsis:
-            span = nd - n_real
-            if i_in <= a < i_in + span:
-                return i_out + (a - i_in)
-            i_in += span
-            i_out += span
-        elif x is None:
-            i_out += 1
-        elif isinstance(x, slice):
-            if i_in == a:
-                if not (x.start in (None, 0) and x.stop is None and x.step in (None, 1)):
-                    fail("slicing the sequence axis")
-                return i_out
-            i_in += 1
-            i_out += 1
-        elif isinstance(x, int):
-            if i_in == a:
-                fail("indexing the sequence axis")
-            i_in += 1
-        else:
-            fail("advanced indexing")
-    return i_out + (a - i_in)

@@ -23,10 +23,14 @@ def test_sweep_subset_is_never_silently_dense_or_wrong():
         assert r["layers_found"] == 4 and r["layers_sparse"] == 1 and r["exact_at_keep1"], r
     for r in rows:
         assert r["layers_sparse"] or sweep.reason(r), r
-    assert "| llama | LlamaForCausalLM | 4 | 1 | yes | yes |  |" in sweep.markdown_table(rows)
+    for mt in SUPPORTED:  # keep 0.5 against the reference, same keep sets
+        assert by_type[mt]["exact_at_keep05"] is True, by_type[mt]
+    assert "| llama | LlamaForCausalLM | 4 | 1 | yes | yes | yes |  |" in sweep.markdown_table(rows)
 
 
 def test_figures_count_silent_wrong_and_lemo_crashes_only():
+    """Silently wrong: inexact at keep 1.0 with no reason on record, or different from the reference at
+    keep 0.5 (a sparse rewrite that keep 1.0 cannot tell from dense)."""
     base = dict(layers_found=4, layers_sparse=0, loss_segmented=False, reasons=[], keep1_reasons=[],
                 exact_at_keep1=True, error=None, error_kind=None, eager_deterministic=True)
     rows = [
@@ -36,8 +40,11 @@ def test_figures_count_silent_wrong_and_lemo_crashes_only():
         {**base, "model_type": "d", "class": "D", "exact_at_keep1": False, "eager_deterministic": False},
         {**base, "model_type": "e", "class": "E", "error": "lemo crash: E: x", "error_kind": "lemo_crash"},
         {**base, "model_type": "f", "class": "F", "error": "unsupported by this sweep: x", "error_kind": "unsupported"},
+        {**base, "model_type": "g", "class": "G", "layers_sparse": 1, "exact_at_keep05": False},  # wrong when sparse
+        {**base, "model_type": "h", "class": "H", "layers_sparse": 1, "exact_at_keep05": True},
     ]
     values = {k: v["value"] for k, v in sweep.figures(rows).items()}
-    assert values == {"arch_sweep_total": 6, "arch_sweep_sparse_fraction": 1 / 6, "arch_sweep_silent_wrong": 1,
-                      "arch_sweep_inexact_keep1": 2, "arch_sweep_crashes": 1}
+    assert values == {"arch_sweep_total": 8, "arch_sweep_sparse_fraction": 3 / 8, "arch_sweep_silent_wrong": 2,
+                      "arch_sweep_inexact_keep1": 2, "arch_sweep_inexact_keep05": 1,
+                      "arch_sweep_reference_checked": 2, "arch_sweep_crashes": 1}
     assert "| d | D | 4 | 0 | no | no (eager varies too) |" in sweep.markdown_table(rows)

@@ -1,0 +1,308 @@
+"""passes.seq_axis — which axis of each value in a decoder block is the sequence axis.
+
+`propagate(node, axes, m)` takes the axes of a node's inputs (`axes`: node -> axis, for the values that
+carry the sequence) and returns the axis of its output, with the node's arguments rewritten for a
+sequence of m rows (view/reshape/expand sizes on that axis become m). `passes.sparsify` uses it to clone
+a block onto the kept rows, and to check beforehand that it can.
+
+Known ops (views, transposes, reductions, concatenation, linear, SDPA, a list of elementwise ops) are
+followed by their meaning. Any other op is probed (`probe_axis`): it runs on small random tensors shaped
+like its inputs, once on 6 positions and once on 3 of them, and is followed only when exactly one output
+axis shrinks with the positions and the 3-row output equals those rows of the 6-row output; ops that mix
+positions (softmax or cumsum over the sequence, top-k along it, sizes baked from the sequence length)
+fail that test and make the layer a SkipReason.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .common import CantRewrite, is_call, same_size, shape_of, value_of
+from .detect import LINEAR_TARGETS, SDPA_TARGETS
+
+
+_ELEMENTWISE = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt,
+    torch.exp, torch.tanh, torch.sigmoid, torch.where, torch.clamp, torch.abs, F.silu, F.gelu, F.relu,
+    F.dropout, torch.nn.functional.softplus, torch.erf, torch.cos, torch.sin,
+    "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "to", "float",
+    "half", "bfloat16", "type", "type_as", "contiguous", "clone", "detach", "clamp", "abs", "masked_fill",
+    "__mul__", "__add__", "__sub__", "__truediv__", "__neg__", "__radd__", "__rmul__", "silu", "relu", "gelu",
+    "cos", "sin", "erf",
+}
+_VIEWS = ("view", "reshape", "_unsafe_view", torch.reshape)
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "var", "std", "norm", torch.mean, torch.sum, torch.amax,
+               torch.var, torch.std, torch.norm)
+
+
+def _name(node: fx.Node) -> Any:
+    return node.target
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
+    """Sequence axis of `node`'s output given its inputs' axes, and its args rewritten for m rows."""
+    args, kwargs = node.args, dict(node.kwargs)
+    tracked = [a for a in node.all_input_nodes if a in axes]
+    if not tracked:
+        return None, args, kwargs
+    t = node.target
+    out_shape = shape_of(node)
+    val = value_of(node)
+
+    def fail(why: str):
+        raise CantRewrite("sequence_axis", f"cannot follow the sequence axis through {node.name} "
+                          f"({getattr(t, '__name__', t)}): {why}")
+
+    if is_call(node, *_VIEWS):
+        src = args[0]
+        a = axes.get(src)
+        if a is None:
+            return None, args, kwargs
+        sizes, tuple_form = _sizes(args)
+        j = _match_view_axis(shape_of(src), a, out_shape)
+        if j is None:
+            fail("the sequence dimension is merged or split")
+        sizes = list(sizes)
+        if not (isinstance(sizes[j], int) and sizes[j] == -1):
+            sizes[j] = m
+        return j, _with_sizes(args, sizes, tuple_form), kwargs
+    if is_call(node, "expand"):
+        a = axes.get(args[0])
+        sizes, tuple_form = _sizes(args)
+        j = a + len(sizes) - len(shape_of(args[0]))
+        sizes = list(sizes)
+        if not (isinstance(sizes[j], int) and sizes[j] == -1):
+            sizes[j] = m
+        return j, _with_sizes(args, sizes, tuple_form), kwargs
+    if is_call(node, "transpose", torch.transpose):
+        a = axes[args[0]]
+        nd = len(shape_of(args[0]))
+        d0, d1 = _norm_dim(args[1], nd), _norm_dim(args[2], nd)
+        return (d1 if a == d0 else d0 if a == d1 else a), args, kwargs
+    if is_call(node, "permute", torch.permute):
+        a = axes[args[0]]
+        dims = args[1] if isinstance(args[1], (tuple, list)) else args[1:]
+        nd = len(dims)
+        return [_norm_dim(d, nd) for d in dims].index(a), args, kwargs
+    if is_call(node, "unsqueeze", torch.unsqueeze):
+        a = axes[args[0]]
+        d = _norm_dim(args[1], len(out_shape))
+        return (a + 1 if d <= a else a), args, kwargs
+    if is_call(node, operator.getitem):
+        src = args[0]
+        if isinstance(value_of(src), (tuple, list)):
+            return axes.get(src), args, kwargs
+        return _getitem_axis(axes[src], args[1], len(shape_of(src)), fail), args, kwargs
+    if is_call(node, "chunk", "split", torch.chunk, torch.split, "unbind"):
+        a = axes[args[0]]
+        nd = len(shape_of(args[0]))
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        if _norm_dim(dim, nd) == a:
+            fail("split along the sequence")
+        return a, args, kwargs
+    if is_call(node, *_REDUCTIONS):
+        a = axes[args[0]]
+        nd = len(shape_of(args[0]))
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dim is None:
+            fail("reduction over every axis")
+        dims = [_norm_dim(d, nd) for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
+        if a in dims:
+            fail("reduction over the sequence")
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        return (a if keep else a - sum(d < a for d in dims)), args, kwargs
+    if is_call(node, *SDPA_TARGETS):
+        return axes.get(args[0]), args, kwargs
+    if is_call(node, *LINEAR_TARGETS):
+        if any(a in axes for a in args[1:]):
+            fail("weights on the sequence axis")
+        return axes.get(args[0]), args, kwargs
+    if is_call(node, torch.cat, torch.concat, "cat"):
+        seq = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        ax = {axes[x] for x in seq if isinstance(x, fx.Node) and x in axes}
+        if len(ax) != 1 or any(isinstance(x, fx.Node) and x not in axes and isinstance(value_of(x), torch.Tensor)
+                               for x in seq):
+            fail("concatenating tensors with and without the sequence axis")
+        a = ax.pop()
+        if _norm_dim(dim, len(out_shape)) == a:
+            fail("concatenation along the sequence")
+        return a, args, kwargs
+    if is_call(node, "size", "dim"):
+        return None, args, kwargs
+    if node.op in ("call_function", "call_method") and (t in _ELEMENTWISE):
+        if not isinstance(val, torch.Tensor):
+            return None, args, kwargs
+        out_nd = val.dim()
+        cand = {axes[a] + out_nd - len(shape_of(a)) for a in tracked if shape_of(a) is not None}
+        if len(cand) != 1:
+            fail("inputs disagree on the sequence axis")
+        # untracked tensor operands must broadcast along the sequence axis (size 1 or absent)
+        j = cand.pop()
+        for a in node.all_input_nodes:
+            if a in axes or not isinstance(value_of(a), torch.Tensor):
+                continue
+            shp = shape_of(a)
+            k = j - (out_nd - len(shp))
+            if 0 <= k < len(shp) and not same_size(shp[k], 1):
+                fail(f"operand {a.name} is full length on the sequence axis but not compacted")
+        return j, args, kwargs
+    return probe_axis(node, axes, fail), args, kwargs
+
+
+def _sizes(args: tuple) -> tuple[tuple, bool]:
+    if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
+        return tuple(args[1]), True
+    return tuple(args[1:]), False
+
+
+def _with_sizes(args: tuple, sizes: list, tuple_form: bool) -> tuple:
+    return (args[0], tuple(sizes)) if tuple_form else (args[0], *sizes)
+
+
+def _prod(xs) -> Any:
+    p = 1
+    for x in xs:
+        p = p * x
+    return p
+
+
+def _match_view_axis(in_shape, a: int, out_shape) -> int | None:
+    """Output axis j that is exactly input axis a (same size, same product of the sizes before it)."""
+    before = _prod(in_shape[:a])
+    for j in range(len(out_shape)):
+        if same_size(out_shape[j], in_shape[a]) and same_size(_prod(out_shape[:j]), before):
+            return j
+    return None
+
+
+def _getitem_axis(a: int, index: Any, nd: int, fail) -> int:
+    items = index if isinstance(index, tuple) else (index,)
+    n_real = sum(1 for x in items if x is not None and x is not Ellipsis)
+    i_in, i_out = 0, 0
+    for x in items:
+        if x is Ellipsis:
+            span = nd - n_real
+            if i_in <= a < i_in + span:
+                return i_out + (a - i_in)
+            i_in += span
+            i_out += span
+        elif x is None:
+            i_out += 1
+        elif isinstance(x, slice):
+            if i_in == a:
+                if not (x.start in (None, 0) and x.stop is None and x.step in (None, 1)):
+                    fail("slicing the sequence axis")
+                return i_out
+            i_in += 1
+            i_out += 1
+        elif isinstance(x, int):
+            if i_in == a:
+                fail("indexing the sequence axis")
+            i_in += 1
+        else:
+            fail("advanced indexing")
+    return i_out + (a - i_in)
+
+
+# -------------------------------------------------------------------------------------------------
+# ops without a rule: probed
+# -------------------------------------------------------------------------------------------------
+
+_PROBE_ROWS = 6
+_PROBE_KEPT = (0, 2, 5)
+_PROBE_MAX_NUMEL = 1 << 24  # elements over all probe inputs (an untracked weight can be large)
+
+
+def probe_axis(node: fx.Node, axes: dict, fail) -> int:
+    """The output's sequence axis of an op without a rule, found by running it: on random inputs with
+    _PROBE_ROWS positions on each tracked input's axis, and on _PROBE_KEPT of them. The op is followed
+    when every tensor it returns has exactly one axis that goes from 6 to 3 with the positions, all its
+    other sizes unchanged, and the 3-position result equals the kept positions of the 6-position one
+    (so no position reads another, and no size comes from the sequence length). Calls `fail` otherwise."""
+    if node.op not in ("call_function", "call_method"):
+        fail("unsupported op")
+    kept = torch.tensor(_PROBE_KEPT)
+    gen = torch.Generator().manual_seed(0)
+    full: dict[fx.Node, Any] = {}
+    small: dict[fx.Node, Any] = {}
+    for a in node.all_input_nodes:
+        v = value_of(a)
+        if isinstance(v, torch.Tensor):
+            shape = [_hint(s) for s in v.shape]
+            if None in shape:
+                fail("unsupported op (an input has a size without a hint)")
+            if a in axes:
+                shape[axes[a]] = _PROBE_ROWS
+            full[a] = _random(shape, v.dtype, gen)
+            small[a] = full[a].index_select(axes[a], kept) if a in axes else full[a]
+        elif isinstance(v, (bool, int, float)) and not isinstance(v, torch.SymInt):
+            full[a] = small[a] = v
+        else:
+            fail(f"unsupported op (input {a.name} is {type(v).__name__}, not a tensor or a constant)")
+    if sum(t.numel() for t in full.values() if isinstance(t, torch.Tensor)) > _PROBE_MAX_NUMEL:
+        fail("unsupported op (its inputs are too large to probe)")
+    try:
+        out_full, out_small = _run(node, full), _run(node, small)
+    except Exception as e:  # noqa: BLE001 - any failure of the op on the probe means "not followed"
+        fail(f"unsupported op (probe failed: {type(e).__name__}: {str(e)[:120]})")
+    outs_full = out_full if isinstance(out_full, (tuple, list)) else (out_full,)
+    outs_small = out_small if isinstance(out_small, (tuple, list)) else (out_small,)
+    found = set()
+    for o, p in zip(outs_full, outs_small):
+        if not (isinstance(o, torch.Tensor) and isinstance(p, torch.Tensor)) or o.dim() != p.dim():
+            fail("unsupported op (it returns something other than tensors that follow the positions)")
+        moved = [j for j in range(o.dim()) if o.shape[j] != p.shape[j]]
+        if len(moved) != 1 or (o.shape[moved[0]], p.shape[moved[0]]) != (_PROBE_ROWS, len(_PROBE_KEPT)):
+            fail("its output sizes do not follow the positions one to one")
+        if not _same(o.index_select(moved[0], kept), p):
+            fail("it mixes positions (the output at a position depends on other positions)")
+        found.add(moved[0])
+    if len(found) != 1:
+        fail("its outputs disagree on the sequence axis")
+    return found.pop()
+
+
+def _hint(s: Any) -> int | None:
+    if isinstance(s, int):
+        return s
+    hint = getattr(getattr(s, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def _random(shape: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=gen, dtype=dtype)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    return torch.randint(0, 4, shape, generator=gen, dtype=dtype)
+
+
+def _run(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    args = fx.map_arg(node.args, lambda a: env[a])
+    kwargs = fx.map_arg(node.kwargs, lambda a: env[a])
+    args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)  # in-place ops
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype:
+        return False
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        tol = 1e-5 if a.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) else 2e-2
+        return torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True)
+    return torch.equal(a, b)
