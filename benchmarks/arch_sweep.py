@@ -15,6 +15,7 @@ About 7 s per model on 2 cores (196 types, transformers 5.24: 1415 s):
     python benchmarks/arch_sweep.py --out /tmp/arch_sweep.json --table /tmp/arch_sweep.md \\
         --headline /tmp/headline.json
     python benchmarks/arch_sweep.py --only llama,gpt2 --table /dev/stdout
+    python benchmarks/arch_sweep.py --update old.json --only cohere,phi --out new.json   # re-run some rows
 """
 
 from __future__ import annotations
@@ -44,16 +45,30 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, help="only the first N model types (alphabetical)")
     p.add_argument("--only", type=lambda s: s.split(","), help="comma-separated model types")
     p.add_argument("--timeout", type=float, default=sweep.TIMEOUT_S, help="seconds per model")
+    p.add_argument("--update", metavar="JSON", help="an earlier --out of this script: re-run only the --only "
+                   "model types and replace their rows (the result records both commands)")
     args = p.parse_args(argv)
+    if args.update and not args.only:
+        p.error("--update re-runs the model types given by --only")
 
     types = args.only or sorted(sweep.causal_lm_classes())
     types = types[:args.limit] if args.limit else types
     t0 = time.time()
     rows = sweep.sweep(types, timeout=args.timeout, log=_progress)
     command = "python benchmarks/arch_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    seconds = round(time.time() - t0)
+    if args.update:
+        with open(args.update) as f:
+            before = json.load(f)
+        fresh = {r["model_type"]: r for r in rows}
+        rows = [fresh.pop(r["model_type"], r) for r in before["rows"]] + list(fresh.values())
+        command = f"{before['command']}; then {command}"
+        seconds += before["seconds"]
     figs = sweep.figures(rows, command=command, source=args.out or "")
-    doc = {"command": command, "seconds": round(time.time() - t0), "environment": _environment(),
-           "figures": figs, "rows": rows}
+    doc = {"command": command, "seconds": seconds, "environment": _environment(), "figures": figs,
+           "rows": rows}
+    if args.update:
+        doc["updated_rows"] = types
     print(json.dumps({k: v["value"] for k, v in figs.items()}))
     if args.out:
         with open(args.out, "w") as f:

@@ -129,13 +129,14 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
                segments=segments, sliding={i: getattr(layers[i].self_attn, "sliding_window", None)
                                            or _model_window(model) for i in fractions})
     _register()
+    ends = _block_ends(model, layers, sorted(fractions), model_kwargs)
     with contextlib.ExitStack() as stack:
         for i, keep in fractions.items():
             layer = layers[i]
             run.attn_layer[id(layer.self_attn)] = i
             for module, hook in ((layer.input_layernorm, run.norm_hook(i)),
-                                 (_block_end(layer, "attn"), run.attn_hook(i)),
-                                 (_block_end(layer, "mlp"), run.mlp_hook(i))):
+                                 (ends[i][0], run.attn_hook(i)),
+                                 (ends[i][1], run.mlp_hook(i))):
                 stack.callback(module.register_forward_hook(hook).remove)
         stack.enter_context(_attn_implementation(model, ATTN_IMPLEMENTATION))
         _ACTIVE.append(run)
@@ -295,13 +296,33 @@ class _Run:
         return hook
 
 
-def _block_end(layer: nn.Module, kind: str) -> nn.Module:
-    """The module whose output is a block's contribution to the residual stream: the attention / MLP
-    module, or the norm after it in sandwich-norm layers (Gemma: post_attention_layernorm and
-    post_feedforward_layernorm sit between the block and the residual add)."""
-    if hasattr(layer, "post_feedforward_layernorm"):
-        return layer.post_attention_layernorm if kind == "attn" else layer.post_feedforward_layernorm
-    return layer.self_attn if kind == "attn" else layer.mlp
+def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int],
+                model_kwargs: dict[str, Any]) -> dict[int, tuple[nn.Module, nn.Module]]:
+    """(attention end, MLP end) of each layer in `indices`: the module whose output is the block's
+    contribution to the residual stream, read from the order in which one forward (no grad) calls the
+    layer's children. The attention end is the attention module, or the first module after it when two
+    run before the MLP (a sandwich norm, then the MLP's input norm: Gemma's post_attention_layernorm,
+    GLM-4's post_self_attn_layernorm, HyperCLOVA X's post_norm1); the MLP end is the MLP, or the module
+    called after it (post_feedforward_layernorm, post_mlp_layernorm, post_norm2). A module the layer
+    calls more than once (Phi's resid_dropout, after both blocks) is never an end."""
+    calls: dict[int, list[nn.Module]] = {i: [] for i in indices}
+    handles = [child.register_forward_hook(lambda mod, args, out, i=i: calls[i].append(mod))
+               for i in indices for child in layers[i].children()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # leave dropout's stream as it was
+            model(**model_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    ends = {}
+    for i, seq in calls.items():
+        layer = layers[i]
+        once = [c for c in seq if sum(c is d for d in seq) == 1]
+        a, m = once.index(layer.self_attn), once.index(layer.mlp)
+        between, after = once[a + 1:m], once[m + 1:]
+        ends[i] = (between[0] if len(between) >= 2 else layer.self_attn, after[0] if after else layer.mlp)
+    return ends
 
 
 def _register() -> None:

@@ -108,10 +108,15 @@ class Block:
     lora: int = 0  # number of LoRA branches (A/B pairs)
     sdpa: fx.Node | None = None
     mask: fx.Node | None = None  # external attention mask (None: is_causal or no mask)
+    # parallel-residual MLP (Cohere: h + attn(norm(h)) + mlp(norm(h))): the stream it reads, which is
+    # the layer input, not the other operand of its residual add. None: it reads residual_in.
+    reads: fx.Node | None = None
 
     def describe(self) -> str:
         roles = sorted(r for r in self.linears if ".lora_" not in r)
         s = f"{self.kind}: {len(self.nodes)} nodes, linears {roles}, lora {self.lora}"
+        if self.reads is not None:
+            s += ", parallel (reads the layer input)"
         if self.kind == "attn":
             s += ", mask " + ("4-D tensor" if self.mask is not None else "none (is_causal)")
         return s
@@ -247,13 +252,37 @@ def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
     if len(adds) != 2:
         raise CantRewrite("residual_structure", f"expected 2 residual adds in the decoder layer scope, found {len(adds)}")
     add1, add2 = adds
+    if not any(a not in in_layer for a in add1.args) and add1 in add2.args:
+        _classify_parallel_sum(layer, add1, add2, in_layer)
+        return
     h0 = _residual_operand(add1, in_layer, external=True)
     a = add1.args[1] if add1.args[0] is h0 else add1.args[0]
     if add1 not in add2.args:
         raise CantRewrite("residual_structure", "second residual add does not take the first one's result")
     m = add2.args[1] if add2.args[0] is add1 else add2.args[0]
     layer.attn = _make_block(layer, "attn", h0, a, add1, in_layer, stop={h0})
-    layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0})
+    try:
+        layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0})
+    except CantRewrite as e:
+        if e.kind != "residual_structure":
+            raise
+        # parallel residual: the MLP reads the layer input (through its own or the shared norm)
+        layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0}, reads=h0)
+    _check_attention(layer.attn)
+    _check_mlp(layer.mlp)
+
+
+def _classify_parallel_sum(layer: Layer, add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> None:
+    """Parallel residual summed first (GPT-NeoX, Phi: h + (attn(x) + mlp(x)), or (mlp + attn) + h): both
+    blocks end in add1, which add2 adds to the layer input. The MLP reads the layer input."""
+    h0 = _residual_operand(add2, in_layer, external=True)
+    x, y = add1.args
+    has_sdpa = [any(is_call(n, *SDPA_TARGETS) for n in closure_back(o, in_layer, stop={h0})) for o in (x, y)]
+    if has_sdpa.count(True) != 1:
+        raise CantRewrite("residual_structure", f"cannot tell the residual input of {add1.name}")
+    a, m = (x, y) if has_sdpa[0] else (y, x)
+    layer.attn = _make_block(layer, "attn", h0, a, add1, in_layer, stop={h0})
+    layer.mlp = _make_block(layer, "mlp", a, m, add1, in_layer, stop={h0}, reads=h0)
     _check_attention(layer.attn)
     _check_mlp(layer.mlp)
 
@@ -269,7 +298,7 @@ def _residual_operand(add: fx.Node, in_layer: set[fx.Node], external: bool) -> f
 
 
 def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node, in_layer: set[fx.Node],
-                stop: set[fx.Node]) -> Block:
+                stop: set[fx.Node], reads: fx.Node | None = None) -> Block:
     allowed = in_layer - {add}
     body = closure_back(out, allowed, stop=stop)
     if not body:
@@ -282,8 +311,10 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
         for a in n.all_input_nodes:
             if a not in body and a not in ext:
                 ext.append(a)
-    if h not in ext:
+    if (reads if reads is not None else h) not in ext:
         raise CantRewrite("residual_structure", f"{kind} block does not read the residual stream")
+    if reads is not None and h in ext:
+        raise CantRewrite("residual_structure", f"{kind} block reads both the layer input and the attention's sum")
     linears: dict[str, fx.Node] = {}
     for n in nodes:
         if is_call(n, *LINEAR_TARGETS):
@@ -293,7 +324,7 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
             linears[role] = n
     lora = sum(1 for r in linears if r.endswith(".lora_A"))
     blk = Block(kind=kind, residual_in=h, output=out, residual_add=add, nodes=nodes, externals=ext,
-                linears=linears, lora=lora)
+                linears=linears, lora=lora, reads=reads)
     return blk
 
 

@@ -104,6 +104,17 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     # validate everything that can refuse before the graph is touched
     _validate(attn, seq_ext)
     _validate(mlp, [])
+    if mlp.reads is not None:
+        # the blocks share the layer input's norm: rewriting one would cut the other's gradient to h. Summed
+        # first (attn + mlp, then + h), the tokens rewrites, which replace each block's residual add, do not apply
+        modes = (cfg.attn_mode, cfg.mlp_mode)
+        ok_modes = [(AttnMode.BACKWARD, MlpMode.BACKWARD)]
+        if attn.residual_add is not mlp.residual_add:
+            ok_modes.append((AttnMode.TOKENS, MlpMode.TOKENS))
+        if modes not in ok_modes:
+            raise CantRewrite("parallel_residual", f"parallel-residual layer with attn_mode={cfg.attn_mode.value}, "
+                              f"mlp_mode={cfg.mlp_mode.value}: supported are "
+                              + ", ".join(f"{a.value}/{b.value}" for a, b in ok_modes))
     scale = _softmax_scale(sdpa) if cfg.attn_mode is AttnMode.BACKWARD else None
     if cfg.predictor == "pooled":
         _predictor_weights(attn)
@@ -222,7 +233,11 @@ def _check_predictor_file(cfg: LemoConfig, layer: Layer, x_width) -> None:
 
 def _predictor_weights(attn: Block) -> tuple[str, int, int, dict]:
     q_shape = shape_of(attn.sdpa.args[0])
-    lin = attn.linears
+    lin = dict(attn.linears)
+    for role, node in attn.linears.items():  # GPT-J's attn.q_proj: the attention module's own q/k
+        leaf = role.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj") and role.count(".") == 1:
+            lin.setdefault(leaf, node)
     kind = "separate" if "q_proj" in lin and "k_proj" in lin else "fused" if "qkv_proj" in lin else None
     if kind is None:
         raise CantRewrite("predictor_inputs", f"no q/k projections found for the pooled predictor "
@@ -233,6 +248,8 @@ def _predictor_weights(attn: Block) -> tuple[str, int, int, dict]:
 def _validate(blk: Block, seq_ext: list[fx.Node]) -> None:
     """Dry run of the sequence-axis tracking over the whole block; raises CantRewrite, changes nothing."""
     axes: dict[fx.Node, Any] = {blk.residual_in: 1, **{e: 1 for e in seq_ext}}
+    if blk.reads is not None:
+        axes[blk.reads] = 1
     for node in blk.nodes:
         ax, _, _ = propagate(node, axes, None)
         if ax is not None:
@@ -421,11 +438,27 @@ def _kept_rows(g, h1: fx.Node, idx, ok, rows) -> fx.Node:
     return g.call_function(ops.add_rows, (rows[0], rows[1], ok))
 
 
+def _mlp_env(g, mlp: Block, h1: fx.Node, idx, ok, rows) -> dict[fx.Node, fx.Node]:
+    """Inputs of the MLP's compacted copy: the kept rows of the stream it reads. A parallel-residual MLP
+    reads the layer input h0 (kept rows: the attention's gathered rows when given), possibly through the
+    h0.detach() the attention's backward rewrite put into their shared norm."""
+    if mlp.reads is None:
+        return {h1: _kept_rows(g, h1, idx, ok, rows)}
+    h0 = mlp.reads
+    x_c = rows[0] if rows is not None else g.call_function(ops.gather_seq, (h0, idx, 1))
+    env = {h0: x_c}
+    for node in mlp.nodes:
+        for a in node.all_input_nodes:
+            if is_call(a, "detach") and a.args[0] is h0:
+                env[a] = x_c
+    return env
+
+
 def _mlp_tokens(g, mlp: Block, idx, ok, m, rows=None) -> None:
     h1 = _mlp_input(mlp)
     _reroot(mlp, h1)
     with g.inserting_before(mlp.residual_add):
-        env = {mlp.residual_in: _kept_rows(g, h1, idx, ok, rows)}
+        env = _mlp_env(g, mlp, h1, idx, ok, rows)
         out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
         h2 = _like(g.call_function(ops.scatter_add_rows, (h1, out_c, idx, ok)), mlp.residual_add)
     mlp.residual_add.replace_all_uses_with(h2)
@@ -436,10 +469,10 @@ def _mlp_backward(g, mlp: Block, idx, ok, m, rows=None) -> None:
     h1 = _mlp_input(mlp)
     _reroot(mlp, h1)
     with g.inserting_before(mlp.residual_add):
-        env = {h1: _kept_rows(g, h1, idx, ok, rows)}
+        env = _mlp_env(g, mlp, h1, idx, ok, rows)
         out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
         m_st = _like(g.call_function(ops.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
-    _detach_block_input(g, mlp, h1)
+    _detach_block_input(g, mlp, mlp.reads if mlp.reads is not None else h1)
     mlp.residual_add.replace_input_with(mlp.output, m_st)
 
 

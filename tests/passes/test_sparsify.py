@@ -193,3 +193,59 @@ def test_presets_match_reference_under_checkpointing(name):
     if name == "fidelity":  # the forward is the dense model's
         dense_loss, _ = dense_run(model, batch)
         torch.testing.assert_close(loss, dense_loss, rtol=1e-6, atol=0)
+
+
+def _sweep_model(model_type: str):
+    from lemo_compile.testing import sweep
+
+    model = sweep.build_model(model_type, sweep.causal_lm_classes()[model_type])
+    return model, sweep.random_batch(model.config.vocab_size)
+
+
+@pytest.mark.parametrize("model_type, attn_mode, mlp_mode", [("cohere", "backward", "backward"),
+                                                             ("cohere", "tokens", "tokens"),
+                                                             ("phi", "backward", "backward")])
+def test_parallel_residual_layers_match_the_reference(model_type, attn_mode, mlp_mode):
+    """Parallel residual: attention and MLP both read the layer input (Cohere: h + attn(x) + mlp(x), one
+    shared norm; Phi: (attn(x) + mlp(x)) + h, summed first). At keep 0.5 (random predictor) the compiled
+    model equals the reference with the same keep sets, loss and every gradient."""
+    from lemo_compile.testing import sweep
+
+    model, batch = _sweep_model(model_type)
+    options = dict(keep_ratio=0.5, predictor="random", attn_mode=attn_mode, mlp_mode=mlp_mode)
+    *got, recs = sweep.compiled_run(model, batch, **options)
+    assert [d["layer"] for r in recs if r.sparsify for d in r.sparsify.layers] == [2]
+    assert "parallel" in lemo_compile.inspect.format_record(recs[0])
+    want = sweep.loss_and_grads(model, lambda **b: reference_forward(model, LemoConfig(**options), **b).output, batch)
+    assert sweep.matches_dense(want, tuple(got))
+
+
+def test_parallel_residual_under_checkpointing_keeps_the_kept_rows():
+    """Checkpointed, the parallel MLP's compacted copy starts from the attention's saved kept rows of the
+    layer input (sparse checkpointing): same loss and gradients as without checkpointing."""
+    from lemo_compile.testing import sweep
+
+    model, batch = _sweep_model("cohere")
+    model.train()  # HF checkpoints only in training mode (the tiny Cohere has no dropout)
+    plain = sweep.compiled_run(model, batch, keep_ratio=0.5, predictor="random")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    *ckpt, recs = sweep.compiled_run(model, batch, keep_ratio=0.5, predictor="random")
+    saves = [d["checkpoint_saves"] for r in recs if r.sparsify for d in r.sparsify.layers]
+    assert saves == ["kept rows"], saves
+    assert sweep.matches_dense(tuple(plain[:2]), tuple(ckpt))
+
+
+@pytest.mark.parametrize("model_type, mlp_mode, attn_mode", [("cohere", "dense", "backward"),
+                                                             ("phi", "tokens", "tokens")])
+def test_parallel_residual_unsupported_modes_are_refused(model_type, mlp_mode, attn_mode):
+    """attn_mode='backward' detaches the input of the shared norm, so a dense MLP would lose its gradient
+    to the layer input; the tokens rewrites replace each block's own residual add, which a summed-first
+    layer does not have. The layer stays dense (exact), with the reason on record."""
+    from lemo_compile.testing import sweep
+
+    model, batch = _sweep_model(model_type)
+    dense = sweep.loss_and_grads(model, model, batch)
+    *got, recs = sweep.compiled_run(model, batch, keep_ratio=0.5, attn_mode=attn_mode, mlp_mode=mlp_mode)
+    skips = [s for r in recs if r.sparsify for s in r.sparsify.skips]
+    assert [s.kind for s in skips] == ["parallel_residual"] and f"mlp_mode={mlp_mode}" in skips[0].detail
+    assert sweep.matches_dense(dense, tuple(got))
