@@ -152,6 +152,14 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def _functorch_state(node: fx.Node) -> bool:
+    """A call that changes functorch's interpreter stack (vmap's _vmap_increment_nesting and
+    _vmap_decrement_nesting, with no users, in Mamba's selective scan under torch.vmap): FX does not
+    count it as impure, and dropping one leaves a batched tensor escaping its vmap."""
+    return node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith(
+        ("torch._functorch", "torch._C._functorch"))
+
+
 def eliminate_dead_code(graph: fx.Graph) -> None:
     """Dead-code elimination that keeps in-place ops whose result is unused but whose mutated tensor is
     read afterwards (an MoE router's mask.scatter_(...), say): FX's own treats them as dead. An in-place
@@ -160,7 +168,7 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node.op in ("placeholder", "output") or node.users or node.is_impure():
+            if node.op in ("placeholder", "output") or node.users or node.is_impure() or _functorch_state(node):
                 continue
             if _mutates(node) and node.args and isinstance(node.args[0], fx.Node):
                 alias = _aliases(node.args[0])

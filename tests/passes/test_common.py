@@ -36,3 +36,30 @@ def test_plain_fx_dce_would_have_dropped_the_scatter():
     gm = fx.symbolic_trace(_router)
     gm.graph.eliminate_dead_code()
     assert "scatter_" not in [n.target for n in gm.graph.nodes]  # the defect this module guards against
+
+
+def test_dead_code_elimination_keeps_vmap_nesting():
+    """torch.vmap inside a compiled function leaves _vmap_increment/_decrement_nesting calls with no users
+    (Jamba's Mamba scan): they change functorch's state, so the passes' DCE keeps them; dropping them made
+    AOT autograd fail with "your tensor may have escaped from inside a function being vmapped"."""
+    gms = []
+
+    def capture(gm, example_inputs):
+        gms.append(gm)
+        return gm.forward
+
+    def f(x):
+        return torch.vmap(lambda r: r.sin() * 2)(x).sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 5)
+    torch.compile(f, backend=capture, fullgraph=True)(x)
+    gm = gms[0]
+    names = lambda: [getattr(n.target, "__name__", "") for n in gm.graph.nodes]  # noqa: E731
+    before = names()
+    assert "_vmap_decrement_nesting" in before
+    eliminate_dead_code(gm.graph)
+    gm.recompile()
+    assert names() == before
+    out = gm(x)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, f(x))
