@@ -41,10 +41,6 @@ _REDUCTIONS = ("mean", "sum", "amax", "amin", "var", "std", "norm", torch.mean, 
                torch.var, torch.std, torch.norm)
 
 
-def _name(node: fx.Node) -> Any:
-    return node.target
-
-
 def _norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
