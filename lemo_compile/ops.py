@@ -253,6 +253,29 @@ def _segment_groups(seg: torch.Tensor) -> list[tuple[Any, Any]]:
     return groups
 
 
+FLASH_MIN_SEGMENT = 128  # one tile of PyTorch's flash kernels; shorter segments run the twin
+
+
+def _segment_calls(seg: torch.Tensor, heads: int, budget: int = 1 << 27):
+    """(group, flash) for each kernel call over the segments of seg: groups of _segment_groups, flash
+    True where the segments are at least FLASH_MIN_SEGMENT long. Shorter ones run the fp32 twin, split
+    so that one call's scores (k, heads, L, L) stay within budget elements: the flash kernels pad every
+    segment to a whole tile, and their backward's fp32 accumulator for a batch of thousands of one-token
+    documents (TRL pads a packed row with them) asked for 58 GiB at 8B/32K."""
+    for group in _segment_groups(seg):
+        rows, cols = group
+        if isinstance(cols, slice):
+            yield group, cols.stop - cols.start >= FLASH_MIN_SEGMENT
+            continue
+        k, length = cols.shape
+        if length >= FLASH_MIN_SEGMENT:
+            yield group, True
+            continue
+        step = max(1, budget // (heads * length * length))
+        for s in range(0, k, step):
+            yield (rows[s:s + step], cols[s:s + step]), False
+
+
 def _take(t: torch.Tensor, group: tuple[Any, Any]) -> torch.Tensor:
     """The group's tokens of t (b, H, n, d) or (b, H, n), as (k, H, L, d) or (k, H, L)."""
     rows, cols = group
@@ -478,14 +501,20 @@ def attention_kept_backward_flash(grad_out: torch.Tensor, q: torch.Tensor, k: to
 
 def _kept_backward_flash_segments(grad_out, q, k, v, out, lse, seg, scale):
     """attention_kept_backward_flash over the segments, one call per group of equal-length segments (kept
-    rows of one document are contiguous in compact order, and sorted); rows of segment 0 (out of range,
-    padding) get zero gradients."""
+    rows of one document are contiguous in compact order, and sorted), the twin for short ones
+    (_segment_calls); rows of segment 0 (out of range, padding) get zero gradients."""
     ke, ve = _expand_kv(q, k, v)
     dq, dke, dve = torch.zeros_like(q), torch.zeros_like(ke), torch.zeros_like(ve)
-    for group in _segment_groups(seg):
+    for group, flash in _segment_calls(seg, q.shape[1]):
         parts = [_take(t, group) for t in (grad_out, q, ke, ve, out, lse)]
-        valid = torch.ones(parts[1].shape[0], parts[1].shape[2], dtype=torch.bool, device=q.device)
-        for dst, src in zip((dq, dke, dve), attention_kept_backward_flash(*parts, valid, scale)):
+        count, length = parts[1].shape[0], parts[1].shape[2]
+        valid = torch.ones(count, length, dtype=torch.bool, device=q.device)
+        if flash:
+            grads = attention_kept_backward_flash(*parts, valid, scale)
+        else:
+            pos = torch.arange(length, device=q.device).expand(count, length)
+            grads = attention_kept_backward_torch(*parts, None, scale, pos=pos, valid=valid)
+        for dst, src in zip((dq, dke, dve), grads):
             _put(dst, group, src.to(dst.dtype))
     dk, dv = _sum_kv_groups(dke, dve, k.shape[1])
     return _contiguous(dq, dk, dv)
@@ -542,12 +571,13 @@ attention_kept.register_autograd(_kept_backward, setup_context=_kept_setup)
 
 def segment_attention_lse_impl(q, k, v, seg, scale):
     """(out, lse) of causal attention within each segment of seg (b, n): each segment's rows run the
-    causal kernel of attention_lse (flash on CUDA, the twin elsewhere) on their own, segments of equal
-    length batched into one call; padding rows get out 0, lse -inf. Never an n x n mask."""
+    causal kernel of attention_lse (flash on CUDA for segments of a tile or more, the twin elsewhere) on
+    their own, segments of equal length batched into one call; padding rows get out 0, lse -inf. Never an n x n mask."""
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-    impl = attention_lse_cuda if _use_cuda_kernels(q) else attention_lse_torch
-    for group in _segment_groups(seg):
+    cuda = _use_cuda_kernels(q)
+    for group, flash in _segment_calls(seg, q.shape[1]):
+        impl = attention_lse_cuda if cuda and flash else attention_lse_torch
         o, l = impl(_take(q, group), _take(k, group), _take(v, group), None, scale, True)
         _put(out, group, o.to(q.dtype))
         _put(lse, group, l.float())

@@ -71,3 +71,30 @@ def test_segment_attention_bf16_flash_per_segment(kv_heads):
         err = (a.double() - r).abs().max().item()
         assert err <= 2 * (lo.double() - r).abs().max().item() + 1e-3 * r.abs().max().item(), name
     assert (out[~real.expand_as(out)] == 0).all()
+
+
+@cuda
+def test_segment_attention_thousands_of_one_token_documents():
+    """The 8B/32K TRL row: a document of 3,000 tokens, then 29,000 one-token documents (TRL's padding).
+    Flash padded each one-token segment to a 128-row tile (58 GiB asked at 8B); short segments now run the
+    twin. Forward and backward finite; a one-token document's output is its own value row, the long one
+    equals SDPA on its slice."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, kvh, d, long_len, ones = 32, 8, 128, 3000, 29000
+    n = long_len + ones
+    seg = torch.ones(1, n, dtype=torch.int32, device="cuda")
+    seg[0, long_len:] = torch.arange(2, ones + 2, device="cuda")
+    q = torch.randn(1, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, kvh, n, d, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    torch.cuda.reset_peak_memory_stats()
+    out, lse = torch.ops.lemo.segment_attention(q, k, v, seg, d ** -0.5)
+    out.float().square().sum().backward()
+    assert torch.cuda.max_memory_allocated() < 8 * 2**30
+    assert all(torch.isfinite(t).all() for t in (out, lse, q.grad, k.grad, v.grad))
+    ve = v.detach().repeat_interleave(h // kvh, 1)
+    torch.testing.assert_close(out[:, :, long_len:], ve[:, :, long_len:])
+    ke = k.detach().repeat_interleave(h // kvh, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.detach()[:, :, :long_len], ke[:, :, :long_len], ve[:, :, :long_len], is_causal=True)
+    torch.testing.assert_close(out[:, :, :long_len], want, atol=2e-2, rtol=2e-2)

@@ -1,7 +1,6 @@
 """passes.masks: padded and packed masks carried as segments (no n x n tensor), exact."""
 
 import pytest
-import sympy
 import torch
 
 import lemo_compile
@@ -196,7 +195,42 @@ def test_kept_backward_segment_groups_match_the_twin(monkeypatch):
         p = torch.arange(q.shape[2]).expand(q.shape[0], -1)
         return ops.attention_kept_backward_torch(go, q, k, v, out, lse, None, scale, pos=p, valid=valid)
 
-    monkeypatch.setattr(ops, "attention_kept_backward_flash", flash_on_cpu)
+    calls = []
+    monkeypatch.setattr(ops, "attention_kept_backward_flash",
+                        lambda *a: calls.append(a[1].shape[2]) or flash_on_cpu(*a))
+    monkeypatch.setattr(ops, "FLASH_MIN_SEGMENT", 10)  # 10 tokens or more: "flash"; one-token ones: the twin
     got = ops._kept_backward_flash_segments(grad, q, k, v, out, lse, seg, scale)
+    assert sorted(calls) == [10, 25, 29, 47]
     for a, w in zip(got, want):
         assert a.shape == w.shape and (a - w).abs().max() < 1e-6 * w.abs().max()
+
+
+def test_segment_calls_send_short_segments_to_the_twin_in_bounded_batches():
+    """A row the way TRL pads a packed 8B/32K batch (thousands of one-token documents) made PyTorch's flash
+    backward ask for 58 GiB (every segment padded to a 128-row tile). Segments shorter than a tile run the
+    twin, split so that a call's scores stay within the budget; longer ones stay one flash call per length;
+    every token is in exactly one call."""
+    b, h, n = 2, 4, 3000
+    seg = torch.zeros(b, n, dtype=torch.int64)
+    seg[0, :2000] = torch.arange(1, 2001)  # one-token documents
+    seg[0, 2000:2390] = torch.arange(2001, 2004).repeat_interleave(130)
+    seg[0, 2390:2990] = 2004
+    seg[1, 10:2010] = torch.arange(1, 1001).repeat_interleave(2)
+    seg[1, 2100:2300] = 1001
+    budget = 3000
+    seen = torch.zeros(b, n, dtype=torch.int64)
+    flash_lengths = []
+    for (rows, cols), flash in ops._segment_calls(seg, h, budget):
+        if isinstance(cols, slice):
+            count, length = 1, cols.stop - cols.start
+            seen[rows, cols] += 1
+        else:
+            count, length = cols.shape
+            seen[rows, cols] += 1
+        assert flash == (length >= ops.FLASH_MIN_SEGMENT)
+        if flash:
+            flash_lengths.append((count, length))
+        else:
+            assert count * h * length * length <= budget
+    assert sorted(flash_lengths) == [(1, 200), (1, 600), (3, 130)]
+    assert torch.equal(seen, (seg != 0).long())
