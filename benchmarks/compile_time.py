@@ -51,11 +51,43 @@ def _model(args, dev: str):
     return model
 
 
+class _CacheLog:
+    """Why Inductor's FX graph cache or AOT autograd's cache refused or failed on a graph: the reasons
+    their loggers give (at INFO; they never reach a counter), collected while the worker runs."""
+
+    LOGGERS = ("torch._inductor.codecache", "torch._functorch._aot_autograd.autograd_cache")
+    KEYS = ("Bypassing", "unable to", "Failed to pickle")
+
+    def __init__(self):
+        import logging
+
+        self.reasons: list[str] = []
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if any(k in msg for k in outer.KEYS):
+                    if record.exc_info and record.exc_info[1] is not None:
+                        msg += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+                    if msg[:500] not in outer.reasons:
+                        outer.reasons.append(msg[:500])
+
+        self.handler = _Handler(logging.INFO)
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            logger.addHandler(self.handler)
+            if not logger.isEnabledFor(logging.INFO):
+                logger.setLevel(logging.INFO)
+
+
 def worker(args) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
     import lemo_compile
+
+    cache_log = _CacheLog()
 
     dev = "cpu" if args.tiny else "cuda"
     if args.tiny:
@@ -84,6 +116,7 @@ def worker(args) -> dict:
     res = {"mode": args.worker, "lengths": lengths, "step_times_s": times, "first_step_s": times[0],
            "aot_autograd": dict(counters["aot_autograd"]),
            "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
+           "cache_reasons": cache_log.reasons,
            "graphs": int(counters["stats"].get("unique_graphs", 0)),
            "lemo_records": len(recs), "recompile_reasons": [r.recompile_reason for r in recs if r.recompile_reason],
            "sparse_layers": sum(len(r.sparsify.layers) for r in recs if r.sparsify is not None)}
@@ -118,7 +151,8 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
             continue
         figs[f"compile_seconds_8b_{mode}"] = {"value": r["compile_s"], "target": TARGETS[f"compile_seconds_8b_{mode}"],
                                               "first_step_s": r["first_step_s"], "median_step_s": r["median_step_s"],
-                                              "aot_autograd": r["aot_autograd"], **base}
+                                              "aot_autograd": r["aot_autograd"], "fxgraph": r.get("fxgraph"),
+                                              "cache_reasons": r.get("cache_reasons"), **base}
     r = rows.get("varying", {})
     if "graphs" in r and "error" not in r:
         figs["recompiles_varying_length_loop"] = {"value": r["graphs"] - 1, "target": TARGETS["recompiles_varying_length_loop"],
