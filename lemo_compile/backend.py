@@ -51,6 +51,7 @@ class CompileRecord:
     causal: Any = None  # passes.causal.CausalResult
     masks: Any = None  # passes.masks.MasksResult
     mlp_segment: Any = None  # passes.mlp_segment.MlpSegmentResult
+    regions: Any = None  # passes.regions.RegionsResult (regional compilation)
     left_alone: str | None = None  # why nothing was rewritten
     recompile_reason: str | None = None  # why Dynamo compiled this frame again (its first failed guard)
     before: str = ""  # readable graph before the rewrite
@@ -68,7 +69,8 @@ class CompileRecord:
     @property
     def memory(self) -> Any:
         """passes.memory.MemoryEstimate of this graph's forward (+ backward once compiled), computed on
-        first access (it is a report: compiling does not pay for it); None if unavailable."""
+        first access (it is a report: compiling does not pay for it); None if unavailable (also under
+        regional compilation, LemoConfig.regional: explain() compiles whole-model)."""
         if self._memory is None and self._graphs is not None:
             from .passes import memory as peak_memory
             fw, bw, fusion_aware = self._graphs
@@ -278,7 +280,10 @@ class AotPasses(_compat.custom_graph_pass_base()):
 
     def _estimate(self, bw: fx.Graph | None) -> None:
         """Keep the graphs for the record's lazily computed memory estimate (forward-only until the
-        backward is compiled)."""
+        backward is compiled). Not with shared layer bodies (passes.regions): the root graphs call them
+        opaquely, and an estimate without their insides would be too low."""
+        if self.record.regions is not None and self.record.regions.regions:
+            return
         if self._fw_graph is not None:
             self.record._graphs = (self._fw_graph, bw, self.fusion_aware)
             self.record._memory = None
@@ -312,7 +317,7 @@ class JointPasses(_compat.custom_graph_pass_base()):
                 node.meta["should_offload"] = True
                 offload += 1
         if self.record is not None:
-            self.record.saved_for_recompute = tagged
+            self.record.saved_for_recompute += tagged  # one joint graph per shared layer body, then the root
         log.debug("lemo joint pass: %d values kept for recompute, %d tagged for offload", tagged, offload)
 
     def uuid(self) -> bytes:
@@ -468,7 +473,10 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     joint = JointPasses(cfg, rec)
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     if cfg.inner is Inner.INDUCTOR and rec.rewritten:
-        _fill_example_values(gm)
+        _fill_example_values(gm)  # before share_layers: fake propagation through a shared body rewrites its metadata
+        if cfg.regional and not cfg.offload:
+            from .passes.regions import share_layers
+            rec.regions = share_layers(gm)
     with _compat.activation_offload(cfg.offload, cuda):
         if cfg.inner is Inner.EAGER:
             compiled = _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(

@@ -49,6 +49,11 @@ def format_record(rec: Any, graphs: bool = False) -> str:
                          f"{d['inter']} in segments of {d['segment_rows']} rows (backward keeps the input only)")
         for s in ms.skips:
             lines.append(f"  MLP left alone {s}")
+    rg = getattr(rec, "regions", None)
+    if rg is not None and rg.regions:
+        shared = ", ".join(f"{name} x{n}" for name, n in rg.regions)
+        lines.append(f"  regional: {rg.layers_shared} of {rg.counters['checkpointed_regions']} checkpointed layers "
+                     f"call {len(rg.regions)} shared bodies ({shared}); no memory estimate (whole-model only)")
     if rec.left_alone:
         lines.append(f"  left alone: {rec.left_alone}")
     if rec.saved:

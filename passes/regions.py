@@ -1,0 +1,146 @@
+"""Regional compilation: compile each kind of decoder layer once and call it for every layer of that kind.
+
+Under activation checkpointing every decoder layer reaches the backend as one
+`tag_activation_checkpoint(wrap_body_N, *operands)` call with its own body graph. Bodies of layers of one
+kind are identical up to node names once lemo's rewrites are done: the weights are operands, not
+constants. This pass groups the calls by a structural key of their body (ops, arguments, constants,
+operand shapes, dtypes and strides) and replaces each call of a group of two or more by
+`invoke_subgraph(shared_k, "lemo_layer_k", *operands)`, where `shared_k` is one graph that runs the
+checkpointed body. AOT autograd traces and partitions an invoke_subgraph body once per identifier and
+Inductor generates its code once, so compile work grows with the number of layer kinds, not layers.
+
+It runs last, on the rewritten Dynamo graph, so every other pass (masks, sparsify, segmented loss and MLP,
+fused kernels) sees the whole model as before. Layers that are not checkpointed stay inline (see the
+README's status); a body whose key matches no other body stays as it is."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .common import PassResult, eliminate_dead_code
+
+CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
+INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
+PREFIX = "lemo_layer_"
+
+
+@dataclasses.dataclass
+class RegionsResult(PassResult):
+    # per shared body: (identifier, number of layers calling it)
+    regions: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def layers_shared(self) -> int:
+        return sum(n for _, n in self.regions)
+
+
+def _value_key(v: Any) -> tuple:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", str(tuple(v.shape)), str(tuple(v.stride())), v.dtype, v.device.type, v.requires_grad)
+    return ("value", type(v).__name__, str(v))
+
+
+def _arg_key(a: Any, index: dict[fx.Node, int]) -> Any:
+    if isinstance(a, fx.Node):
+        return ("node", index[a])
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_arg_key(x, index) for x in a))
+    if isinstance(a, dict):
+        return ("dict", tuple((k, _arg_key(v, index)) for k, v in a.items()))
+    if isinstance(a, slice):
+        return ("slice", _arg_key(a.start, index), _arg_key(a.stop, index), _arg_key(a.step, index))
+    if isinstance(a, torch.Tensor):
+        return ("tensor constant", id(a))  # never shared: two layers' constants may differ
+    return ("const", type(a).__name__, repr(a))
+
+
+def structural_key(gm: fx.GraphModule) -> tuple:
+    """A hashable key equal for two graphs that compute the same function of their operands: node
+    names and module-stack metadata are ignored; ops, argument structure, constants and the operands'
+    shapes, strides, dtypes and requires_grad are not."""
+    index: dict[fx.Node, int] = {}
+    key = []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        if node.op == "placeholder":
+            target: Any = _value_key(node.meta.get("example_value", node.meta.get("val")))
+        elif node.op == "get_attr":
+            attr = getattr(gm, node.target)
+            target = structural_key(attr) if isinstance(attr, fx.GraphModule) else ("attr", id(attr))
+        else:
+            target = node.target
+        key.append((node.op, target, _arg_key(node.args, index), _arg_key(node.kwargs, index)))
+    return tuple(key)
+
+
+def _fake(node: Any) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+
+
+def _shared_module(gm: fx.GraphModule, call: fx.Node) -> fx.GraphModule:
+    """One graph that runs `call`'s checkpointed body on its operands and returns its outputs as a
+    flat tuple (invoke_subgraph's calling convention)."""
+    graph = fx.Graph()
+    operands = []
+    for i, arg in enumerate(call.args[1:]):
+        p = graph.placeholder(f"operand_{i}")
+        p.meta["example_value"] = p.meta["val"] = _fake(arg)
+        operands.append(p)
+    body = graph.get_attr("body")
+    ckpt = graph.call_function(CHECKPOINT, (body, *operands), dict(call.kwargs))
+    ckpt.meta["example_value"] = _fake(call)
+    outs = []
+    for i, value in enumerate(_fake(call)):
+        out = graph.call_function(operator.getitem, (ckpt, i))
+        out.meta["example_value"] = out.meta["val"] = value  # invoke_subgraph reads requires_grad from val
+        outs.append(out)
+    graph.output(tuple(outs))
+    root = torch.nn.Module()
+    root.body = getattr(gm, call.args[0].target)
+    return fx.GraphModule(root, graph, class_name="LemoSharedLayer")
+
+
+def _outlinable(call: fx.Node) -> bool:
+    value = _fake(call)
+    return (isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value)
+            and all(isinstance(_fake(a), (torch.Tensor, int, torch.SymInt)) for a in call.args[1:]))
+
+
+def share_layers(gm: fx.GraphModule) -> RegionsResult:
+    """Replace checkpointed layers with identical bodies by calls of one shared invoke_subgraph body."""
+    res = RegionsResult("regions")
+    groups: dict[Any, list[fx.Node]] = {}
+    for call in gm.graph.find_nodes(op="call_function", target=CHECKPOINT):
+        if not _outlinable(call):
+            res.skip("operands", call.name, "a checkpointed region with non-tensor operands or outputs stays inline")
+            continue
+        key = (structural_key(getattr(gm, call.args[0].target)), repr(sorted(call.kwargs.items())))
+        groups.setdefault(key, []).append(call)
+    res.counters["checkpointed_regions"] = sum(len(g) for g in groups.values())
+    for calls in groups.values():
+        if len(calls) < 2:
+            continue
+        name = f"{PREFIX}{len(res.regions)}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, _shared_module(gm, calls[0]))
+        for call in calls:
+            with gm.graph.inserting_before(call):
+                body = gm.graph.get_attr(name)
+                new = gm.graph.call_function(INVOKE_SUBGRAPH, (body, name, *call.args[1:]), {})
+            new.meta.update(call.meta)
+            call.replace_all_uses_with(new)
+            gm.graph.erase_node(call)
+        res.regions.append((name, len(calls)))
+    res.counters["shared_bodies"] = len(res.regions)
+    res.counters["layers_shared"] = res.layers_shared
+    if res.regions:
+        eliminate_dead_code(gm.graph)
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return res
