@@ -1,0 +1,76 @@
+"""Regional compilation prototype (branch regional-wip): whole-model vs shared layer bodies on a tiny
+checkpointed Llama, CPU Inductor. Each mode in a fresh process (own compile cache). Reports the first
+step's seconds, the bytes saved for backward, and the largest gradient difference relative to each
+gradient's scale (0 would be exact).
+
+    python benchmarks/diag/regional_probe.py --layers 16 --out benchmarks/results/regional_probe_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def worker(layers: int, regional: bool, path: str) -> None:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
+    import torch
+
+    import lemo_compile
+    from lemo_compile.testing.models import tiny_model, trainable_grads
+
+    model = tiny_model("llama", lora=True, layers=layers).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().disable_input_require_grads()
+    cfg = lemo_compile.LemoConfig(logits="drop", regional=regional)
+    compiled = torch.compile(model, backend=lemo_compile.backend(cfg))
+    ids = torch.randint(3, 200, (1, 512), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    first = time.perf_counter() - t0
+    rec = next(r for r in lemo_compile.records() if r.sparsified)
+    torch.save({"loss": out.loss.detach(), "grads": trainable_grads(model), "first_step_s": first,
+                "saved_bytes": sum(s.nbytes for s in rec.saved),
+                "regions": rec.regions.regions if rec.regions else None}, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", nargs=2, default=None)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.layers, args.worker[0] == "1", args.worker[1])
+        return
+    import torch
+
+    res = {}
+    for regional in (False, True):
+        path = tempfile.mktemp(suffix=".pt")
+        subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--worker", str(int(regional)), path],
+                       check=True)
+        res[regional] = torch.load(path)
+    whole, shared = res[False], res[True]
+    worst = max(((whole["grads"][k] - shared["grads"][k]).abs().max() / whole["grads"][k].abs().max()).item()
+                for k in whole["grads"])
+    doc = {"command": "python " + " ".join(sys.argv), "layers": args.layers,
+           "first_step_s": {"whole": round(whole["first_step_s"], 1), "regional": round(shared["first_step_s"], 1)},
+           "saved_bytes": {"whole": whole["saved_bytes"], "regional": shared["saved_bytes"]},
+           "regions": shared["regions"], "loss": {"whole": whole["loss"].item(), "regional": shared["loss"].item()},
+           "max_grad_diff_relative": worst}
+    print(json.dumps(doc, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
