@@ -113,12 +113,11 @@ class LemoConfig:
     # Host bytes one graph's offloaded activations may take (None: no limit); a graph that needs more
     # is refused at compile time, before its step runs, with both figures.
     host_memory_budget: int | None = None
-    # Regional compilation (passes.regions), experimental: checkpointed decoder layers whose rewritten
-    # graphs are identical share one compiled body (AOT autograd and Inductor compile each layer kind
-    # once, not each layer; a 16-layer tiny Llama compiles 1.5x faster on CPU). Exact, but off by
-    # default: inside a shared body torch's partitioner keeps the layer's intermediates for the backward
-    # instead of recomputing them (the checkpointing is lost: about 2.5x the saved bytes), and the
-    # record has no memory estimate. Inductor inner compiler only; never with offload.
+    # Regional compilation (passes.regions), opt-in until measured on the GPU: checkpointed decoder layers
+    # whose rewritten graphs are identical call one shared body (invoke_subgraph inside each layer's
+    # checkpoint), so AOT autograd and Inductor compile each layer kind once, not each layer. Exact
+    # (tests/passes/test_regions.py); the backward still recomputes each layer. No memory estimate in
+    # the record (explain() compiles whole-model). Inductor inner compiler only; never with offload.
     regional: bool = False
 
     def __post_init__(self) -> None:

@@ -4,10 +4,13 @@ Under activation checkpointing every decoder layer reaches the backend as one
 `tag_activation_checkpoint(wrap_body_N, *operands)` call with its own body graph. Bodies of layers of one
 kind are identical up to node names once lemo's rewrites are done: the weights are operands, not
 constants. This pass groups the calls by a structural key of their body (ops, arguments, constants,
-operand shapes, dtypes and strides) and replaces each call of a group of two or more by
-`invoke_subgraph(shared_k, "lemo_layer_k", *operands)`, where `shared_k` is one graph that runs the
-checkpointed body. AOT autograd traces and partitions an invoke_subgraph body once per identifier and
-Inductor generates its code once, so compile work grows with the number of layer kinds, not layers.
+operand shapes, dtypes, strides and requires_grad) and, for a group of two or more, replaces each call's body by one that
+only runs `invoke_subgraph(shared, "lemo_layer_k", *operands)`, `shared` being the first call's body.
+AOT autograd traces and partitions an invoke_subgraph body once per identifier and Inductor generates its
+code once, so compile work on the layers grows with the number of layer kinds, not layers. The calls stay
+checkpoints: the partitioner recomputes the invoke_subgraph in the backward, as it recomputes an inline
+layer. (Wrapping the checkpoint inside the invoke_subgraph instead lost the recompute, saving each
+layer's intermediates, and gave wrong gradients under Inductor's buffer reuse on torch 2.13.)
 
 It runs last, on the rewritten Dynamo graph, so every other pass (masks, sparsify, segmented loss and MLP,
 fused kernels) sees the whole model as before. Layers that are not checkpointed stay inline (see the
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .common import PassResult, eliminate_dead_code
+from .common import PassResult
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
@@ -82,27 +85,29 @@ def _fake(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
 
 
-def _shared_module(gm: fx.GraphModule, call: fx.Node) -> fx.GraphModule:
-    """One graph that runs `call`'s checkpointed body on its operands and returns its outputs as a
-    flat tuple (invoke_subgraph's calling convention)."""
+def _outlined_body(shared: fx.GraphModule, name: str, call: fx.Node) -> fx.GraphModule:
+    """A checkpoint body for `call` that only calls the shared body: invoke_subgraph(shared, name,
+    *operands), its outputs as the flat tuple the checkpoint expects. The call stays a checkpoint, so
+    the partitioner recomputes the invoke_subgraph (the shared forward) in the backward instead of
+    saving the layer's intermediates."""
     graph = fx.Graph()
     operands = []
     for i, arg in enumerate(call.args[1:]):
         p = graph.placeholder(f"operand_{i}")
         p.meta["example_value"] = p.meta["val"] = _fake(arg)
         operands.append(p)
-    body = graph.get_attr("body")
-    ckpt = graph.call_function(CHECKPOINT, (body, *operands), dict(call.kwargs))
-    ckpt.meta["example_value"] = _fake(call)
+    body = graph.get_attr("shared")
+    inv = graph.call_function(INVOKE_SUBGRAPH, (body, name, *operands), {})
+    inv.meta["example_value"] = inv.meta["val"] = tuple(_fake(call))
     outs = []
     for i, value in enumerate(_fake(call)):
-        out = graph.call_function(operator.getitem, (ckpt, i))
+        out = graph.call_function(operator.getitem, (inv, i))
         out.meta["example_value"] = out.meta["val"] = value  # invoke_subgraph reads requires_grad from val
         outs.append(out)
     graph.output(tuple(outs))
     root = torch.nn.Module()
-    root.body = getattr(gm, call.args[0].target)
-    return fx.GraphModule(root, graph, class_name="LemoSharedLayer")
+    root.shared = shared
+    return fx.GraphModule(root, graph, class_name="LemoOutlinedLayer")
 
 
 def _outlinable(call: fx.Node) -> bool:
@@ -128,19 +133,12 @@ def share_layers(gm: fx.GraphModule) -> RegionsResult:
         name = f"{PREFIX}{len(res.regions)}"
         while hasattr(gm, name):
             name += "_"
-        gm.add_submodule(name, _shared_module(gm, calls[0]))
+        shared = getattr(gm, calls[0].args[0].target)
         for call in calls:
-            with gm.graph.inserting_before(call):
-                body = gm.graph.get_attr(name)
-                new = gm.graph.call_function(INVOKE_SUBGRAPH, (body, name, *call.args[1:]), {})
-            new.meta.update(call.meta)
-            call.replace_all_uses_with(new)
-            gm.graph.erase_node(call)
+            setattr(gm, call.args[0].target, _outlined_body(shared, name, call))
         res.regions.append((name, len(calls)))
     res.counters["shared_bodies"] = len(res.regions)
     res.counters["layers_shared"] = res.layers_shared
     if res.regions:
-        eliminate_dead_code(gm.graph)
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        gm.recompile()  # the calls are unchanged; only their bodies were replaced
     return res
