@@ -60,3 +60,26 @@ def test_not_with_eager_inner_or_offload():
     for cfg in (LemoConfig(regional=True, inner="eager"), LemoConfig(regional=True, offload=True)):
         _, _, rec = _step(cfg, batch)
         assert rec.regions is None
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_regional_equals_whole_model_other_architectures(arch):
+    """Gemma3 (sliding-window and global layers: two dense kinds) and Qwen2 (q/k/v biases), keep 0.5."""
+    batch = random_batch(256, 1, 200, seed=5)
+    cfg = LemoConfig(keep_ratio=0.5)
+    runs = []
+    for regional in (False, True):
+        model = tiny_model(arch, lora=True, layers=LAYERS).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch._dynamo.reset()
+        clear_records()
+        out = torch.compile(model, backend=lemo_compile.backend(cfg.replace(regional=regional)))(**batch)
+        out.loss.backward()
+        shared = [r.regions.layers_shared for r in lemo_compile.records() if r.regions is not None]
+        runs.append((out.loss.detach(), trainable_grads(model), shared))
+    (loss_w, grads_w, _), (loss_r, grads_r, shared) = runs
+    assert max(shared) >= 4
+    torch.testing.assert_close(loss_r, loss_w, rtol=1e-5, atol=1e-6)
+    for name in grads_w:
+        scale = grads_w[name].abs().max().item()
+        torch.testing.assert_close(grads_r[name], grads_w[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
