@@ -26,7 +26,9 @@ logits are dropped (they are then kept).
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -42,6 +44,9 @@ from .detect import LINEAR_TARGETS
 CE_TARGETS = (F.cross_entropy, torch.nn.functional.cross_entropy, torch._C._nn.cross_entropy_loss)
 _CASTS = ("float", "to", "contiguous", "type")
 _FLATTEN = ("view", "reshape", torch.reshape, "flatten", torch.flatten)
+# logits scaled by a constant (Cohere's logit_scale, Granite's logits_scaling): (h W^T) * s = (h * s) W^T
+_SCALE_MUL = (operator.mul, torch.mul, "mul", "__mul__", "__rmul__")
+_SCALE_DIV = (operator.truediv, torch.div, "div", "__truediv__")
 
 
 @dataclasses.dataclass
@@ -62,6 +67,12 @@ class _Match:
     upcast: bool
     ignore_index: int
     reduction: str
+    scales: list[tuple[Any, float]] = dataclasses.field(default_factory=list)  # (operator.mul | truediv, s)
+    head: fx.Node | None = None  # the logits the model returns: the linear, or its scaling
+
+    @property
+    def logits(self) -> fx.Node:
+        return self.head if self.head is not None else self.linear
 
 
 def peak_cut(gm: fx.GraphModule, cfg: LemoConfig) -> PeakCutResult:
@@ -114,7 +125,7 @@ def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
         res.skip("loss_form", where, "expected (N, V) logits and (N,) targets")
         return None
     # walk back from the loss input to a linear through casts and flattening views only
-    chain, node, upcast = [], src, False
+    chain, node, upcast, scales = [], src, False, []
     while isinstance(node, fx.Node) and not is_call(node, *LINEAR_TARGETS):
         if is_call(node, *_CASTS):
             dt = value_of(node).dtype if isinstance(value_of(node), torch.Tensor) else None
@@ -128,6 +139,12 @@ def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
             if not _flattens_rows(node):
                 res.skip("loss_chain", where, f"{node.name} reshapes more than the leading (row) dims")
                 return None
+        elif _scale(node) is not None:
+            op, value, src = _scale(node)
+            scales.append((op, value))
+            chain.append(node)
+            node = src
+            continue
         else:
             res.skip("loss_chain", where, f"{node.name} ({getattr(node.target, '__name__', node.target)}) between "
                      "the LM head and the loss is not a cast or a flattening view")
@@ -150,13 +167,39 @@ def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
     if isinstance(b_val, torch.Tensor) and isinstance(w_val, torch.Tensor) and b_val.requires_grad != w_val.requires_grad:
         res.skip("loss_form", where, "LM head bias and weight disagree on requires_grad")
         return None
+    head = None
+    if scales and bias is not None:
+        res.skip("loss_chain", where, "scaled logits of an LM head with a bias: the scale cannot move to its input")
+        return None
+    if chain and _scale(chain[-1]) is not None and _scale(chain[-1])[2] is lin:
+        head = chain[-1]  # the model returns the scaled logits: they may also feed the output
     for n in chain:
-        if len(n.users) > 1:
+        if len(n.users) > 1 and not (n is head and all(u.op == "output" or u in chain for u in n.users)):
             res.skip("loss_chain", where, f"{n.name} is used outside the loss")
             return None
     # an fp32 head computes in fp32 with or without the cast
     return _Match(ce, lin, hidden, weight, bias, target, chain, upcast or lin_val.dtype == torch.float32,
-                  ignore_index, reduction)
+                  ignore_index, reduction, scales[::-1], head)
+
+
+def _scale(node: fx.Node) -> tuple[Any, float, fx.Node] | None:
+    """(operator.mul or operator.truediv, s, logits) when node multiplies or divides the logits by a
+    Python number s (finite, nonzero): a scaling that moves exactly onto the LM head's input."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if is_call(node, *_SCALE_MUL):
+        op = operator.mul
+        if isinstance(b, fx.Node) and not isinstance(a, fx.Node):
+            a, b = b, a
+    elif is_call(node, *_SCALE_DIV):
+        op = operator.truediv
+    else:
+        return None
+    if (not isinstance(a, fx.Node) or isinstance(b, bool) or not isinstance(b, (int, float))
+            or not math.isfinite(b) or b == 0):
+        return None
+    return op, float(b), a
 
 
 def _flattens_rows(node: fx.Node) -> bool:
@@ -182,7 +225,10 @@ def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dic
     fused = cross_entropy.use_triton(h_val.device, h_val.dtype, m.upcast)
     rows = lm_loss.segment_rows(int(vocab), cfg.segment_bytes, m.upcast, h_val.dtype.itemsize, fused)
     with g.inserting_before(m.ce):
-        x2 = g.call_method("reshape", (m.hidden, -1, d))
+        hidden = m.hidden
+        for op, value in m.scales:  # in the model's order, nearest the LM head first
+            hidden = g.call_function(op, (hidden, value))
+        x2 = g.call_method("reshape", (hidden, -1, d))
         t1 = g.call_method("reshape", (m.target, -1))
         out = g.call_function(torch.ops.lemo.linear_cross_entropy.default,
                               (x2, m.weight, m.bias, t1, m.ignore_index, m.reduction, m.upcast, rows, grad_x, grad_w))
@@ -199,14 +245,14 @@ def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dic
         # reads them (metrics, generation), so logits="drop" does not apply.
         logits_mode = "kept (no gradient taken: logits='drop' applies to training graphs only)"
     elif cfg.logits == "drop":
-        outputs = [u for u in m.linear.users if u.op == "output"]
-        others = [u for u in m.linear.users if u.op != "output"]
+        outputs = [u for u in m.logits.users if u.op == "output"]
+        others = [u for u in m.logits.users if u.op != "output"]
         if others:
             res.skip("logits_used", m.ce.name, f"logits feed {', '.join(u.name for u in others)}; kept")
         elif outputs:
             with g.inserting_before(m.linear):
                 empty = g.call_function(lm_loss.empty_logits, (m.hidden,))
-            m.linear.replace_all_uses_with(empty)
+            m.logits.replace_all_uses_with(empty)
             logits_mode = "dropped"
     return {"loss": loss.name, "rows": str(shape_of(m.hidden)[:-1]), "vocab": int(vocab),
             "segment_rows": rows, "logits": logits_mode, "grad_hidden": grad_x, "grad_weight": grad_w}

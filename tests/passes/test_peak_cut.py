@@ -243,3 +243,66 @@ def test_plain_head_is_segmented_without_decoder_layers():
     torch.testing.assert_close(out, ref, rtol=2e-6, atol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+class _ScaledHead(nn.Module):
+    """An LM head whose logits are scaled by a constant before the loss (Cohere's logit_scale, Granite's
+    logits_scaling); the model returns the scaled logits, like HF's."""
+
+    def __init__(self, form: str, bias: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=bias)
+        self.form = form
+
+    def forward(self, ids, labels):
+        logits = self.head(torch.tanh(self.body(self.emb(ids))))
+        if self.form == "mul":
+            logits = logits * 0.0625
+        elif self.form == "rmul":
+            logits = 2.5 * logits
+        else:
+            logits = logits / 3.0
+        loss = F.cross_entropy(logits.float().view(-1, 50), labels.view(-1), ignore_index=-100)
+        return loss, logits
+
+
+@pytest.mark.parametrize("form", ["mul", "rmul", "div"])
+@pytest.mark.parametrize("logits", ["keep", "drop"])
+def test_scaled_logits_are_segmented_exactly(form, logits):
+    ids = torch.randint(0, 50, (2, 37), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    model = _ScaledHead(form)
+    want_loss, want_logits = model(ids, labels)
+    want = torch.autograd.grad(want_loss, list(model.parameters()))
+    clear_records()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lemo_compile.backend(LemoConfig(inner="eager", logits=logits)))
+    loss, out_logits = compiled(ids, labels)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    rec = lemo_compile.records()[-1]
+    assert rec.peak_cut.counters["losses_segmented"] == 1, rec.peak_cut.skips
+    assert rec.peak_cut.losses[0]["logits"] == ("dropped" if logits == "drop" else "kept")
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    if logits == "keep":
+        torch.testing.assert_close(out_logits, want_logits)
+    else:
+        assert out_logits.numel() == 0
+
+
+def test_scaled_logits_of_a_head_with_bias_are_left_alone():
+    ids = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(2))
+    model = _ScaledHead("mul", bias=True)
+    want = model(ids, ids)[0]
+    clear_records()
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend=lemo_compile.backend(LemoConfig(inner="eager")))(ids, ids)[0]
+    rec = lemo_compile.records()[-1]
+    assert rec.peak_cut.counters["losses_segmented"] == 0
+    assert "bias" in rec.peak_cut.skips[0].detail
+    torch.testing.assert_close(loss, want)
