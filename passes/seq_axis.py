@@ -284,9 +284,22 @@ def _random(shape: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch
     return torch.randint(0, 4, shape, generator=gen, dtype=dtype)
 
 
-def _run(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-    args = fx.map_arg(node.args, lambda a: env[a])
-    kwargs = fx.map_arg(node.kwargs, lambda a: env[a])
+def run_concrete(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    """node's op on the values of env; an argument outside env takes its traced value (a static size)."""
+    return _run(node, env, fallback=True)
+
+
+def _run(node: fx.Node, env: dict[fx.Node, Any], fallback: bool = False) -> Any:
+    def arg(a):
+        if a in env or not fallback:
+            return env[a]
+        v = value_of(a)
+        if not isinstance(v, (int, float, bool)):
+            raise ValueError(f"{a.name} has no static value")
+        return v
+
+    args = fx.map_arg(node.args, arg)
+    kwargs = fx.map_arg(node.kwargs, arg)
     args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)  # in-place ops
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -37,6 +37,7 @@ from .common import (CantRewrite, PassResult, closure_back, eliminate_dead_code,
                      value_of)
 from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer
 from .masks import segments_of
+from . import seq_axis
 from .seq_axis import propagate
 
 
@@ -202,6 +203,13 @@ def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: 
         wq, bq = _weight_bias(lin["q_proj"])
         wk, bk = _weight_bias(lin["k_proj"])
         kv_heads = shape_of(wk)[0] // hd
+    elif kind == "probed":  # a fused projection of another layout (GPT-NeoX, CodeGen, GPTBigCode)
+        w, b = _weight_bias(lin["probed"])
+        q_rows, k_rows = lin["rows"]
+        kv_heads = len(k_rows) // hd
+        wq, wk = (g.call_function(operator.getitem, (w, r)) for r in (q_rows, k_rows))
+        bq, bk = ((g.call_function(operator.getitem, (b, r)) for r in (q_rows, k_rows)) if b is not None
+                  else (None, None))
     else:
         w, b = _weight_bias(lin["qkv_proj"])
         rows = shape_of(w)[0]
@@ -240,9 +248,72 @@ def _predictor_weights(attn: Block) -> tuple[str, int, int, dict]:
             lin.setdefault(leaf, node)
     kind = "separate" if "q_proj" in lin and "k_proj" in lin else "fused" if "qkv_proj" in lin else None
     if kind is None:
-        raise CantRewrite("predictor_inputs", f"no q/k projections found for the pooled predictor "
-                          f"(linears: {sorted(lin)}); use LemoConfig(predictor='random')")
+        probed = _probe_qk_rows(attn, q_shape[1], q_shape[-1])
+        if isinstance(probed, str):
+            raise CantRewrite("predictor_inputs", f"no q/k projections found for the pooled predictor "
+                              f"(linears: {sorted(lin)}; {probed}); use LemoConfig(predictor='random')")
+        kind, lin = "probed", {"probed": probed[0], "rows": probed[1:]}
     return kind, q_shape[1], q_shape[-1], lin
+
+
+_MOVES = ("view", "reshape", "_unsafe_view", torch.reshape, "transpose", torch.transpose, "permute", torch.permute,
+          "contiguous", "chunk", torch.chunk, "split", torch.split, "unbind", "unflatten", "narrow", "squeeze",
+          "unsqueeze", torch.unsqueeze, operator.getitem)
+
+
+def _probe_qk_rows(attn: Block, heads: int, hd: int):
+    """(linear, q rows, k rows): which output features of one fused projection become SDPA's query and
+    key, head by head, found by running the data movement between them (views, transposes, chunks,
+    indexing; a LoRA branch added to the projection passes through) on the features' indices, for any
+    layout (GPT-NeoX interleaves q/k/v per head, CodeGen in groups). A string says why not."""
+    def front(node):  # walk back from an SDPA input along first operands (rotary, q/k norms)
+        while isinstance(node, fx.Node) and node.op != "placeholder":
+            if node in closure:
+                # partial rotary (GPT-NeoX) slices the head dims first: climb to the whole head
+                while (node is not linear and (shape_of(node) or [hd])[-1] != hd and node.args
+                       and node.args[0] in closure):
+                    node = node.args[0]
+                return node
+            flat = [a for a in node.args for a in (a if isinstance(a, (list, tuple)) else [a])]
+            node = next((a for a in flat if isinstance(a, fx.Node)), None)
+        return None
+
+    for role, linear in attn.linears.items():
+        if ".lora_" in role:
+            continue
+        closure = {linear}
+        for node in attn.nodes:
+            first = node.args[0] if node.args else None
+            if first in closure and is_call(node, *_MOVES):
+                closure.add(node)
+            elif is_call(node, operator.add, torch.add, "add") and sum(a in closure for a in node.args) == 1:
+                closure.add(node)  # the projection plus its LoRA branch
+        q, k = front(attn.sdpa.args[0]), front(attn.sdpa.args[1])
+        if q is None or k is None or q is linear or k is linear:
+            continue
+        val = value_of(linear)
+        if not isinstance(val, torch.Tensor) or val.dim() != 3:
+            return "the fused projection's output is not (batch, tokens, features)"
+        b, n, f = (int(x) for x in val.shape)
+        pos = torch.arange(n, dtype=torch.float64)[:, None] * f
+        env = {linear: (pos + torch.arange(f, dtype=torch.float64)).expand(b, n, f).contiguous()}
+        try:
+            for node in attn.nodes:
+                if node in closure and node is not linear:
+                    if is_call(node, operator.add, torch.add, "add"):
+                        env[node] = next(env[a] for a in node.args if a in closure)
+                        continue
+                    env[node] = seq_axis.run_concrete(node, env)
+        except Exception as e:  # a size only known at run time, an op the probe cannot run
+            return f"probing {role}: {type(e).__name__}"
+        rows = []
+        for t in (env[q], env[k]):
+            first = t[0].flatten()
+            rows.append([int(v) % f for v in first[first < f].tolist()])
+        if len(rows[0]) != heads * hd or len(rows[1]) % hd or len(set(rows[0] + rows[1])) != len(rows[0]) + len(rows[1]):
+            return f"probing {role}: query/key features do not form {heads} heads of {hd}"
+        return linear, rows[0], rows[1]
+    return "no single projection feeds both the query and the key through views only"
 
 
 def _validate(blk: Block, seq_ext: list[fx.Node]) -> None:

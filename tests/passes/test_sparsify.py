@@ -249,3 +249,28 @@ def test_parallel_residual_unsupported_modes_are_refused(model_type, mlp_mode, a
     skips = [s for r in recs if r.sparsify for s in r.sparsify.skips]
     assert [s.kind for s in skips] == ["parallel_residual"] and f"mlp_mode={mlp_mode}" in skips[0].detail
     assert sweep.matches_dense(dense, tuple(got))
+
+
+def test_pooled_predictor_finds_q_and_k_rows_of_a_fused_interleaved_projection(monkeypatch):
+    """GPT-NeoX projects q, k, v with one linear whose output interleaves them per head ([h][q|k|v][dim]).
+    The pooled predictor probes the views between the projection and SDPA on the features' indices and
+    reads the rows of each head's query and key; the layer becomes sparse, exact at keep 1.0."""
+    from lemo_compile.passes import sparsify
+    from lemo_compile.testing import sweep
+
+    found = []
+    real = sparsify._probe_qk_rows
+    monkeypatch.setattr(sparsify, "_probe_qk_rows", lambda *a: found.append(real(*a)) or found[-1])
+    model = sweep.build_model("gpt_neox", "GPTNeoXForCausalLM")
+    batch = sweep.random_batch(model.config.vocab_size)
+    dense = sweep.loss_and_grads(model, model, batch)
+    loss, grads, recs = sweep.compiled_run(model, batch, keep_ratio=1.0)
+    assert sweep.matches_dense(dense, (loss, grads))
+    assert sum(r.sparsify.counters.get("sparse_layers", 0) for r in recs if r.sparsify) >= 1
+    heads = model.config.num_attention_heads
+    hd = model.config.hidden_size // heads
+    want_q = [h * 3 * hd + j for h in range(heads) for j in range(hd)]
+    want_k = [h * 3 * hd + hd + j for h in range(heads) for j in range(hd)]
+    assert found and all(isinstance(f, tuple) for f in found)
+    for _, q_rows, k_rows in found:
+        assert q_rows == want_q and k_rows == want_k
