@@ -28,6 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import save_json  # noqa: E402
+
 from lemo_compile.testing import sweep  # noqa: E402
 
 
@@ -71,9 +73,7 @@ def main(argv=None) -> int:
         doc["updated_rows"] = types
     print(json.dumps({k: v["value"] for k, v in figs.items()}))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        save_json(args.out, doc)
     if args.table:
         with open(args.table, "w") as f:
             f.write(sweep.markdown_table(rows))

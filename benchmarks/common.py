@@ -161,6 +161,13 @@ def merge_headline(path: str, figures: dict[str, dict[str, Any]]) -> None:
         f.write("\n")
 
 
+def save_json(path: str, doc: dict[str, Any]) -> None:
+    """Write a result document as the benchmarks commit them (indent 1, a final newline)."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
 def publish_figures(doc: dict[str, Any], figs: dict[str, dict[str, Any]], missing: list[str], out: str | None,
                     headline: str | None, tiny: bool) -> None:
     """Store a run's headline figures in its result document (rewritten at `out`), print them, and

@@ -24,12 +24,13 @@ import argparse
 import dataclasses
 import datetime
 import itertools
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import save_json  # noqa: E402
 
 from lemo_compile.testing.models import ARCHS  # noqa: E402
 from lemo_compile.testing.padding import KINDS, PAD_KINDS, packed_docs, run_case  # noqa: E402
@@ -83,9 +84,7 @@ def main(argv=None) -> int:
            "cases": rows}
     print(f"padded_nan_cases {nan_cases} of {len(rows)} cases tried; {mismatch} finite cases off their oracle")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        save_json(args.out, doc)
     if args.headline and not args.tiny:
         from benchmarks.common import merge_headline
 

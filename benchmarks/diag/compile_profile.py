@@ -21,6 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from benchmarks.common import save_json  # noqa: E402
+
 # (label, file suffix, function name): cumulative seconds of the first match
 PHASES = (
     ("dynamo_frame", "_dynamo/convert_frame.py", "_compile_inner"),
@@ -81,9 +83,7 @@ def main() -> None:
            "phases_cumulative_s": phases}
     print(json.dumps(doc["phases_cumulative_s"], indent=1), f"first step {first:.1f} s (profiled)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        save_json(args.out, doc)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.common import save_json  # noqa: E402
+
 
 def worker(layers: int, regional: bool, path: str) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
@@ -67,9 +71,7 @@ def main() -> None:
            "max_grad_diff_relative": worst}
     print(json.dumps(doc, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        save_json(args.out, doc)
 
 
 if __name__ == "__main__":
