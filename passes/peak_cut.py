@@ -139,8 +139,8 @@ def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
             if not _flattens_rows(node):
                 res.skip("loss_chain", where, f"{node.name} reshapes more than the leading (row) dims")
                 return None
-        elif _scale(node) is not None:
-            op, value, src = _scale(node)
+        elif (scaled := _scale(node)) is not None:
+            op, value, src = scaled
             scales.append((op, value))
             chain.append(node)
             node = src
@@ -167,12 +167,12 @@ def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
     if isinstance(b_val, torch.Tensor) and isinstance(w_val, torch.Tensor) and b_val.requires_grad != w_val.requires_grad:
         res.skip("loss_form", where, "LM head bias and weight disagree on requires_grad")
         return None
-    head = None
     if scales and bias is not None:
         res.skip("loss_chain", where, "scaled logits of an LM head with a bias: the scale cannot move to its input")
         return None
-    if chain and _scale(chain[-1]) is not None and _scale(chain[-1])[2] is lin:
-        head = chain[-1]  # the model returns the scaled logits: they may also feed the output
+    # the model returns the scaled logits: they may also feed the output
+    nearest = _scale(chain[-1]) if chain else None
+    head = chain[-1] if nearest is not None and nearest[2] is lin else None
     for n in chain:
         if len(n.users) > 1 and not (n is head and all(u.op == "output" or u in chain for u in n.users)):
             res.skip("loss_chain", where, f"{n.name} is used outside the loss")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .common import PassResult
+from .common import PassResult, value_of
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
@@ -81,10 +81,6 @@ def structural_key(gm: fx.GraphModule) -> tuple:
     return tuple(key)
 
 
-def _fake(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
-
-
 def _outlined_body(shared: fx.GraphModule, name: str, call: fx.Node) -> fx.GraphModule:
     """A checkpoint body for `call` that only calls the shared body: invoke_subgraph(shared, name,
     *operands), its outputs as the flat tuple the checkpoint expects. The call stays a checkpoint, so
@@ -94,13 +90,13 @@ def _outlined_body(shared: fx.GraphModule, name: str, call: fx.Node) -> fx.Graph
     operands = []
     for i, arg in enumerate(call.args[1:]):
         p = graph.placeholder(f"operand_{i}")
-        p.meta["example_value"] = p.meta["val"] = _fake(arg)
+        p.meta["example_value"] = p.meta["val"] = value_of(arg)
         operands.append(p)
     body = graph.get_attr("shared")
     inv = graph.call_function(INVOKE_SUBGRAPH, (body, name, *operands), {})
-    inv.meta["example_value"] = inv.meta["val"] = tuple(_fake(call))
+    inv.meta["example_value"] = inv.meta["val"] = tuple(value_of(call))
     outs = []
-    for i, value in enumerate(_fake(call)):
+    for i, value in enumerate(value_of(call)):
         out = graph.call_function(operator.getitem, (inv, i))
         out.meta["example_value"] = out.meta["val"] = value  # invoke_subgraph reads requires_grad from val
         outs.append(out)
@@ -111,9 +107,9 @@ def _outlined_body(shared: fx.GraphModule, name: str, call: fx.Node) -> fx.Graph
 
 
 def _outlinable(call: fx.Node) -> bool:
-    value = _fake(call)
+    value = value_of(call)
     return (isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value)
-            and all(isinstance(_fake(a), (torch.Tensor, int, torch.SymInt)) for a in call.args[1:]))
+            and all(isinstance(value_of(a), (torch.Tensor, int, torch.SymInt)) for a in call.args[1:]))
 
 
 def share_layers(gm: fx.GraphModule) -> RegionsResult:
