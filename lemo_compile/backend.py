@@ -477,6 +477,10 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
         if cfg.regional and not cfg.offload:
             from .passes.regions import share_layers
             rec.regions = share_layers(gm)
+    if cfg.regional and (cfg.inner is not Inner.INDUCTOR or cfg.offload):
+        log.warning("lemo: LemoConfig.regional=True has no effect with inner=%r, offload=%r (it needs the "
+                    "Inductor inner compiler and no offload); graph %d compiles whole-model",
+                    cfg.inner.value, cfg.offload, rec.graph_id)
     with _compat.activation_offload(cfg.offload, cuda):
         if cfg.inner is Inner.EAGER:
             compiled = _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(

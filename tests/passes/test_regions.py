@@ -55,11 +55,14 @@ def test_one_body_per_layer_kind(whole_and_regional):
     assert "regional: 6 of 6 checkpointed layers call 2 shared bodies" in lemo_compile.inspect.format_record(rec)
 
 
-def test_not_with_eager_inner_or_offload():
+def test_not_with_eager_inner_or_offload(caplog):
     batch = random_batch(256, 1, 130, seed=4)
     for cfg in (LemoConfig(regional=True, inner="eager"), LemoConfig(regional=True, offload=True)):
-        _, _, rec = _step(cfg, batch)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lemo_compile.backend"):
+            _, _, rec = _step(cfg, batch)
         assert rec.regions is None
+        assert any("regional=True has no effect" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
