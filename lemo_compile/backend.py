@@ -407,6 +407,24 @@ def _warn_if_dense(rec: CompileRecord, gm: fx.GraphModule) -> None:
                   UserWarning, stacklevel=2)
 
 
+def _warn_if_mlp_whole(rec: CompileRecord, gm: fx.GraphModule) -> None:
+    """Sparse layers whose MLP runs whole (mixture of experts, in-place updates) save only in attention:
+    one UserWarning per model and reason, so a user does not expect the MLP's share too."""
+    whole = [d for d in (rec.sparsify.layers if rec.sparsify else []) if d.get("mlp_whole")]
+    if not whole:
+        return
+    from .passes.detect import module_stack
+
+    model = next((st[0][1] for n in gm.graph.nodes if (st := module_stack(n))), "graph")
+    why = whole[0]["mlp_whole"]
+    if (model, why) in _warned_dense:
+        return
+    _warned_dense.add((model, why))
+    warnings.warn(f"lemo: {model} (graph {rec.graph_id}): the MLP of {len(whole)} sparse layer(s) runs on every "
+                  f"row, as written ({why}); only attention saves memory and time there, the MLP's gradient "
+                  "still follows the kept rows. lemo_compile.explain() shows every layer.", UserWarning, stacklevel=2)
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
     from .passes.detect import detect
     from .passes.peak_cut import peak_cut
@@ -456,6 +474,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
             log.info("lemo: left graph %d alone (%s); compiling it as %s would", rec.graph_id,
                      rec.left_alone, cfg.inner.value)
         _warn_if_dense(rec, gm)
+        _warn_if_mlp_whole(rec, gm)
         _compat.trace_structured("lemo_compile_record", lambda: _record_text(rec))
     else:
         rec.left_alone = "rewrites disabled (LemoConfig.enabled=False)"

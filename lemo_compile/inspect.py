@@ -23,6 +23,8 @@ def format_record(rec: Any, graphs: bool = False) -> str:
             d = sparse.get(layer.name)
             what = (f"sparse keep={d['keep']:.3g} kept_tokens={d['kept_tokens']} attn={d['attn_mode']} "
                     f"mlp={d['mlp_mode']}") if d else "dense"
+            if d and d.get("mlp_whole"):
+                what += " (MLP runs whole: its rows cannot be followed)"
             if d and d.get("checkpoint_saves"):
                 what += f" checkpointed: saves {d['checkpoint_saves']}"
             lines.append(f"  {layer.name:<12} {what}")

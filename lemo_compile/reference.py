@@ -8,7 +8,7 @@ No model source is patched. For the duration of one call, `reference_forward`
   `AttentionMaskInterface` so the model builds the same 4-D boolean masks as under `"sdpa"`
   (causal, sliding window, padding; `None` where SDPA would use `is_causal`);
 - hooks every sparse decoder layer: `input_layernorm` (its output `x` is scored, under no-grad, and the
-  keep set chosen), `self_attn` and `mlp` (their outputs on eliminated rows are zeroed or detached).
+  keep set chosen), `self_attn` and `mlp` or `feed_forward` (their outputs on eliminated rows are zeroed or detached).
 
 Dense layers are never touched, and with no sparse layer at all (every layer in `dense_layers`, or `enabled=False`)
 the model is called as is, so the result is bit-identical to the plain model.
@@ -166,16 +166,24 @@ def _model_window(model: nn.Module) -> int | None:
     return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
 
 
+MLP_NAMES = ("mlp", "feed_forward")  # Llama 4 names its (mixture-of-experts) MLP feed_forward
+
+
+def mlp_of(layer: nn.Module) -> nn.Module | None:
+    return next((getattr(layer, a) for a in MLP_NAMES if hasattr(layer, a)), None)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM, PEFT-wrapped or not: the first ModuleList whose
-    entries all have `input_layernorm`, `self_attn` and `mlp`."""
+    entries all have `input_layernorm`, `self_attn` and an MLP (`mlp` or `feed_forward`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for module in base.modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(
-                hasattr(layer, a) for layer in module for a in ("input_layernorm", "self_attn", "mlp")):
+                hasattr(layer, "input_layernorm") and hasattr(layer, "self_attn") and mlp_of(layer) is not None
+                for layer in module):
             return module
-    raise ValueError(f"no decoder layers (a ModuleList of modules with input_layernorm, self_attn and mlp) "
-                     f"found in {type(base).__name__}")
+    raise ValueError(f"no decoder layers (a ModuleList of modules with input_layernorm, self_attn and mlp "
+                     f"or feed_forward) found in {type(base).__name__}")
 
 
 def kept_rows(token_index: torch.Tensor, in_range: torch.Tensor, n: int) -> torch.Tensor:
@@ -285,14 +293,15 @@ class _Run:
         return hook
 
     def mlp_hook(self, layer: int):
-        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
             mode = self.cfg.mlp_mode
             if mode is MlpMode.DENSE:
                 return None
+            # a mixture-of-experts MLP may return (out, router_logits): only out enters the residual stream
+            out, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
             kept = self.kept[layer][..., None]
-            if mode is MlpMode.TOKENS:
-                return torch.where(kept, out, 0.0)
-            return torch.where(kept, out, out.detach())
+            out = torch.where(kept, out, 0.0) if mode is MlpMode.TOKENS else torch.where(kept, out, out.detach())
+            return out if rest is None else (out, *rest)
         return hook
 
 
@@ -319,9 +328,10 @@ def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int],
     for i, seq in calls.items():
         layer = layers[i]
         once = [c for c in seq if sum(c is d for d in seq) == 1]
-        a, m = once.index(layer.self_attn), once.index(layer.mlp)
+        mlp = mlp_of(layer)
+        a, m = once.index(layer.self_attn), once.index(mlp)
         between, after = once[a + 1:m], once[m + 1:]
-        ends[i] = (between[0] if len(between) >= 2 else layer.self_attn, after[0] if after else layer.mlp)
+        ends[i] = (between[0] if len(between) >= 2 else layer.self_attn, after[0] if after else mlp)
     return ends
 
 

@@ -111,12 +111,17 @@ class Block:
     # parallel-residual MLP (Cohere: h + attn(norm(h)) + mlp(norm(h))): the stream it reads, which is
     # the layer input, not the other operand of its residual add. None: it reads residual_in.
     reads: fx.Node | None = None
+    # an MLP whose rows the rewrites cannot follow (mixture-of-experts dispatch, in-place updates): why.
+    # It then runs whole, on every row as written; sparsify cuts only its output to the mode's semantics.
+    whole: str | None = None
 
     def describe(self) -> str:
         roles = sorted(r for r in self.linears if ".lora_" not in r)
         s = f"{self.kind}: {len(self.nodes)} nodes, linears {roles}, lora {self.lora}"
         if self.reads is not None:
             s += ", parallel (reads the layer input)"
+        if self.whole is not None:
+            s += f", runs whole ({self.whole})"
         if self.kind == "attn":
             s += ", mask " + ("4-D tensor" if self.mask is not None else "none (is_causal)")
         return s
@@ -303,7 +308,13 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
     body = closure_back(out, allowed, stop=stop)
     if not body:
         raise CantRewrite("empty_block", f"{kind} block output {out.name} is not computed inside the layer")
-    _check_no_hidden_updates(kind, body)
+    whole = None
+    try:
+        _check_no_hidden_updates(kind, body)
+    except CantRewrite as e:
+        if kind != "mlp":
+            raise
+        whole = f"{e.kind}: {e.detail}"
     order = {n: i for i, n in enumerate(out.graph.nodes)}
     nodes = sorted(body, key=order.__getitem__)
     ext: list[fx.Node] = []
@@ -323,9 +334,8 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
             role = role.replace(".default", "").replace(".base_layer", "")
             linears[role] = n
     lora = sum(1 for r in linears if r.endswith(".lora_A"))
-    blk = Block(kind=kind, residual_in=h, output=out, residual_add=add, nodes=nodes, externals=ext,
-                linears=linears, lora=lora, reads=reads)
-    return blk
+    return Block(kind=kind, residual_in=h, output=out, residual_add=add, nodes=nodes, externals=ext,
+                 linears=linears, lora=lora, reads=reads, whole=whole)
 
 
 def _in_place(node: fx.Node) -> bool:
@@ -387,5 +397,5 @@ def _check_attention(blk: Block) -> None:
 
 
 def _check_mlp(blk: Block) -> None:
-    if not blk.linears:
-        raise CantRewrite("mlp_structure", "MLP block has no linear layers")
+    if not blk.linears and blk.whole is None:
+        blk.whole = "mlp_structure: MLP block has no linear layers"

@@ -79,6 +79,8 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
         res.counters["sparse_layers"] += 1
         res.counters[f"attn_{cfg.attn_mode.value}"] += 1
         res.counters[f"mlp_{cfg.mlp_mode.value}"] += 1
+        if info["mlp_whole"] is not None:
+            res.counters["mlp_whole"] += 1
     for sub in touched.values():
         eliminate_dead_code(sub.graph)
         sub.graph.lint()
@@ -104,7 +106,14 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     seq_ext = _sequence_externals(attn, n)
     # validate everything that can refuse before the graph is touched
     _validate(attn, seq_ext)
-    _validate(mlp, [])
+    if mlp.whole is None and cfg.mlp_mode is not MlpMode.DENSE:
+        try:
+            _validate(mlp, [])
+        except CantRewrite as e:
+            mlp.whole = f"{e.kind}: {e.detail}"
+    if mlp.whole is not None and mlp.reads is not None and cfg.mlp_mode is not MlpMode.DENSE:
+        raise CantRewrite("parallel_residual", f"parallel-residual layer whose MLP cannot run on the kept rows "
+                          f"({mlp.whole})")
     if mlp.reads is not None:
         # the blocks share the layer input's norm: rewriting one would cut the other's gradient to h. Summed
         # first (attn + mlp, then + h), the tokens rewrites, which replace each block's residual add, do not apply
@@ -138,7 +147,8 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     # kept rows are marked saved, and the kept rows of the MLP's input are formed from them, so the
     # recompute in backward starts from m rows instead of the layer's full input. attn_mode="backward"
     # also saves the dense attention's output and log-sum-exp at the kept queries (they need every key).
-    sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.mlp_mode is not MlpMode.DENSE
+    whole = mlp.whole if cfg.mlp_mode is not MlpMode.DENSE else None
+    sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.mlp_mode is not MlpMode.DENSE and whole is None
                    and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD))
     if sparse_ckpt:
         with g.inserting_before(sdpa):
@@ -160,18 +170,28 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     before = _tag_new_nodes(g, before, attn_stack)
     mmode = cfg.mlp_mode
     rows = compact if sparse_ckpt else None
-    if mmode is MlpMode.TOKENS:
+    if whole is not None:
+        h2 = _mlp_whole(g, mlp, idx, ok, mmode)
+        if h2 is not None:
+            renamed[mlp.residual_add] = h2
+    elif mmode is MlpMode.TOKENS:
         renamed[mlp.residual_add] = _mlp_tokens(g, mlp, idx, ok, m, rows)
     elif mmode is MlpMode.BACKWARD:
         _mlp_backward(g, mlp, idx, ok, m, rows)
     _tag_new_nodes(g, before, mlp_stack)
-    if checkpointed:
-        saved = ("kept rows" if sparse_ckpt else "full input (sparse_checkpoint=False)" if not cfg.sparse_checkpoint
-                 else f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)")
-    else:
+    if not checkpointed:
         saved = None
+    elif sparse_ckpt:
+        saved = "kept rows"
+    elif not cfg.sparse_checkpoint:
+        saved = "full input (sparse_checkpoint=False)"
+    elif whole is not None:
+        saved = "full input (the MLP runs whole)"
+    else:
+        saved = f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)"
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
-            "mlp_mode": mmode.value, "kept_tokens": _kept(n, cfg, keep), "checkpoint_saves": saved}
+            "mlp_mode": mmode.value, "mlp_whole": whole, "kept_tokens": _kept(n, cfg, keep),
+            "checkpoint_saves": saved}
 
 
 def _kept(n: Any, cfg: LemoConfig, keep: Fraction) -> Any:
@@ -545,6 +565,25 @@ def _mlp_backward(g, mlp: Block, idx, ok, m, rows=None) -> None:
         m_st = _like(g.call_function(ops.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
     _detach_block_input(g, mlp, mlp.reads if mlp.reads is not None else h1)
     mlp.residual_add.replace_input_with(mlp.output, m_st)
+
+
+def _mlp_whole(g, mlp: Block, idx, ok, mode: MlpMode) -> fx.Node | None:
+    """An MLP the kept rows cannot be followed through (mlp.whole says why) runs on every row, as written,
+    and only its output is cut to the mode's semantics (DESIGN 2): in tokens mode the residual stream gets
+    its update at the kept rows only (returned: the new residual add); in backward mode the forward is
+    unchanged and gradient enters the MLP at the kept rows only. Exact to the reference; it saves neither
+    MLP compute nor MLP activations, only the attention's."""
+    with g.inserting_before(mlp.residual_add):  # after every in-place update inside the MLP
+        out_c = g.call_function(ops.gather_seq, (mlp.output, idx, 1))
+        if mode is MlpMode.TOKENS:
+            h2 = _like(g.call_function(ops.scatter_add_rows, (_mlp_input(mlp), out_c, idx, ok)), mlp.residual_add)
+        else:
+            m_st = _like(g.call_function(ops.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
+    if mode is MlpMode.TOKENS:
+        mlp.residual_add.replace_all_uses_with(h2)
+        return h2
+    mlp.residual_add.replace_input_with(mlp.output, m_st)
+    return None
 
 
 def _detach_block_input(g: fx.Graph, blk: Block, h: fx.Node) -> None:

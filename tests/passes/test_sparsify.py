@@ -274,3 +274,46 @@ def test_pooled_predictor_finds_q_and_k_rows_of_a_fused_interleaved_projection(m
     assert found and all(isinstance(f, tuple) for f in found)
     for _, q_rows, k_rows in found:
         assert q_rows == want_q and k_rows == want_k
+
+
+@pytest.mark.parametrize("model_type, pad, attn_mode, mlp_mode", [("mixtral", "left", "backward", "backward"),
+                                                                  ("qwen3_moe", "right", "tokens", "tokens"),
+                                                                  ("glm4_moe", "empty_row", "backward", "backward")])
+def test_mixture_of_experts_mlp_runs_whole_and_matches_the_reference(model_type, pad, attn_mode, mlp_mode):
+    """A mixture-of-experts MLP (tokens reshaped to (b*n, d), routed, sorted by expert; GLM-4's router
+    also writes a group mask in place) cannot run on the kept rows alone. It runs whole, on every row;
+    its output is cut to the mode's semantics, the attention is sparse. On padded batches of 3 (left,
+    right, a fully padded row) the compiled model equals the reference (same keep sets), loss and every
+    gradient."""
+    from lemo_compile.testing import sweep
+    from lemo_compile.backend import _warned_dense
+    from lemo_compile.testing.padding import padded_batch
+
+    model, _ = _sweep_model(model_type)
+    batch = padded_batch(pad, seed=1)
+    options = dict(keep_ratio=0.5, predictor="random", attn_mode=attn_mode, mlp_mode=mlp_mode)
+    _warned_dense.clear()  # warned once per process and reason
+    with pytest.warns(UserWarning, match="runs on every row"):
+        *got, recs = sweep.compiled_run(model, batch, **options)
+    layers = [d for r in recs if r.sparsify for d in r.sparsify.layers]
+    assert [d["layer"] for d in layers] == [2] and layers[0]["mlp_whole"], layers
+    assert "MLP runs whole" in lemo_compile.inspect.format_record(recs[0])
+    want = sweep.loss_and_grads(model, lambda **b: reference_forward(model, LemoConfig(**options), **b).output, batch)
+    assert sweep.matches_dense(want, tuple(got))
+    dense = sweep.loss_and_grads(model, model, batch)
+    assert not sweep.matches_dense(dense, tuple(got))  # the cut reaches the gradients
+
+
+def test_mixture_of_experts_layer_under_checkpointing_saves_its_full_input():
+    """Checkpointed, a layer whose MLP runs whole needs every row in backward: the record says so, and
+    the numbers equal the uncheckpointed run."""
+    from lemo_compile.testing import sweep
+
+    model, batch = _sweep_model("mixtral")
+    model.train()
+    plain = sweep.compiled_run(model, batch, keep_ratio=0.5, predictor="random")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    *ckpt, recs = sweep.compiled_run(model, batch, keep_ratio=0.5, predictor="random")
+    saves = [d["checkpoint_saves"] for r in recs if r.sparsify for d in r.sparsify.layers]
+    assert saves == ["full input (the MLP runs whole)"], saves
+    assert sweep.matches_dense(tuple(plain[:2]), tuple(ckpt))
