@@ -65,6 +65,11 @@ def _(x, layer, seed, block):
     return x.new_empty((x.shape[0], (x.shape[1] + block - 1) // block), dtype=torch.float32)
 
 
+def pooled_attention_block_scores(q: torch.Tensor, k: torch.Tensor, token_valid: torch.Tensor,
+                                  block: int) -> torch.Tensor:
+    return predictors.pooled_attention_scores(q, k, token_valid, block)
+
+
 def pooled_block_scores(x: torch.Tensor, token_valid: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | None,
                         w_k: torch.Tensor, b_k: torch.Tensor | None, num_heads: int, num_kv_heads: int,
                         block: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ returns scores (b, nb). Higher means keep. Built in:
 - `random_scores`: a seeded integer hash of (seed, layer, sequence, block). Exact and identical on
   every device, so graph and reference pick the same blocks; for tests and ablations.
 - `pooled_qk_scores`: training-free, from the layer's own frozen W_q, W_k applied to block means.
+- `pooled_attention_scores`: the same score from the attention's own query and key (after rotary), for
+  layers whose q/k are no linear map of x (multi-head latent attention: a norm between two projections).
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ def pooled_qk_scores(x: torch.Tensor, token_valid: torch.Tensor | None, w_q: tor
     positive-score column sum, at block resolution). Cost: two (nb x d) @ (d x heads*hd) GEMMs."""
     return qk_block_scores(block_mean(x, token_valid, block).to(w_q.dtype), w_q, b_q, w_k, b_k, num_heads,
                            num_kv_heads)
+
+
+def pooled_attention_scores(q: torch.Tensor, k: torch.Tensor, token_valid: torch.Tensor | None,
+                            block: int) -> torch.Tensor:
+    """(b, heads, n, hd) query and (b, kv_heads, n, hd) key -> (b, nb) key-block scores: pooled_qk_scores'
+    formula on the block means of the attention's own q and k (computed anyway in attn_mode='backward')."""
+    b, h, n, hd = q.shape
+    qb = block_mean(q.transpose(1, 2).flatten(2), token_valid, block).unflatten(-1, (h, hd)).transpose(1, 2)
+    kb = block_mean(k.transpose(1, 2).flatten(2), token_valid, block).unflatten(-1, (k.shape[1], hd)).transpose(1, 2)
+    kb = kb.repeat_interleave(h // k.shape[1], dim=1)
+    s = torch.relu(torch.matmul(qb, kb.transpose(-1, -2)) * hd ** -0.5).mean(1)  # (b, nb_q, nb_k)
+    nb = s.shape[-1]
+    causal = torch.ones(nb, nb, device=s.device, dtype=torch.bool).tril()
+    return (s * causal).sum(-2)
 
 
 def qk_block_scores(xb: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | None, w_k: torch.Tensor,

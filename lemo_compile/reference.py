@@ -73,8 +73,13 @@ def scorer_for(model: nn.Module, cfg: LemoConfig) -> Scorer | None:
             return pooled_qk_scores(x.float(), valid, q, None, k, None, meta["heads"], meta["heads"], cfg.block_size)
 
         return calibrated
-    if not all(hasattr(layers[0].self_attn, p) for p in ("q_proj", "k_proj")):
+    first = next(layer.self_attn for layer in layers if attention_layer(layer))
+    if not all(hasattr(first, p) for p in ("q_proj", "k_proj")):
         return None
+    heads = getattr(first, "num_heads", None) or getattr(getattr(first, "config", None), "num_attention_heads", None)
+    q_out = getattr(first.q_proj, "base_layer", first.q_proj).weight.shape[0]
+    if heads and getattr(first, "head_dim", None) and q_out != heads * first.head_dim:
+        return None  # q_proj also projects a gate (Qwen3-Next): lemo probes the query rows, this does not
 
     def pooled(layer: int, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         attn = layers[layer].self_attn
@@ -101,7 +106,7 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
     if cfg.enabled:
         for i in range(num_layers):
             keep = cfg.keep_fraction(i, num_layers)
-            if keep is not None:
+            if keep is not None and attention_layer(layers[i]):
                 fractions[i] = keep
     keep_sets = dict(keep_sets or {})
     extra = sorted(set(keep_sets) - set(fractions))
@@ -175,15 +180,22 @@ def mlp_of(layer: nn.Module) -> nn.Module | None:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM, PEFT-wrapped or not: the first ModuleList whose
-    entries all have `input_layernorm`, `self_attn` and an MLP (`mlp` or `feed_forward`)."""
+    entries all have `input_layernorm` and an MLP (`mlp` or `feed_forward`), and some `self_attn`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for module in base.modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(
-                hasattr(layer, "input_layernorm") and hasattr(layer, "self_attn") and mlp_of(layer) is not None
-                for layer in module):
+                hasattr(layer, "input_layernorm") and mlp_of(layer) is not None for layer in module) and any(
+                hasattr(layer, "self_attn") for layer in module):
             return module
     raise ValueError(f"no decoder layers (a ModuleList of modules with input_layernorm, self_attn and mlp "
                      f"or feed_forward) found in {type(base).__name__}")
+
+
+def attention_layer(layer: nn.Module) -> bool:
+    """Whether a decoder layer has softmax attention (self_attn). A hybrid model's linear-attention or
+    state-space layers (Qwen3-Next's linear_attn, LFM's conv) have none: they stay dense, as lemo leaves
+    them."""
+    return hasattr(layer, "self_attn")
 
 
 def kept_rows(token_index: torch.Tensor, in_range: torch.Tensor, n: int) -> torch.Tensor:

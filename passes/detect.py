@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import re
 from typing import Any
 
@@ -175,7 +176,9 @@ def detect(gm: fx.GraphModule) -> DetectResult:
     """Find every decoder layer of `gm` (recursing into HOP bodies) and classify its blocks."""
     res = DetectResult("detect")
     _detect_in(gm, res, where="")
-    idx = [l.index for l in res.layers if l.index is not None]
+    # layers skipped here count too: the schedule (dense_layer_set) is over the model's depth, and a hybrid
+    # model's last layers may be linear-attention ones that get no Layer
+    idx = [i for i in [l.index for l in res.layers] + [layer_index(s.where) for s in res.skips] if i is not None]
     res.num_layers = max(idx) + 1 if idx else None
     res.counters["layers"] = len(res.layers)
     res.counters["attn_blocks"] = sum(l.attn is not None for l in res.layers)
@@ -305,7 +308,7 @@ def _residual_operand(add: fx.Node, in_layer: set[fx.Node], external: bool) -> f
 def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node, in_layer: set[fx.Node],
                 stop: set[fx.Node], reads: fx.Node | None = None) -> Block:
     allowed = in_layer - {add}
-    body = closure_back(out, allowed, stop=stop)
+    body = _with_view_writes(closure_back(out, allowed, stop=stop), allowed, stop)
     if not body:
         raise CantRewrite("empty_block", f"{kind} block output {out.name} is not computed inside the layer")
     whole = None
@@ -336,6 +339,34 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
     lora = sum(1 for r in linears if r.endswith(".lora_A"))
     return Block(kind=kind, residual_in=h, output=out, residual_add=add, nodes=nodes, externals=ext,
                  linears=linears, lora=lora, reads=reads, whole=whole)
+
+
+_VIEW_OPS = ("view", "reshape", "narrow", "select", "slice", "__getitem__", operator.getitem, "transpose",
+             "unsqueeze", "squeeze", "permute", "expand", "unflatten", "flatten")
+
+
+def _with_view_writes(body: set[fx.Node], allowed: set[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
+    """`body` plus the in-place writes into its values through views, and what they write: a block that
+    fills a buffer slice by slice (DeepSeek's MLA: key = kv.new_empty(...); key[..., :d].copy_(k_nope);
+    key[..., d:].copy_(k_rot)) has those writes outside the output's backward closure, because their
+    results are unused. Cloning the block must copy them too."""
+    body = set(body)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(body):
+            chain, todo = set(), [n]
+            while todo:  # n and the views of it, inside the layer
+                v = todo.pop()
+                for u in v.users:
+                    if u in allowed and u not in body and u.args and u.args[0] is v:
+                        if _in_place(u):
+                            body |= closure_back(u, allowed, stop=stop) | chain | {v}
+                            changed = True
+                        elif is_call(u, *_VIEW_OPS):
+                            chain.add(u)
+                            todo.append(u)
+    return body
 
 
 def _in_place(node: fx.Node) -> bool:

@@ -72,6 +72,17 @@ def propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
         if not (isinstance(sizes[j], int) and sizes[j] == -1):
             sizes[j] = m
         return j, _with_sizes(args, sizes, tuple_form), kwargs
+    if is_call(node, "new_empty", "new_zeros", "new_ones"):
+        # a buffer shaped like its source (DeepSeek's MLA key, filled slice by slice): its size on the
+        # sequence axis becomes m; the values come from the in-place writes that follow
+        a = axes.get(args[0])
+        sizes, tuple_form = _sizes(args)
+        j = _match_view_axis(shape_of(args[0]), a, out_shape)
+        if j is None:
+            fail("its output sizes do not keep the source's sequence axis")
+        sizes = list(sizes)
+        sizes[j] = m
+        return j, _with_sizes(args, sizes, tuple_form), kwargs
     if is_call(node, "expand"):
         a = axes.get(args[0])
         sizes, tuple_form = _sizes(args)

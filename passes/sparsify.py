@@ -126,8 +126,14 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
                               f"mlp_mode={cfg.mlp_mode.value}: supported are "
                               + ", ".join(f"{a.value}/{b.value}" for a, b in ok_modes))
     scale = _softmax_scale(sdpa) if cfg.attn_mode is AttnMode.BACKWARD else None
+    predictor = cfg.predictor
     if cfg.predictor == "pooled":
-        _predictor_weights(attn)
+        try:
+            _predictor_weights(attn)
+        except CantRewrite:
+            if cfg.attn_mode is not AttnMode.BACKWARD:
+                raise  # only there is the full-length q and k computed anyway
+            predictor = "pooled (attention q/k)"
     elif cfg.predictor != "random":
         _check_predictor_file(cfg, layer, x_width=shape_of(h0)[-1])
 
@@ -190,7 +196,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     else:
         saved = f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)"
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
-            "mlp_mode": mmode.value, "mlp_whole": whole, "kept_tokens": _kept(n, cfg, keep),
+            "mlp_mode": mmode.value, "mlp_whole": whole, "predictor": predictor, "kept_tokens": _kept(n, cfg, keep),
             "checkpoint_saves": saved}
 
 
@@ -218,18 +224,23 @@ def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: 
         lid = layer.index if layer.index is not None else cfg.layer_index
         return g.call_function(torch.ops.lemo.calibrated_block_scores.default,
                                (x, valid, cfg.predictor, lid, cfg.block_size))
-    kind, heads, hd, lin = _predictor_weights(attn)
+    try:
+        kind, heads, hd, lin = _predictor_weights(attn)
+    except CantRewrite:  # q/k are no linear map of x (MLA): pool the attention's own, detached
+        q, k = (g.call_method("detach", (t,)) for t in attn.sdpa.args[:2])
+        return g.call_function(ops.pooled_attention_block_scores, (q, k, valid, cfg.block_size))
     if kind == "separate":
         wq, bq = _weight_bias(lin["q_proj"])
         wk, bk = _weight_bias(lin["k_proj"])
         kv_heads = shape_of(wk)[0] // hd
     elif kind == "probed":  # a fused projection of another layout (GPT-NeoX, CodeGen, GPTBigCode)
-        w, b = _weight_bias(lin["probed"])
-        q_rows, k_rows = lin["rows"]
-        kv_heads = len(k_rows) // hd
-        wq, wk = (g.call_function(operator.getitem, (w, r)) for r in (q_rows, k_rows))
-        bq, bk = ((g.call_function(operator.getitem, (b, r)) for r in (q_rows, k_rows)) if b is not None
-                  else (None, None))
+        picked = []
+        for linear, rows in (lin["q"], lin["k"]):
+            w, b = _weight_bias(linear)
+            picked += [g.call_function(operator.getitem, (w, rows)),
+                       g.call_function(operator.getitem, (b, rows)) if b is not None else None]
+        wq, bq, wk, bk = picked
+        kv_heads = len(lin["k"][1]) // hd
     else:
         w, b = _weight_bias(lin["qkv_proj"])
         rows = shape_of(w)[0]
@@ -266,14 +277,21 @@ def _predictor_weights(attn: Block) -> tuple[str, int, int, dict]:
         leaf = role.rsplit(".", 1)[-1]
         if leaf in ("q_proj", "k_proj") and role.count(".") == 1:
             lin.setdefault(leaf, node)
+    heads, hd = q_shape[1], q_shape[-1]
     kind = "separate" if "q_proj" in lin and "k_proj" in lin else "fused" if "qkv_proj" in lin else None
+    if kind == "separate" and (_out_features(lin["q_proj"]) != heads * hd or _out_features(lin["k_proj"]) % hd):
+        kind = None  # q_proj also projects something else (Qwen3-Next: a gate per head)
     if kind is None:
-        probed = _probe_qk_rows(attn, q_shape[1], q_shape[-1])
+        probed = _probe_qk_rows(attn, heads, hd)
         if isinstance(probed, str):
             raise CantRewrite("predictor_inputs", f"no q/k projections found for the pooled predictor "
                               f"(linears: {sorted(lin)}; {probed}); use LemoConfig(predictor='random')")
-        kind, lin = "probed", {"probed": probed[0], "rows": probed[1:]}
-    return kind, q_shape[1], q_shape[-1], lin
+        kind, lin = "probed", {"q": probed[:2], "k": probed[2:]}
+    return kind, heads, hd, lin
+
+
+def _out_features(linear: fx.Node) -> Any:
+    return shape_of(_weight_bias(linear)[0])[0]
 
 
 _MOVES = ("view", "reshape", "_unsafe_view", torch.reshape, "transpose", torch.transpose, "permute", torch.permute,
@@ -282,57 +300,69 @@ _MOVES = ("view", "reshape", "_unsafe_view", torch.reshape, "transpose", torch.t
 
 
 def _probe_qk_rows(attn: Block, heads: int, hd: int):
-    """(linear, q rows, k rows): which output features of one fused projection become SDPA's query and
-    key, head by head, found by running the data movement between them (views, transposes, chunks,
+    """(q linear, q rows, k linear, k rows): which output features of which projection become SDPA's query
+    and key, head by head, found by running the data movement between them (views, transposes, chunks,
     indexing; a LoRA branch added to the projection passes through) on the features' indices, for any
-    layout (GPT-NeoX interleaves q/k/v per head, CodeGen in groups). A string says why not."""
-    def front(node):  # walk back from an SDPA input along first operands (rotary, q/k norms)
-        while isinstance(node, fx.Node) and node.op != "placeholder":
-            if node in closure:
-                # partial rotary (GPT-NeoX) slices the head dims first: climb to the whole head
-                while (node is not linear and (shape_of(node) or [hd])[-1] != hd and node.args
-                       and node.args[0] in closure):
-                    node = node.args[0]
-                return node
-            flat = [a for a in node.args for a in (a if isinstance(a, (list, tuple)) else [a])]
-            node = next((a for a in flat if isinstance(a, fx.Node)), None)
-        return None
+    layout (GPT-NeoX interleaves q/k/v per head, CodeGen in groups, Qwen3-Next's q_proj interleaves each
+    head's query with its output gate). A string says why not."""
+    sides, why = [], "no single projection feeds the query or the key through views only"
+    for t in attn.sdpa.args[:2]:
+        for role, linear in attn.linears.items():
+            if ".lora_" in role:
+                continue
+            got = _probe_side(attn, linear, t, hd)
+            if isinstance(got, str):
+                why = f"probing {role}: {got}"
+            elif got is not None:
+                sides.append((linear, got))
+                break
+        else:
+            return why
+    (lq, q_rows), (lk, k_rows) = sides
+    overlap = lq is lk and set(q_rows) & set(k_rows)
+    if len(q_rows) != heads * hd or len(k_rows) % hd or overlap:
+        return f"query/key features do not form {heads} heads of {hd}"
+    return lq, q_rows, lk, k_rows
 
-    for role, linear in attn.linears.items():
-        if ".lora_" in role:
-            continue
-        closure = {linear}
-        for node in attn.nodes:
-            first = node.args[0] if node.args else None
-            if first in closure and is_call(node, *_MOVES):
-                closure.add(node)
-            elif is_call(node, operator.add, torch.add, "add") and sum(a in closure for a in node.args) == 1:
-                closure.add(node)  # the projection plus its LoRA branch
-        q, k = front(attn.sdpa.args[0]), front(attn.sdpa.args[1])
-        if q is None or k is None or q is linear or k is linear:
-            continue
-        val = value_of(linear)
-        if not isinstance(val, torch.Tensor) or val.dim() != 3:
-            return "the fused projection's output is not (batch, tokens, features)"
-        b, n, f = (int(x) for x in val.shape)
-        pos = torch.arange(n, dtype=torch.float64)[:, None] * f
-        env = {linear: (pos + torch.arange(f, dtype=torch.float64)).expand(b, n, f).contiguous()}
-        try:
-            for node in attn.nodes:
-                if node in closure and node is not linear:
-                    if is_call(node, operator.add, torch.add, "add"):
-                        env[node] = next(env[a] for a in node.args if a in closure)
-                        continue
-                    env[node] = seq_axis.run_concrete(node, env)
-        except Exception as e:  # a size only known at run time, an op the probe cannot run
-            return f"probing {role}: {type(e).__name__}"
-        rows = []
-        for t in (env[q], env[k]):
-            first = t[0].flatten()
-            rows.append([int(v) % f for v in first[first < f].tolist()])
-        if len(rows[0]) != heads * hd or len(rows[1]) % hd or len(set(rows[0] + rows[1])) != len(rows[0]) + len(rows[1]):
-            return f"probing {role}: query/key features do not form {heads} heads of {hd}"
-        return linear, rows[0], rows[1]
+
+def _probe_side(attn: Block, linear: fx.Node, target: fx.Node, hd: int):
+    """The output features of `linear` that become SDPA input `target` (the features of the first batch
+    row, first token, in order); None when `linear` does not feed it through data movement only."""
+    closure = {linear}
+    for node in attn.nodes:
+        first = node.args[0] if node.args else None
+        if first in closure and is_call(node, *_MOVES):
+            closure.add(node)
+        elif is_call(node, operator.add, torch.add, "add") and sum(a in closure for a in node.args) == 1:
+            closure.add(node)  # the projection plus its LoRA branch
+    node = target  # walk back from the SDPA input along computed operands (rotary, q/k norms)
+    while isinstance(node, fx.Node) and node not in closure:
+        flat = [a for a in node.args for a in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(a, fx.Node)]
+        node = next((a for a in flat if a.op not in ("placeholder", "get_attr")), None)
+    if node is None or node is linear:
+        return None
+    # partial rotary (GPT-NeoX) slices the head dims first: climb to the whole head
+    while node is not linear and (shape_of(node) or [hd])[-1] != hd and node.args and node.args[0] in closure:
+        node = node.args[0]
+    val = value_of(linear)
+    if not isinstance(val, torch.Tensor) or val.dim() != 3:
+        return "the projection's output is not (batch, tokens, features)"
+    b, n, f = (int(x) for x in val.shape)
+    pos = torch.arange(n, dtype=torch.float64)[:, None] * f
+    env = {linear: (pos + torch.arange(f, dtype=torch.float64)).expand(b, n, f).contiguous()}
+    try:
+        for c in attn.nodes:
+            if c in closure and c is not linear:
+                if is_call(c, operator.add, torch.add, "add"):
+                    env[c] = next(env[a] for a in c.args if a in closure)
+                    continue
+                env[c] = seq_axis.run_concrete(c, env)
+                if c is node:
+                    break
+    except Exception as e:  # a size only known at run time, an op the probe cannot run
+        return type(e).__name__
+    first = env[node][0].flatten()
+    return [int(v) % f for v in first[first < f].tolist()]
     return "no single projection feeds both the query and the key through views only"
 
 

@@ -199,3 +199,25 @@ def test_run_is_resumable_and_reports(tmp_path, model, monkeypatch):
     assert calls == [1]  # other text: captured again
     with pytest.raises(ValueError, match="unknown oracle rule"):
         calibrate.run(model, chunks, out, rule="best", progress=False)
+
+
+def test_pooled_attention_scores_equal_pooled_qk_scores_of_a_linear_projection():
+    """Block means commute with a linear projection: pooling the projected q and k (what MLA layers use)
+    gives the scores of projecting the pooled x, on padded rows, GQA heads and a partial last block."""
+    from lemo_compile.predictors import pooled_attention_scores
+
+    g = torch.Generator().manual_seed(7)
+    b, n, d, heads, kv, hd, block = 2, 150, 24, 4, 2, 8, 64
+    x = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    wq, wk = torch.randn(heads * hd, d, generator=g, dtype=torch.float64), torch.randn(kv * hd, d, generator=g,
+                                                                                      dtype=torch.float64)
+    bq, bk = torch.randn(heads * hd, generator=g, dtype=torch.float64), torch.randn(kv * hd, generator=g,
+                                                                                   dtype=torch.float64)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, :37] = False
+    q = torch.nn.functional.linear(x, wq, bq).unflatten(-1, (heads, hd)).transpose(1, 2)
+    k = torch.nn.functional.linear(x, wk, bk).unflatten(-1, (kv, hd)).transpose(1, 2)
+    want = pooled_qk_scores(x, valid, wq, bq, wk, bk, heads, kv, block)
+    got = pooled_attention_scores(q, k, valid, block)
+    assert got.shape == (b, 3)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)

@@ -77,14 +77,36 @@ def causal_lm_classes() -> dict[str, str]:
     return {k: v if isinstance(v, str) else v[0] for k, v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
 
 
+SPARSE_SLOT = 2  # the layer the default schedule makes sparse in a LAYERS-layer model
+
+
+def _softmax_attention(layer_type: Any) -> bool:
+    return isinstance(layer_type, str) and "attention" in layer_type and not layer_type.startswith("linear")
+
+
 def _sized(default: Any, **extra: Any) -> Any:
     """A config of default's class with the tiny sizes it has names for (derived fields, e.g. layer_types,
-    recomputed by its own __init__), layer_types cut to the layer count when the default fixes them."""
+    recomputed by its own __init__), layer_types cut to the layer count when the default fixes them.
+
+    Hybrid models (linear attention or state-space layers between softmax-attention ones, Qwen3.5: every
+    fourth layer) keep their layer kinds, but a softmax-attention layer is moved into SPARSE_SLOT when the
+    first LAYERS layers have one elsewhere: in the full-depth model such layers fall inside the default
+    schedule's sparse range, in the tiny one the pattern would put them only in dense slots."""
     kwargs = {**{k: v for k, v in TINY_SIZES.items() if hasattr(default, k)}, **extra}
+    if hasattr(default, "qk_rope_head_dim"):  # multi-head latent attention: rotary over qk_rope_head_dim,
+        kwargs.update({k: kwargs[v] for k, v in (("head_dim", "qk_rope_head_dim"),  # no grouped KV heads
+                                                 ("num_key_value_heads", "num_attention_heads")) if k in kwargs})
     cfg = type(default)(**kwargs)
     types = getattr(cfg, "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) != getattr(cfg, "num_hidden_layers", len(types)):
-        cfg = type(default)(**kwargs, layer_types=list(types)[:LAYERS])
+    if not isinstance(types, (list, tuple)):
+        return cfg
+    want = list(types)[:LAYERS]
+    attention = [i for i, t in enumerate(want) if _softmax_attention(t)]
+    if len(want) > SPARSE_SLOT and attention and SPARSE_SLOT not in attention:
+        j = attention[0]
+        want[SPARSE_SLOT], want[j] = want[j], want[SPARSE_SLOT]
+    if want != list(types):
+        cfg = type(default)(**kwargs, layer_types=want)
     return cfg
 
 

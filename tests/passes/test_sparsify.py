@@ -272,8 +272,32 @@ def test_pooled_predictor_finds_q_and_k_rows_of_a_fused_interleaved_projection(m
     want_q = [h * 3 * hd + j for h in range(heads) for j in range(hd)]
     want_k = [h * 3 * hd + hd + j for h in range(heads) for j in range(hd)]
     assert found and all(isinstance(f, tuple) for f in found)
-    for _, q_rows, k_rows in found:
-        assert q_rows == want_q and k_rows == want_k
+    for q_linear, q_rows, k_linear, k_rows in found:
+        assert q_linear is k_linear and q_rows == want_q and k_rows == want_k
+
+
+def test_pooled_predictor_reads_the_query_half_of_a_gated_q_proj(monkeypatch):
+    """Qwen3-Next's q_proj projects each head's query and its output gate side by side ([h][q|gate][dim]),
+    so its weight is not the query's. The probe finds the query rows in q_proj and the key rows in k_proj;
+    the softmax-attention layer of the hybrid model becomes sparse, exact at keep 1.0."""
+    from lemo_compile.passes import sparsify
+    from lemo_compile.testing import sweep
+
+    found = []
+    real = sparsify._probe_qk_rows
+    monkeypatch.setattr(sparsify, "_probe_qk_rows", lambda *a: found.append(real(*a)) or found[-1])
+    model, batch = _sweep_model("qwen3_next")
+    dense = sweep.loss_and_grads(model, model, batch)
+    loss, grads, recs = sweep.compiled_run(model, batch, keep_ratio=1.0)
+    assert sweep.matches_dense(dense, (loss, grads))
+    assert [d["layer"] for r in recs if r.sparsify for d in r.sparsify.layers] == [2]
+    cfg = model.config
+    hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    assert found and all(isinstance(f, tuple) for f in found), found
+    q_linear, q_rows, k_linear, k_rows = found[-1]
+    assert q_linear is not k_linear
+    assert q_rows == [h * 2 * hd + j for h in range(heads) for j in range(hd)]
+    assert k_rows == list(range(kv * hd))
 
 
 @pytest.mark.parametrize("model_type, pad, attn_mode, mlp_mode", [("mixtral", "left", "backward", "backward"),
@@ -317,3 +341,42 @@ def test_mixture_of_experts_layer_under_checkpointing_saves_its_full_input():
     saves = [d["checkpoint_saves"] for r in recs if r.sparsify for d in r.sparsify.layers]
     assert saves == ["full input (the MLP runs whole)"], saves
     assert sweep.matches_dense(tuple(plain[:2]), tuple(ckpt))
+
+
+@pytest.mark.parametrize("model_type, pad, attn_mode, mlp_mode", [("deepseek_v3", "left", "backward", "backward"),
+                                                                  ("minicpm3", "right", "tokens", "tokens")])
+def test_latent_attention_matches_the_reference(model_type, pad, attn_mode, mlp_mode):
+    """Multi-head latent attention (DeepSeek-V3, MiniCPM3) builds its key in a buffer filled slice by slice
+    (key = kv.new_empty(...); key[..., :d].copy_(k_nope); key[..., d:].copy_(k_rot)). The writes are not
+    in the output's backward closure; the block takes them in, so the kept-rows copy fills its buffer too.
+    Padded batches of 3, keep 0.5: equal to the reference, loss and every gradient (DeepSeek-V3's MoE MLP
+    runs whole)."""
+    from lemo_compile.testing import sweep
+    from lemo_compile.testing.padding import padded_batch
+
+    model, _ = _sweep_model(model_type)
+    batch = padded_batch(pad, seed=2)
+    options = dict(keep_ratio=0.5, predictor="random", attn_mode=attn_mode, mlp_mode=mlp_mode)
+    *got, recs = sweep.compiled_run(model, batch, **options)
+    assert [d["layer"] for r in recs if r.sparsify for d in r.sparsify.layers] == [2]
+    want = sweep.loss_and_grads(model, lambda **b: reference_forward(model, LemoConfig(**options), **b).output, batch)
+    assert sweep.matches_dense(want, tuple(got))
+    assert not sweep.matches_dense(sweep.loss_and_grads(model, model, batch), tuple(got))
+
+
+def test_latent_attention_pooled_predictor_reads_the_attention_query_and_key():
+    """MLA's q and k are no linear map of x (a norm sits between two projections): the pooled predictor
+    pools the attention's own q and k instead (attn_mode='backward' computes them for every row anyway).
+    The layer is sparse, exact at keep 1.0; other modes refuse with the reason."""
+    from lemo_compile.testing import sweep
+
+    model, batch = _sweep_model("deepseek_v3")
+    dense = sweep.loss_and_grads(model, model, batch)
+    loss, grads, recs = sweep.compiled_run(model, batch, keep_ratio=1.0)
+    assert sweep.matches_dense(dense, (loss, grads))
+    *_, recs = sweep.compiled_run(model, batch, keep_ratio=0.5)
+    layers = [d for r in recs if r.sparsify for d in r.sparsify.layers]
+    assert [d["layer"] for d in layers] == [2] and layers[0]["predictor"] == "pooled (attention q/k)"
+    *_, recs = sweep.compiled_run(model, batch, keep_ratio=0.5, attn_mode="tokens", mlp_mode="tokens")
+    skips = [s for r in recs if r.sparsify for s in r.sparsify.skips]
+    assert [s.kind for s in skips] == ["predictor_inputs"]
