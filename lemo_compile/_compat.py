@@ -61,21 +61,6 @@ def compile_fx(gm, example_inputs, config_patches: dict):
     return _compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
-def graphsafe_rng(enabled: bool):
-    """Context: AOT autograd's CUDA-graph-safe functionalization of random ops that checkpointing recomputes
-    (torch._functorch.config.graphsafe_rng_functionalization). On CUDA it threads one generator-state
-    placeholder per such op (SDPA's flash kernel counts) into invoke_subgraph bodies; one body called by
-    several layers then gets the same placeholder name twice and Inductor fails ("duplicate argument
-    'fwd_rng_state_0'", torch 2.11). Off, the ops save and restore the generator state instead. Part of
-    AOT autograd's cache key, as every functorch config."""
-    import contextlib
-
-    from torch._functorch import config
-    if not hasattr(config, "graphsafe_rng_functionalization") or enabled:
-        return contextlib.nullcontext()
-    return config.patch(graphsafe_rng_functionalization=False)
-
-
 def custom_graph_pass_base():
     from torch._inductor.custom_graph_pass import CustomGraphPass
     return CustomGraphPass

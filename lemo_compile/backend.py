@@ -505,8 +505,7 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
             compiled = _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(
                 gm, example_inputs)
         else:
-            with _compat.activation_memory_budget(cfg.activation_memory_budget), \
-                    _compat.graphsafe_rng(rec.regions is None or not rec.regions.layers_shared):
+            with _compat.activation_memory_budget(cfg.activation_memory_budget):
                 compiled = _compat.compile_fx(gm, example_inputs, config_patches={
                     "post_grad_custom_post_pass": passes, "joint_custom_pre_pass": joint,
                     **_compat.cacheable_functions(_own_functions(gm))})

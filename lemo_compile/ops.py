@@ -571,6 +571,28 @@ def _(grad_out, q, k, v, out, lse, mask, pos, valid, scale):
 attention_kept.register_autograd(_kept_backward, setup_context=_kept_setup)
 
 
+def _lse_setup(ctx, inputs, output):
+    q, k, v, mask, scale, is_causal = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+    ctx.scale, ctx.plain_causal = scale, mask is None and is_causal
+
+
+def _lse_backward(ctx, grad, _grad_lse):
+    """Causal attention without a mask (what passes.regions puts in a shared layer body): the kept-rows
+    backward with every row kept. attn_mode="backward" calls attention_lse on detached inputs only."""
+    if not ctx.plain_causal:
+        raise NotImplementedError("lemo::attention_lse is differentiable only as causal attention without a mask")
+    q, k, v, out, lse = ctx.saved_tensors
+    b, n = q.shape[0], q.shape[2]
+    pos = torch.arange(n, device=q.device).expand(b, n)
+    valid = torch.ones(b, n, dtype=torch.bool, device=q.device)
+    dq, dk, dv = attention_kept_backward(grad.contiguous(), q, k, v, out, lse, None, pos, valid, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_lse.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
 # -- attention over segments ----------------------------------------------------------------------
 
 

@@ -68,3 +68,29 @@ def test_compact_causal_mask_is_the_positions_mask(b, h, kvh, m, hd):
     for g_, w in zip(got, want):
         assert w.abs().max() > 0
         torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("b,h,kvh,n,hd", [(1, 4, 2, 70, 16), (2, 2, 1, 1, 8), (2, 4, 4, 129, 8)])
+def test_attention_lse_autograd_equals_causal_sdpa(b, h, kvh, n, hd):
+    """lemo::attention_lse as regional compilation uses it (causal, no mask): output and the gradients of
+    q, k (GQA: summed over each group) and v equal SDPA's in fp64 to fp32 rounding (the twin computes in
+    fp32); with a mask its backward refuses."""
+    g = torch.Generator().manual_seed(n)
+    q, dout = (torch.randn(b, h, n, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(b, kvh, n, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    scale = 0.3
+    ins = [t.float().requires_grad_() for t in (q, k, v)]
+    out, _ = torch.ops.lemo.attention_lse(*ins, None, scale, True)
+    out.backward(dout.float())
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True, scale=scale,
+                                                            enable_gqa=kvh != h)
+    want.backward(dout)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for got_t, ref_t in zip(ins, ref):
+        assert ref_t.grad.abs().max() > 0 or n == 1
+        torch.testing.assert_close(got_t.grad.double(), ref_t.grad, rtol=1e-4, atol=1e-5)
+    mask = torch.ones(1, 1, n, n, dtype=torch.bool).tril()
+    out, _ = torch.ops.lemo.attention_lse(*[t.clone().requires_grad_() for t in (q, k, v)], mask, scale, False)
+    with pytest.raises(NotImplementedError, match="causal attention without a mask"):
+        out.backward(dout)
