@@ -91,6 +91,9 @@ class CompileRecord:
             parts.append(f"segments ({kinds}): {self.masks.counters['segment_attention']} segment_attention calls")
         if self.causal and self.causal.counters["sdpa_made_causal"]:
             parts.append(f"is_causal: {self.causal.counters['sdpa_made_causal']} calls")
+        if self.masks and self.masks.counters["causal_attention"]:
+            parts.append(f"{self.masks.counters['causal_attention']} causal calls in checkpointed layers run "
+                         "lemo::attention_lse")
         if self.masks and self.masks.skips:
             parts.append(f"mask tensor: {len(self.masks.skips)} masks ({self.masks.skips[0].detail})")
         return "; ".join(parts) or "no mask (is_causal or no attention)"
@@ -447,6 +450,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
         if rec.masks and rec.masks.structured:
             from .passes.masks import lower_segment_attention
             rec.masks.counters["segment_attention"] = lower_segment_attention(gm)
+        if rec.masks:
+            from .passes.masks import lower_causal_attention
+            rec.masks.counters["causal_attention"] = lower_causal_attention(gm)
         if cfg.peak_cut:
             rec.peak_cut = peak_cut(gm, cfg)
         if cfg.segment_mlp:  # before fuse: the down projection becomes part of the segmented op

@@ -41,7 +41,7 @@ import torch.fx as fx
 from lemo_compile import ops
 
 from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
-from .common import PassResult, attention_dropout, eliminate_dead_code, is_call, shape_of, value_of
+from .common import CantRewrite, PassResult, attention_dropout, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import SDPA_TARGETS
 
 PADDING, PACKED = "padding", "packed"
@@ -120,6 +120,51 @@ def lower_segment_attention(gm: fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def lower_causal_attention(gm: fx.GraphModule) -> int:
+    """Causal SDPA calls without a mask inside activation-checkpoint bodies -> lemo::attention_lse (the same
+    flash kernel on CUDA; its backward is the kept-rows backward over every row). AOT autograd counts SDPA's
+    CUDA kernels as random ops (they take a dropout seed) and wraps each one it recomputes in backward in a
+    `graphsafe_run_with_rng_state` op: Inductor's FX graph cache refuses such graphs, so a second process
+    compiled an 8B model for 137 s again (benchmarks/results/compile_time_8b_regional.json, cache_reasons),
+    and a body shared by several layers (passes.regions) failed to compile. Returns how many calls."""
+    from .sparsify import _softmax_scale
+
+    count = 0
+    for call in gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.tag_activation_checkpoint):
+        body = getattr(gm, call.args[0].target)
+        changed = False
+        for node in list(body.graph.nodes):
+            if not _plain_causal(node):
+                continue
+            try:
+                scale = _softmax_scale(node)
+            except CantRewrite:
+                continue
+            with body.graph.inserting_before(node):
+                pair = body.graph.call_function(torch.ops.lemo.attention_lse.default, (*node.args[:3], None, scale, True))
+                out = body.graph.call_function(operator.getitem, (pair, 0))
+            out.meta.update(node.meta)
+            node.replace_all_uses_with(out)
+            body.graph.erase_node(node)
+            changed = True
+            count += 1
+        if changed:
+            body.graph.lint()
+            body.recompile()
+    return count
+
+
+def _plain_causal(node: fx.Node) -> bool:
+    """SDPA self-attention with is_causal, no mask, no dropout, and no argument lemo::attention_lse lacks."""
+    kw = node.kwargs
+    if (not is_call(node, *SDPA_TARGETS) or len(node.args) > 3 or _mask_arg(node) is not None
+            or not kw.get("is_causal", False) or attention_dropout(node) not in (0, 0.0)
+            or set(kw) - {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}):
+        return False
+    q, k = shape_of(node.args[0]), shape_of(node.args[1])
+    return q is not None and k is not None and (q[-2] is k[-2] or str(q[-2]) == str(k[-2]))
 
 
 def segments_of(mask: fx.Node | None) -> fx.Node | None:

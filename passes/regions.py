@@ -136,42 +136,6 @@ def _random_ops(body: fx.GraphModule) -> str | None:
     return None
 
 
-def _seedless_attention(body: fx.GraphModule) -> int:
-    """Causal SDPA calls without a mask in a shared body -> lemo::attention_lse (the same kernels, flash on
-    CUDA, with lemo's kept-rows backward for every row). AOT autograd treats SDPA's CUDA kernels as random
-    ops (they take a dropout seed) and, recomputing them under checkpointing, threads a generator state
-    into the body per op: one body called by several layers then fails in Inductor on torch 2.11
-    ("duplicate argument 'fwd_rng_state_0'"; with graph-safe RNG off, a real generator-state tensor
-    reaches the shared backward). Returns how many calls were swapped."""
-    from .common import CantRewrite, attention_dropout, is_call
-    from .detect import SDPA_TARGETS
-    from .sparsify import _softmax_scale
-
-    count = 0
-    for node in list(body.graph.nodes):
-        if not is_call(node, *SDPA_TARGETS) or len(node.args) > 3:
-            continue
-        kw = node.kwargs
-        if (kw.get("attn_mask") is not None or not kw.get("is_causal", False) or attention_dropout(node) not in (0, 0.0)
-                or set(kw) - {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}):
-            continue
-        try:
-            scale = _softmax_scale(node)
-        except CantRewrite:
-            continue
-        with body.graph.inserting_before(node):
-            pair = body.graph.call_function(torch.ops.lemo.attention_lse.default, (*node.args[:3], None, scale, True))
-            out = body.graph.call_function(operator.getitem, (pair, 0))
-        out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        body.graph.erase_node(node)
-        count += 1
-    if count:
-        body.graph.lint()
-        body.recompile()
-    return count
-
-
 def share_layers(gm: fx.GraphModule) -> RegionsResult:
     """Replace checkpointed layers with identical bodies by calls of one shared invoke_subgraph body."""
     res = RegionsResult("regions")
@@ -196,7 +160,6 @@ def share_layers(gm: fx.GraphModule) -> RegionsResult:
                      f"{random} on CUDA, which AOT autograd cannot thread through a body shared by several "
                      "layers (torch 2.11)")
             continue
-        res.counters["attention_swapped"] += _seedless_attention(shared)
         for call in calls:
             setattr(gm, call.args[0].target, _outlined_body(shared, name, call))
         res.regions.append((name, len(calls)))

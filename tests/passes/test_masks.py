@@ -73,6 +73,33 @@ def test_checkpointed_layers_read_segments(kind):
     _close(ckpt[:2], plain[:2])
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_checkpointed_causal_attention_runs_lemo_attention(arch):
+    """With no mask, the checkpointed layers' causal SDPA calls (dense layers; sparse ones already run lemo's
+    ops) become lemo::attention_lse, which AOT autograd does not count as a random op; the step equals the
+    run without checkpointing (SDPA) and, at keep 1.0, the eager model."""
+    model = tiny_model(arch, lora=True)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 256, (2, 150), generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+    model.train()
+    for keep in (0.5, 1.0):
+        cfg = LemoConfig(inner="eager", keep_ratio=keep, predictor="random")
+        torch._dynamo.reset()
+        plain = _compiled(model, cfg, batch)
+        torch._dynamo.reset()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            ckpt = _compiled(model, cfg, batch)
+        finally:
+            model.gradient_checkpointing_disable()
+        assert plain[2].masks.counters["causal_attention"] == 0  # not checkpointed: SDPA stays
+        assert ckpt[2].masks.counters["causal_attention"] == 3  # dense layers 0, 1, 3 (2 is rewritten, even at 1.0)
+        assert "run lemo::attention_lse" in ckpt[2].attention_path
+        _close(ckpt[:2], plain[:2])
+    _close(ckpt[:2], _dense(model, batch))
+
+
 def _peak_growth(model, batch, cfg) -> float:
     ex = lemo_compile.explain(model, **batch, config=cfg, dynamic=True)
     est = max((r.memory for r in ex.records if r.memory is not None), key=lambda e: e.peak_hint)

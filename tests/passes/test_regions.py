@@ -80,12 +80,12 @@ def test_regional_equals_whole_model_other_architectures(arch):
         clear_records()
         out = torch.compile(model, backend=lemo_compile.backend(cfg.replace(regional=regional)))(**batch)
         out.loss.backward()
-        shared = [(r.regions.layers_shared, r.regions.counters["attention_swapped"])
+        shared = [(r.regions.layers_shared, r.masks.counters["causal_attention"])
                   for r in lemo_compile.records() if r.regions is not None]
         runs.append((out.loss.detach(), trainable_grads(model), shared))
     (loss_w, grads_w, _), (loss_r, grads_r, shared) = runs
     assert max(n for n, _ in shared) >= 4
-    # unpadded: the shared bodies' causal SDPA calls run lemo::attention_lse (no seeded random op)
+    # no mask: the checkpointed layers' causal SDPA calls run lemo::attention_lse (no seeded random op)
     assert max(swapped for _, swapped in shared) >= 1
     torch.testing.assert_close(loss_r, loss_w, rtol=1e-5, atol=1e-6)
     for name in grads_w:
