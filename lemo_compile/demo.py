@@ -258,7 +258,8 @@ def train_variant(name: str, model, cfg, batches, init: dict, lr: float, seed: i
         meter = SavedBytes(model)
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
-            out = compiled(input_ids=x, labels=x)
+            # a batch is input ids (labels = inputs) or the model's keyword arguments (labels of its own)
+            out = compiled(**x) if isinstance(x, dict) else compiled(input_ids=x, labels=x)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
