@@ -73,7 +73,7 @@ def scorer_for(model: nn.Module, cfg: LemoConfig) -> Scorer | None:
             return pooled_qk_scores(x.float(), valid, q, None, k, None, meta["heads"], meta["heads"], cfg.block_size)
 
         return calibrated
-    first = next(layer.self_attn for layer in layers if attention_layer(layer))
+    first = next(attn_of(layer) for layer in layers if attention_layer(layer))
     if not all(hasattr(first, p) for p in ("q_proj", "k_proj")):
         return None
     heads = getattr(first, "num_heads", None) or getattr(getattr(first, "config", None), "num_attention_heads", None)
@@ -82,7 +82,7 @@ def scorer_for(model: nn.Module, cfg: LemoConfig) -> Scorer | None:
         return None  # q_proj also projects a gate (Qwen3-Next): lemo probes the query rows, this does not
 
     def pooled(layer: int, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        attn = layers[layer].self_attn
+        attn = attn_of(layers[layer])
         q = getattr(attn.q_proj, "base_layer", attn.q_proj)  # the frozen projection under PEFT
         k = getattr(attn.k_proj, "base_layer", attn.k_proj)
         hd = attn.head_dim
@@ -131,23 +131,33 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
             return random_scores(layer, cfg.seed, x.shape[0], num_blocks(x.shape[1], cfg.block_size), x.device)
 
     run = _Run(cfg=cfg, scorer=scorer, token_valid=token_valid, given=keep_sets, fractions=fractions,
-               segments=segments, sliding={i: getattr(layers[i].self_attn, "sliding_window", None)
+               segments=segments, sliding={i: getattr(attn_of(layers[i]), "sliding_window", None)
                                            or _model_window(model) for i in fractions})
     _register()
     ends = _block_ends(model, layers, sorted(fractions), model_kwargs)
     with contextlib.ExitStack() as stack:
         for i, keep in fractions.items():
             layer = layers[i]
-            run.attn_layer[id(layer.self_attn)] = i
-            for module, hook in ((layer.input_layernorm, run.norm_hook(i)),
-                                 (ends[i][0], run.attn_hook(i)),
-                                 (ends[i][1], run.mlp_hook(i))):
+            run.attn_layer[id(attn_of(layer))] = i
+            norm = _child(layer, NORM_NAMES)
+            if norm is not None:
+                stack.callback(norm.register_forward_hook(run.norm_hook(i)).remove)
+            else:  # no input norm: lemo scores the layer's input
+                stack.callback(layer.register_forward_pre_hook(_input_hook(run.norm_hook(i)), with_kwargs=True).remove)
+            for module, hook in ((ends[i][0], run.attn_hook(i)), (ends[i][1], run.mlp_hook(i))):
                 stack.callback(module.register_forward_hook(hook).remove)
         stack.enter_context(_attn_implementation(model, ATTN_IMPLEMENTATION))
         _ACTIVE.append(run)
         stack.callback(_ACTIVE.pop)
         output = model(**model_kwargs)
     return ReferenceOutput(output, dict(sorted(run.keep_sets.items())))
+
+
+def _input_hook(norm_hook: Callable) -> Callable:
+    """A forward pre-hook (with kwargs) that hands the layer's hidden states to `norm_hook`."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        norm_hook(module, args, args[0] if args else kwargs["hidden_states"])
+    return hook
 
 
 def _segments(mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -171,31 +181,43 @@ def _model_window(model: nn.Module) -> int | None:
     return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
 
 
-MLP_NAMES = ("mlp", "feed_forward")  # Llama 4 names its (mixture-of-experts) MLP feed_forward
+# What a decoder layer calls its blocks, across transformers' families (Llama: self_attn / mlp; GPT-2,
+# GPT-J, CodeGen: attn; GPT-NeoX: attention; Llama 4, LFM: feed_forward). The input norm lemo's
+# predictor reads has the names of passes.sparsify._norm_output; a layer without one is scored on its input.
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward")
+NORM_NAMES = ("input_layernorm", "ln_1", "input_norm", "attention_norm")
+
+
+def _child(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(layer, a) for a in names if isinstance(getattr(layer, a, None), nn.Module)), None)
 
 
 def mlp_of(layer: nn.Module) -> nn.Module | None:
-    return next((getattr(layer, a) for a in MLP_NAMES if hasattr(layer, a)), None)
+    return _child(layer, MLP_NAMES)
+
+
+def attn_of(layer: nn.Module) -> nn.Module | None:
+    return _child(layer, ATTN_NAMES)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM, PEFT-wrapped or not: the first ModuleList whose
-    entries all have `input_layernorm` and an MLP (`mlp` or `feed_forward`), and some `self_attn`."""
+    entries all have an MLP (MLP_NAMES) and some an attention module (ATTN_NAMES)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for module in base.modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(
-                hasattr(layer, "input_layernorm") and mlp_of(layer) is not None for layer in module) and any(
-                hasattr(layer, "self_attn") for layer in module):
+                mlp_of(layer) is not None for layer in module) and any(attention_layer(layer) for layer in module):
             return module
-    raise ValueError(f"no decoder layers (a ModuleList of modules with input_layernorm, self_attn and mlp "
-                     f"or feed_forward) found in {type(base).__name__}")
+    raise ValueError(f"no decoder layers (a ModuleList of modules with an attention ({', '.join(ATTN_NAMES)}) and "
+                     f"an MLP ({', '.join(MLP_NAMES)})) found in {type(base).__name__}")
 
 
 def attention_layer(layer: nn.Module) -> bool:
     """Whether a decoder layer has softmax attention (self_attn). A hybrid model's linear-attention or
     state-space layers (Qwen3-Next's linear_attn, LFM's conv) have none: they stay dense, as lemo leaves
     them."""
-    return hasattr(layer, "self_attn")
+    return attn_of(layer) is not None
 
 
 def kept_rows(token_index: torch.Tensor, in_range: torch.Tensor, n: int) -> torch.Tensor:
@@ -320,14 +342,24 @@ class _Run:
 def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int],
                 model_kwargs: dict[str, Any]) -> dict[int, tuple[nn.Module, nn.Module]]:
     """(attention end, MLP end) of each layer in `indices`: the module whose output is the block's
-    contribution to the residual stream, read from the order in which one forward (no grad) calls the
-    layer's children. The attention end is the attention module, or the first module after it when two
-    run before the MLP (a sandwich norm, then the MLP's input norm: Gemma's post_attention_layernorm,
-    GLM-4's post_self_attn_layernorm, HyperCLOVA X's post_norm1); the MLP end is the MLP, or the module
-    called after it (post_feedforward_layernorm, post_mlp_layernorm, post_norm2). A module the layer
-    calls more than once (Phi's resid_dropout, after both blocks) is never an end."""
+    contribution to the residual stream, read from one forward (no grad) of the model. The attention end
+    is the first module called between the attention and the MLP whose output is not the MLP's input (a
+    post-attention norm: Gemma's post_attention_layernorm before its pre_feedforward_layernorm, OLMo 2's
+    post_attention_layernorm, GLM-4's post_self_attn_layernorm), else the attention itself (Llama's
+    post_attention_layernorm is the MLP's input norm); the MLP end is the MLP, or the module called after
+    it (post_feedforward_layernorm, post_mlp_layernorm, post_norm2). A module the layer calls more than
+    once (Phi's resid_dropout, after both blocks) is never an end."""
     calls: dict[int, list[nn.Module]] = {i: [] for i in indices}
-    handles = [child.register_forward_hook(lambda mod, args, out, i=i: calls[i].append(mod))
+    outputs: dict[int, Any] = {}  # id(module) -> its output in this forward
+    mlp_inputs: dict[int, Any] = {}  # layer -> the MLP's first input
+
+    def record(i: int, mod: nn.Module, args: tuple, out: Any) -> None:
+        calls[i].append(mod)
+        outputs[id(mod)] = out
+        if mod is mlp_of(layers[i]):
+            mlp_inputs[i] = args[0] if args else None
+
+    handles = [child.register_forward_hook(lambda mod, args, out, i=i: record(i, mod, args, out))
                for i in indices for child in layers[i].children()]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
@@ -340,10 +372,11 @@ def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int],
     for i, seq in calls.items():
         layer = layers[i]
         once = [c for c in seq if sum(c is d for d in seq) == 1]
-        mlp = mlp_of(layer)
-        a, m = once.index(layer.self_attn), once.index(mlp)
-        between, after = once[a + 1:m], once[m + 1:]
-        ends[i] = (between[0] if len(between) >= 2 else layer.self_attn, after[0] if after else mlp)
+        attn, mlp = attn_of(layer), mlp_of(layer)
+        a, m = once.index(attn), once.index(mlp)
+        between = [c for c in once[a + 1:m] if outputs[id(c)] is not mlp_inputs.get(i)]
+        after = once[m + 1:]
+        ends[i] = (between[0] if between else attn, after[0] if after else mlp)
     return ends
 
 

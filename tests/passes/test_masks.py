@@ -28,6 +28,17 @@ def _dense(model, batch):
     return loss.detach(), grads
 
 
+def _plain_and_checkpointed(model, cfg, batch):
+    """_compiled without, then with HF gradient checkpointing (non-reentrant); checkpointing left off."""
+    plain = _compiled(model, cfg, batch)
+    torch._dynamo.reset()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        return plain, _compiled(model, cfg, batch)
+    finally:
+        model.gradient_checkpointing_disable()
+
+
 def _close(a, b):
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=0)
     for k in b[1]:
@@ -60,13 +71,7 @@ def test_checkpointed_layers_read_segments(kind):
     batch = padded_batch(kind)
     cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0, 3), predictor="random")
     model.train()
-    plain = _compiled(model, cfg, batch)
-    torch._dynamo.reset()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        ckpt = _compiled(model, cfg, batch)
-    finally:
-        model.gradient_checkpointing_disable()
+    plain, ckpt = _plain_and_checkpointed(model, cfg, batch)
     rec = ckpt[2]
     assert rec.masks.structured and rec.masks.counters["segment_attention"] == 2  # dense layers 0 and 3
     assert rec.sparsify.counters["sparse_layers"] == 2
@@ -84,15 +89,9 @@ def test_checkpointed_causal_attention_runs_lemo_attention(arch):
     batch = {"input_ids": ids, "labels": ids}
     model.train()
     for keep in (0.5, 1.0):
-        cfg = LemoConfig(inner="eager", keep_ratio=keep, predictor="random")
         torch._dynamo.reset()
-        plain = _compiled(model, cfg, batch)
-        torch._dynamo.reset()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        try:
-            ckpt = _compiled(model, cfg, batch)
-        finally:
-            model.gradient_checkpointing_disable()
+        plain, ckpt = _plain_and_checkpointed(model, LemoConfig(inner="eager", keep_ratio=keep, predictor="random"),
+                                              batch)
         assert plain[2].masks.counters["causal_attention"] == 0  # not checkpointed: SDPA stays
         assert ckpt[2].masks.counters["causal_attention"] == 3  # dense layers 0, 1, 3 (2 is rewritten, even at 1.0)
         assert "run lemo::attention_lse" in ckpt[2].attention_path

@@ -380,3 +380,22 @@ def test_latent_attention_pooled_predictor_reads_the_attention_query_and_key():
     *_, recs = sweep.compiled_run(model, batch, keep_ratio=0.5, attn_mode="tokens", mlp_mode="tokens")
     skips = [s for r in recs if r.sparsify for s in r.sparsify.skips]
     assert [s.kind for s in skips] == ["predictor_inputs"]
+
+
+@pytest.mark.parametrize("model_type, attn_mode, mlp_mode", [("olmo2", "backward", "backward"),
+                                                             ("gpt2", "tokens", "tokens"),
+                                                             ("lfm2", "backward", "backward")])
+def test_other_layer_layouts_match_the_reference(model_type, attn_mode, mlp_mode):
+    """The reference reads other layer layouts: OLMo 2's post-norms (no input norm: the layer's input is
+    scored; the attention's contribution ends at post_attention_layernorm, which is not the MLP's input),
+    GPT-2's attn / ln_1 (Conv1D projections), LFM2's feed_forward next to convolution layers. At keep 0.5
+    (random predictor) the compiled model equals it, loss and every gradient of the whole model."""
+    from lemo_compile.testing import sweep
+
+    model, batch = _sweep_model(model_type)
+    options = dict(keep_ratio=0.5, predictor="random", attn_mode=attn_mode, mlp_mode=mlp_mode)
+    *got, recs = sweep.compiled_run(model, batch, **options)
+    assert [d["layer"] for r in recs if r.sparsify for d in r.sparsify.layers] == [2]
+    want = sweep.loss_and_grads(model, lambda **b: reference_forward(model, LemoConfig(**options), **b).output, batch)
+    assert sweep.matches_dense(want, tuple(got))
+    assert not sweep.matches_dense(sweep.loss_and_grads(model, model, batch), tuple(got))
