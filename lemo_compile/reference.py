@@ -353,13 +353,14 @@ def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int],
     outputs: dict[int, Any] = {}  # id(module) -> its output in this forward
     mlp_inputs: dict[int, Any] = {}  # layer -> the MLP's first input
 
-    def record(i: int, mod: nn.Module, args: tuple, out: Any) -> None:
+    def record(i: int, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         calls[i].append(mod)
         outputs[id(mod)] = out
         if mod is mlp_of(layers[i]):
-            mlp_inputs[i] = args[0] if args else None
+            mlp_inputs[i] = args[0] if args else next(iter(kwargs.values()), None)
 
-    handles = [child.register_forward_hook(lambda mod, args, out, i=i: record(i, mod, args, out))
+    handles = [child.register_forward_hook(lambda mod, args, kwargs, out, i=i: record(i, mod, args, kwargs, out),
+                                           with_kwargs=True)
                for i in indices for child in layers[i].children()]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
