@@ -272,7 +272,8 @@ def summarize(runs: dict, names: list[str], corpora: list[str]) -> dict:
         for c in corpora:
             gaps, kept = [], []
             for seed, r in runs.items():
-                dense, mine, before = r["dense"]["held_out_dense_eval"][c], r[name]["held_out_dense_eval"][c], r["before"][c]
+                dense, mine = r["dense"]["held_out_dense_eval"][c], r[name]["held_out_dense_eval"][c]
+                before = r["before"][c]
                 gaps.append(100 * (mine - dense) / dense)
                 kept.append((before - mine) / (before - dense) if before != dense else float("nan"))
             per[c] = {"gap_pct": gaps, "gap_pct_mean": statistics.fmean(gaps),

@@ -47,6 +47,13 @@ class PassResult:
 ADD_TARGETS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_")
 
 
+# Calls that only move data (views, reshapes, splits, indexing; `contiguous` may copy): the pooled
+# predictor's probe runs them on feature indices, detect follows in-place writes into a block through them.
+MOVES = ("view", "reshape", "_unsafe_view", torch.reshape, "transpose", torch.transpose, "permute", torch.permute,
+         "contiguous", "chunk", torch.chunk, "split", torch.split, "unbind", "unflatten", "flatten", "narrow",
+         "select", "slice", "expand", "squeeze", "unsqueeze", torch.unsqueeze, "__getitem__", operator.getitem)
+
+
 def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
     """The root graph and the bodies of higher-order ops (activation checkpointing) under it."""
     return [gm] + [m for _, m in gm.named_modules() if isinstance(m, fx.GraphModule) and m is not gm]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import operator
 import re
 from typing import Any
 
@@ -27,8 +26,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import (CantRewrite, PassResult, attention_dropout, closure_back, is_add, is_call, same_size, shape_of,
-                     value_of)
+from .common import (MOVES, CantRewrite, PassResult, attention_dropout, closure_back, is_add, is_call, same_size,
+                     shape_of, value_of)
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
@@ -341,10 +340,6 @@ def _make_block(layer: Layer, kind: str, h: fx.Node, out: fx.Node, add: fx.Node,
                  linears=linears, lora=lora, reads=reads, whole=whole)
 
 
-_VIEW_OPS = ("view", "reshape", "narrow", "select", "slice", "__getitem__", operator.getitem, "transpose",
-             "unsqueeze", "squeeze", "permute", "expand", "unflatten", "flatten")
-
-
 def _with_view_writes(body: set[fx.Node], allowed: set[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
     """`body` plus the in-place writes into its values through views, and what they write: a block that
     fills a buffer slice by slice (DeepSeek's MLA: key = kv.new_empty(...); key[..., :d].copy_(k_nope);
@@ -363,7 +358,7 @@ def _with_view_writes(body: set[fx.Node], allowed: set[fx.Node], stop: set[fx.No
                         if _in_place(u):
                             body |= closure_back(u, allowed, stop=stop) | chain | {v}
                             changed = True
-                        elif is_call(u, *_VIEW_OPS):
+                        elif is_call(u, *MOVES):
                             chain.add(u)
                             todo.append(u)
     return body

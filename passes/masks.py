@@ -143,7 +143,8 @@ def lower_causal_attention(gm: fx.GraphModule) -> int:
             except CantRewrite:
                 continue
             with body.graph.inserting_before(node):
-                pair = body.graph.call_function(torch.ops.lemo.attention_lse.default, (*node.args[:3], None, scale, True))
+                pair = body.graph.call_function(torch.ops.lemo.attention_lse.default,
+                                                (*node.args[:3], None, scale, True))
                 out = body.graph.call_function(operator.getitem, (pair, 0))
             out.meta.update(node.meta)
             node.replace_all_uses_with(out)

@@ -123,7 +123,8 @@ def _random_ops(body: fx.GraphModule) -> str | None:
     in the graph, and sharing works)."""
     from .common import is_call
 
-    cuda = any(isinstance(v := value_of(p), torch.Tensor) and v.is_cuda for p in body.graph.find_nodes(op="placeholder"))
+    cuda = any(isinstance(v := value_of(p), torch.Tensor) and v.is_cuda
+               for p in body.graph.find_nodes(op="placeholder"))
     for node in body.graph.nodes:
         if not cuda or not is_call(node, *_RANDOM):
             continue

@@ -33,7 +33,7 @@ import torch.fx as fx
 from lemo_compile import ops
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
-from .common import (CantRewrite, PassResult, closure_back, eliminate_dead_code, is_call, same_size, shape_of,
+from .common import (MOVES, CantRewrite, PassResult, closure_back, eliminate_dead_code, is_call, same_size, shape_of,
                      value_of)
 from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer
 from .masks import segments_of
@@ -294,10 +294,6 @@ def _out_features(linear: fx.Node) -> Any:
     return shape_of(_weight_bias(linear)[0])[0]
 
 
-_MOVES = ("view", "reshape", "_unsafe_view", torch.reshape, "transpose", torch.transpose, "permute", torch.permute,
-          "contiguous", "chunk", torch.chunk, "split", torch.split, "unbind", "unflatten", "narrow", "squeeze",
-          "unsqueeze", torch.unsqueeze, operator.getitem)
-
 
 def _probe_qk_rows(attn: Block, heads: int, hd: int):
     """(q linear, q rows, k linear, k rows): which output features of which projection become SDPA's query
@@ -331,7 +327,7 @@ def _probe_side(attn: Block, linear: fx.Node, target: fx.Node, hd: int):
     closure = {linear}
     for node in attn.nodes:
         first = node.args[0] if node.args else None
-        if first in closure and is_call(node, *_MOVES):
+        if first in closure and is_call(node, *MOVES):
             closure.add(node)
         elif is_call(node, operator.add, torch.add, "add") and sum(a in closure for a in node.args) == 1:
             closure.add(node)  # the projection plus its LoRA branch
