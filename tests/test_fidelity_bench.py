@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-fidelity = pytest.importorskip("benchmarks.fidelity")
+from benchmarks import fidelity
 
 
 def _encode(text: str) -> list[int]:
