@@ -397,35 +397,32 @@ def _warn_if_dense(rec: CompileRecord, gm: fx.GraphModule) -> None:
     """"Never silently dense": one UserWarning per model and reason when a graph that should have
     sparse layers trains dense (the log line alone is easy to miss)."""
     why = _dense_reason(rec, gm)
-    if why is None:
-        return
-    from .passes.detect import module_stack
-
-    model = next((st[0][1] for n in gm.graph.nodes if (st := module_stack(n))), "graph")
-    if (model, why) in _warned_dense:
-        return
-    _warned_dense.add((model, why))
-    warnings.warn(f"lemo: {model} (graph {rec.graph_id}) trains dense: no sparse layer although "
-                  f"keep_ratio={rec.config.keep_ratio}: {why}. lemo_compile.explain() shows every skip.",
-                  UserWarning, stacklevel=2)
+    if why is not None:
+        _warn_once(gm, why, lambda model: f"lemo: {model} (graph {rec.graph_id}) trains dense: no sparse layer "
+                   f"although keep_ratio={rec.config.keep_ratio}: {why}. lemo_compile.explain() shows every skip.")
 
 
 def _warn_if_mlp_whole(rec: CompileRecord, gm: fx.GraphModule) -> None:
     """Sparse layers whose MLP runs whole (mixture of experts, in-place updates) save only in attention:
     one UserWarning per model and reason, so a user does not expect the MLP's share too."""
     whole = [d for d in (rec.sparsify.layers if rec.sparsify else []) if d.get("mlp_whole")]
-    if not whole:
-        return
+    if whole:
+        why = whole[0]["mlp_whole"]
+        _warn_once(gm, why, lambda model: f"lemo: {model} (graph {rec.graph_id}): the MLP of {len(whole)} sparse "
+                   f"layer(s) runs on every row, as written ({why}); only attention saves memory and time there, "
+                   "the MLP's gradient still follows the kept rows. lemo_compile.explain() shows every layer.")
+
+
+def _warn_once(gm: fx.GraphModule, why: str, message: Callable[[str], str]) -> None:
+    """A UserWarning message(model) unless this model (the graph's outermost module class) was warned
+    about `why` already in this process."""
     from .passes.detect import module_stack
 
     model = next((st[0][1] for n in gm.graph.nodes if (st := module_stack(n))), "graph")
-    why = whole[0]["mlp_whole"]
     if (model, why) in _warned_dense:
         return
     _warned_dense.add((model, why))
-    warnings.warn(f"lemo: {model} (graph {rec.graph_id}): the MLP of {len(whole)} sparse layer(s) runs on every "
-                  f"row, as written ({why}); only attention saves memory and time there, the MLP's gradient "
-                  "still follows the kept rows. lemo_compile.explain() shows every layer.", UserWarning, stacklevel=2)
+    warnings.warn(message(model), UserWarning, stacklevel=3)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):

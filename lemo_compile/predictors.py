@@ -59,12 +59,17 @@ def pooled_attention_scores(q: torch.Tensor, k: torch.Tensor, token_valid: torch
                             block: int) -> torch.Tensor:
     """(b, heads, n, hd) query and (b, kv_heads, n, hd) key -> (b, nb) key-block scores: pooled_qk_scores'
     formula on the block means of the attention's own q and k (computed anyway in attn_mode='backward')."""
-    b, h, n, hd = q.shape
+    h, hd = q.shape[1], q.shape[-1]
     qb = block_mean(q.transpose(1, 2).flatten(2), token_valid, block).unflatten(-1, (h, hd)).transpose(1, 2)
     kb = block_mean(k.transpose(1, 2).flatten(2), token_valid, block).unflatten(-1, (k.shape[1], hd)).transpose(1, 2)
-    kb = kb.repeat_interleave(h // k.shape[1], dim=1)
-    s = torch.relu(torch.matmul(qb, kb.transpose(-1, -2)) * hd ** -0.5).mean(1)  # (b, nb_q, nb_k)
-    nb = s.shape[-1]
+    return _head_block_scores(qb, kb, qb.shape[2])
+
+
+def _head_block_scores(q: torch.Tensor, k: torch.Tensor, nb) -> torch.Tensor:
+    """Per-head block queries q (b, heads, nb, hd) and keys k (b, kv_heads, nb, hd) -> (b, nb): sum over
+    query blocks i >= j of the head mean of relu(q_i . k_j) / sqrt(head_dim)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = torch.relu(torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5).mean(1)  # (b, nb_q, nb_k)
     causal = torch.ones(nb, nb, device=s.device, dtype=torch.bool).tril()
     return (s * causal).sum(-2)
 
@@ -80,7 +85,4 @@ def qk_block_scores(xb: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | Non
     hd = q.shape[-1] // num_heads
     q = q.unflatten(0, (b, nb)).unflatten(-1, (num_heads, hd)).transpose(1, 2)
     k = k.unflatten(0, (b, nb)).unflatten(-1, (num_kv_heads, hd)).transpose(1, 2)
-    k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-    s = torch.relu(torch.matmul(q, k.transpose(-1, -2)) * hd ** -0.5).mean(1)  # (b, nb_q, nb_k)
-    causal = torch.ones(nb, nb, device=s.device, dtype=torch.bool).tril()
-    return (s * causal).sum(-2)
+    return _head_block_scores(q, k, nb)

@@ -346,21 +346,20 @@ def _with_view_writes(body: set[fx.Node], allowed: set[fx.Node], stop: set[fx.No
     key[..., d:].copy_(k_rot)) has those writes outside the output's backward closure, because their
     results are unused. Cloning the block must copy them too."""
     body = set(body)
-    changed = True
-    while changed:
-        changed = False
-        for n in list(body):
-            chain, todo = set(), [n]
-            while todo:  # n and the views of it, inside the layer
-                v = todo.pop()
-                for u in v.users:
-                    if u in allowed and u not in body and u.args and u.args[0] is v:
-                        if _in_place(u):
-                            body |= closure_back(u, allowed, stop=stop) | chain | {v}
-                            changed = True
-                        elif is_call(u, *MOVES):
-                            chain.add(u)
-                            todo.append(u)
+    unseen = list(body)  # values whose views have not been searched for writes yet
+    while unseen:
+        chain, views = set(), [unseen.pop()]
+        while views:  # the value and its views, inside the layer
+            v = views.pop()
+            for u in v.users:
+                if u in allowed and u not in body and u.args and u.args[0] is v:
+                    if _in_place(u):
+                        added = (closure_back(u, allowed, stop=stop) | chain | {v}) - body
+                        body |= added
+                        unseen += added
+                    elif is_call(u, *MOVES):
+                        chain.add(u)
+                        views.append(u)
     return body
 
 

@@ -164,8 +164,7 @@ def _plain_causal(node: fx.Node) -> bool:
             or not kw.get("is_causal", False) or attention_dropout(node) not in (0, 0.0)
             or set(kw) - {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}):
         return False
-    q, k = shape_of(node.args[0]), shape_of(node.args[1])
-    return q is not None and k is not None and (q[-2] is k[-2] or str(q[-2]) == str(k[-2]))
+    return bool(_same_length(node))
 
 
 def segments_of(mask: fx.Node | None) -> fx.Node | None:
@@ -178,12 +177,17 @@ def segments_of(mask: fx.Node | None) -> fx.Node | None:
 # -- reading a mask ----------------------------------------------------------------------------------
 
 
-def _why_not_plain(node: fx.Node) -> str | None:
+def _same_length(node: fx.Node) -> bool | None:
+    """Whether an SDPA call's query and key are equally long; None when their shapes are unknown."""
     q, k = shape_of(node.args[0]), shape_of(node.args[1])
-    if q is not None and k is not None:  # (sparsify's compacted copies carry no shapes: both m long)
-        same = q[-2] is k[-2] or str(q[-2]) == str(k[-2])  # never bool() a symbolic comparison (a guard)
-        if not same:
-            return "query and key lengths differ"
+    if q is None or k is None:
+        return None
+    return q[-2] is k[-2] or str(q[-2]) == str(k[-2])  # never bool() a symbolic comparison (a guard)
+
+
+def _why_not_plain(node: fx.Node) -> str | None:
+    if _same_length(node) is False:  # (sparsify's compacted copies carry no shapes: both m long)
+        return "query and key lengths differ"
     if attention_dropout(node) not in (0, 0.0):
         return "attention dropout"
     causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .common import PassResult, value_of
+from .common import PassResult, is_call, value_of
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
@@ -121,8 +121,6 @@ def _random_ops(body: fx.GraphModule) -> str | None:
     """The name of a random op in a body on CUDA (dropout with p > 0 in training, rand*, bernoulli), None
     when there is none or the body runs on another device (where AOT autograd saves the generator state
     in the graph, and sharing works)."""
-    from .common import is_call
-
     cuda = any(isinstance(v := value_of(p), torch.Tensor) and v.is_cuda
                for p in body.graph.find_nodes(op="placeholder"))
     for node in body.graph.nodes:

@@ -126,10 +126,10 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
                               f"mlp_mode={cfg.mlp_mode.value}: supported are "
                               + ", ".join(f"{a.value}/{b.value}" for a, b in ok_modes))
     scale = _softmax_scale(sdpa) if cfg.attn_mode is AttnMode.BACKWARD else None
-    predictor = cfg.predictor
+    predictor, weights = cfg.predictor, None
     if cfg.predictor == "pooled":
         try:
-            _predictor_weights(attn)
+            weights = _predictor_weights(attn)
         except CantRewrite:
             if cfg.attn_mode is not AttnMode.BACKWARD:
                 raise  # only there is the full-length q and k computed anyway
@@ -143,7 +143,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
         seg = segments_of(attn.mask)  # a mask passes.masks carries as segments
         valid = (g.call_function(ops.token_valid_from_segments, (seg,)) if seg is not None
                  else g.call_function(ops.token_valid_from_mask, (attn.mask, h0)))
-        scores = _predictor_node(g, cfg, layer, attn, x_pred, valid)
+        scores = _predictor_node(g, cfg, layer, attn, x_pred, valid, weights)
         ks = g.call_function(ops.keep_set, (scores, valid, cfg.block_size, keep.numerator,
                                             keep.denominator, tuple(cfg.forced_blocks), seg))
         idx = g.call_function(operator.getitem, (ks, 0))
@@ -216,7 +216,10 @@ def _norm_output(layer: Layer, attn: Block) -> fx.Node:
     return out if out is not None else attn.residual_in
 
 
-def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: fx.Node, valid: fx.Node) -> fx.Node:
+def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: fx.Node, valid: fx.Node,
+                    weights: tuple | None) -> fx.Node:
+    """The block-score node of cfg.predictor; for "pooled", `weights` are _predictor_weights(attn), or None
+    when q/k are no linear map of x (then the attention's own q and k are pooled)."""
     if cfg.predictor == "random":
         lid = layer.index if layer.index is not None else (cfg.layer_index or 0)
         return g.call_function(torch.ops.lemo.random_block_scores.default, (x, lid, cfg.seed, cfg.block_size))
@@ -224,11 +227,10 @@ def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: 
         lid = layer.index if layer.index is not None else cfg.layer_index
         return g.call_function(torch.ops.lemo.calibrated_block_scores.default,
                                (x, valid, cfg.predictor, lid, cfg.block_size))
-    try:
-        kind, heads, hd, lin = _predictor_weights(attn)
-    except CantRewrite:  # q/k are no linear map of x (MLA): pool the attention's own, detached
+    if weights is None:  # q/k are no linear map of x (MLA): pool the attention's own, detached
         q, k = (g.call_method("detach", (t,)) for t in attn.sdpa.args[:2])
         return g.call_function(ops.pooled_attention_block_scores, (q, k, valid, cfg.block_size))
+    kind, heads, hd, lin = weights
     if kind == "separate":
         wq, bq = _weight_bias(lin["q_proj"])
         wk, bk = _weight_bias(lin["k_proj"])
