@@ -120,6 +120,8 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         _sync(dev)
         times.append(time.perf_counter() - t0)
+        print("STEP " + json.dumps({"length": n, "seconds": times[-1], "graphs": int(counters["stats"].get("unique_graphs", 0)),
+                                    "lemo_records": len(lemo_compile.records())}), file=sys.stderr, flush=True)
     recs = lemo_compile.records()
     res = {"mode": args.worker, "lengths": lengths, "step_times_s": times, "first_step_s": times[0],
            "aot_autograd": dict(counters["aot_autograd"]),
@@ -141,11 +143,21 @@ def _run(mode: str, args, cache: str) -> dict:
            "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    for line in reversed(p.stdout.splitlines()):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        out, err, why = p.stdout, p.stderr, f"exit {p.returncode}"
+    except subprocess.TimeoutExpired as e:  # keep what the steps that finished printed
+        out, err, why = _text(e.stdout), _text(e.stderr), f"timed out after {args.timeout} s"
+    for line in reversed(out.splitlines()):
         if line.startswith("RESULT "):
             return {**json.loads(line[7:]), "process_s": time.perf_counter() - t0}
-    return {"mode": mode, "error": f"exit {p.returncode}", "log_tail": (p.stdout + p.stderr)[-3000:]}
+    steps = [json.loads(line[5:]) for line in err.splitlines() if line.startswith("STEP ")]
+    return {"mode": mode, "error": why, "steps_done": steps, "process_s": time.perf_counter() - t0,
+            "log_tail": (out + err)[-3000:]}
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
@@ -200,14 +212,17 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     results = []
+    doc = {"benchmark": "compile_time", "command": "python " + " ".join(sys.argv), "env": environment(),
+           "config": {"arch": args.arch, "seq": args.seq, "steps": args.steps, "tiny": args.tiny}, "results": results}
     with tempfile.TemporaryDirectory() as cache:
         for mode in args.modes.split(","):
             results.append(_run(mode, args, cache if mode in ("cold", "warm") else tempfile.mkdtemp()))
             r = results[-1]
             print(f"{mode}: " + json.dumps({k: r.get(k) for k in ("first_step_s", "compile_s", "graphs", "aot_autograd",
-                                                                 "error")}), flush=True)
-    doc = {"benchmark": "compile_time", "command": "python " + " ".join(sys.argv), "env": environment(),
-           "config": {"arch": args.arch, "seq": args.seq, "steps": args.steps, "tiny": args.tiny}, "results": results}
+                                                                 "error", "steps_done")}), flush=True)
+            if args.out:  # what finished so far survives a kill of the whole run
+                with open(args.out, "w") as f:
+                    json.dump(doc, f, indent=1)
     figs, missing = figures(doc, args.out and os.path.join("benchmarks/results", os.path.basename(args.out)))
     publish_figures(doc, figs, missing, args.out, args.headline, args.tiny)
 
