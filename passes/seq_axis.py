@@ -239,6 +239,8 @@ def probe_axis(node: fx.Node, axes: dict, fail) -> int:
     (so no position reads another, and no size comes from the sequence length). Calls `fail` otherwise."""
     if node.op not in ("call_function", "call_method"):
         fail("unsupported op")
+    if is_collective(node.target):  # never run one on a probe: ranks that do not probe alike would hang
+        fail("a collective exchanges positions between ranks")
     kept = torch.tensor(_PROBE_KEPT)
     gen = torch.Generator().manual_seed(0)
     full: dict[fx.Node, Any] = {}
@@ -278,6 +280,14 @@ def probe_axis(node: fx.Node, axes: dict, fail) -> int:
     if len(found) != 1:
         fail("its outputs disagree on the sequence axis")
     return found.pop()
+
+
+def is_collective(target: Any) -> bool:
+    """A torch.distributed communication op (functional collectives and their c10d ops)."""
+    qualified = getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", "")
+    if "c10d" in qualified.split("::")[0]:
+        return True
+    return (getattr(target, "__module__", None) or "").startswith("torch.distributed")
 
 
 def _hint(s: Any) -> int | None:

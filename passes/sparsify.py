@@ -384,11 +384,12 @@ def _weight_bias(linear: fx.Node) -> tuple[fx.Node, Any]:
 
 
 def _sequence_externals(blk: Block, n: Any) -> list[fx.Node]:
-    """Externals other than h and the mask that carry the sequence on axis 1 (rotary cos/sin)."""
+    """Externals other than h and the mask that carry the sequence on axis 1 (rotary cos/sin). Parameters
+    never do, whatever their sizes (a norm weight of the hidden size when the sequence is as long)."""
     out = []
     weights = {a for node in blk.nodes if is_call(node, *LINEAR_TARGETS) for a in node.args[1:]}
     for e in blk.externals:
-        if e is blk.residual_in or e is blk.mask or e in weights:
+        if e is blk.residual_in or e is blk.mask or e in weights or isinstance(value_of(e), torch.nn.Parameter):
             continue
         shp = shape_of(e)
         if shp is not None and len(shp) >= 2 and same_size(shp[1], n):

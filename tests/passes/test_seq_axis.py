@@ -78,3 +78,18 @@ def test_ops_that_mix_positions_are_refused(fn, why):
 
 def test_probe_does_not_touch_the_inputs_of_in_place_ops():
     assert _output_axis(lambda x: x.clone().mul_(2).exp_(), X) == 1
+
+
+def test_collectives_are_refused_without_being_run():
+    """A collective in a block (sequence parallelism's all-to-all) is refused by name: probing it would run
+    a communication on one rank's compile (a hang when ranks do not probe alike)."""
+    import torch.fx as fx
+    from torch.distributed._functional_collectives import all_to_all_single
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["example_value"] = torch.randn(2, 8, 4)
+    y = g.call_function(all_to_all_single, (x, None, None, [0]))
+    y.meta["example_value"] = torch.randn(2, 8, 4)
+    with pytest.raises(CantRewrite, match="collective exchanges positions"):
+        propagate(y, {x: 1}, None)

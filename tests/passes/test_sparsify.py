@@ -399,3 +399,18 @@ def test_other_layer_layouts_match_the_reference(model_type, attn_mode, mlp_mode
     want = sweep.loss_and_grads(model, lambda **b: reference_forward(model, LemoConfig(**options), **b).output, batch)
     assert sweep.matches_dense(want, tuple(got))
     assert not sweep.matches_dense(sweep.loss_and_grads(model, model, batch), tuple(got))
+
+
+@pytest.mark.parametrize("attn_mode", ["tokens", "backward"])
+def test_sequence_as_long_as_the_hidden_size(attn_mode):
+    """n = hidden size (64 here; 4096 tokens for an 8B model): the norm weights, of the same length, are not
+    mistaken for inputs that carry the sequence (every layer used to be skipped). Equal to the reference."""
+    model = tiny_model("llama", lora=True)
+    n = model.config.hidden_size
+    batch = random_batch(256, 2, n, seed=5, pad_right=[0, 9])
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,), attn_mode=attn_mode, predictor="random",
+                     block_size=16)
+    loss, grads, rec = compiled_run(model, cfg, batch)
+    ref_loss, ref_grads, _ = reference_run(model, cfg, batch)
+    assert rec.sparsify.counters["sparse_layers"] == 3 and not rec.sparsify.skips, rec.sparsify.skips
+    assert_close(loss, grads, ref_loss, ref_grads)
