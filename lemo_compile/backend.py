@@ -61,6 +61,8 @@ class CompileRecord:
     saved_for_recompute: int = 0  # values tagged MUST_SAVE for sparse checkpointing
     offloaded: list = dataclasses.field(default_factory=list)  # memory.SavedValue moved to host (offload)
     host_formula: Any = None  # their bytes as a formula in the graph's size symbols (int when static)
+    # bytes this rank hands to all-to-all exchanges per step (sequence parallelism), per AOT graph
+    exchanged: dict = dataclasses.field(default_factory=dict)
     _fw_values: dict = dataclasses.field(default_factory=dict, repr=False)
     # (forward graph, backward graph or None, fusion_aware) for the memory estimate, made on first use
     _graphs: tuple | None = dataclasses.field(default=None, repr=False)
@@ -261,6 +263,7 @@ class AotPasses(_compat.custom_graph_pass_base()):
         is_bw = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
         if self.record is not None:
             self.record.aot_graphs.append("backward" if is_bw else "forward")
+            self.record.exchanged["backward" if is_bw else "forward"] = memory.exchanged_bytes(graph)
             if is_bw:
                 self.record.saved = memory.saved_values(self.record._fw_values, graph)
             else:

@@ -56,6 +56,12 @@ def _hint(x: Any) -> int:
     return int(h) if h is not None else 0
 
 
+def exchanged_bytes(graph: fx.Graph) -> int:
+    """Bytes a graph hands to all-to-all collectives (sequence parallelism), at its traced sizes."""
+    return sum(_nbytes(n.args[0].meta.get("val")) for n in graph.nodes
+               if n.op == "call_function" and "all_to_all_single" in str(n.target))
+
+
 def _nbytes(val: Any) -> int:
     """Bytes a saved value holds: its storage's size (an expanded index is a view of a small tensor)."""
     if not isinstance(val, torch.Tensor):

@@ -167,6 +167,14 @@ def _functorch_state(node: fx.Node) -> bool:
         ("torch._functorch", "torch._C._functorch"))
 
 
+def _dead_wait(node: fx.Node) -> bool:
+    """A functional collective's wait whose result nothing reads (the full-length exchanges of a block that
+    a sparse rewrite replaced): it goes, and then the collective. Every rank rewrites its graph alike."""
+    name = getattr(node.target, "_qualified_op_name", None) or getattr(getattr(node.target, "_schema", None),
+                                                                          "name", "") or ""
+    return node.op == "call_function" and name.endswith("c10d_functional::wait_tensor")
+
+
 def eliminate_dead_code(graph: fx.Graph) -> None:
     """Dead-code elimination that keeps in-place ops whose result is unused but whose mutated tensor is
     read afterwards (an MoE router's mask.scatter_(...), say): FX's own treats them as dead. An in-place
@@ -175,7 +183,9 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node.op in ("placeholder", "output") or node.users or node.is_impure() or _functorch_state(node):
+            if node.op in ("placeholder", "output") or node.users or _functorch_state(node):
+                continue
+            if node.is_impure() and not _dead_wait(node):
                 continue
             if _mutates(node) and node.args and isinstance(node.args[0], fx.Node):
                 alias = _aliases(node.args[0])

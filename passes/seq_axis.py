@@ -45,8 +45,99 @@ def _norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
+# Sequence parallelism (lemo_compile.sequence_parallel, Ulysses layout): an all-to-all with equal splits
+# along axis 0 trades slices of the sequence between ranks. Every rank compacts to the same m rows, and
+# slices are contiguous and in rank order, so the exchange keeps each row's place on the sequence axis
+# and axis 0 of its output counts source ranks. A reshape that merges that rank axis into the sequence
+# axis just after it gives the global sequence (P x m rows, sorted); the inverse reshape splits it back.
+# Side facts ride in `axes` under tuple keys: ("rank", node) -> its rank axis, ("global", node) -> P.
+
+
+def _op_name(target: Any) -> str:
+    return getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", "") or ""
+
+
+def _is_all_to_all(node: fx.Node) -> bool:
+    return node.op == "call_function" and _op_name(node.target).endswith("::all_to_all_single")
+
+
+def _is_wait(node: fx.Node) -> bool:
+    return node.op == "call_function" and _op_name(node.target).endswith("::wait_tensor")
+
+
 def propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
     """Sequence axis of `node`'s output given its inputs' axes, and its args rewritten for m rows."""
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if src is not None and src in axes and (_is_all_to_all(node) or _is_wait(node)):
+        a = axes[src]
+        if _is_all_to_all(node):
+            splits = [x for x in node.args[1:3] if x is not None]
+            if a == 0 or any(not isinstance(x, (list, tuple)) or len(set(x)) != 1 for x in splits):
+                raise CantRewrite("sequence_axis", f"cannot follow the sequence axis through {node.name} (all-to-all): "
+                                  "it splits the sequence axis or unequally")
+            axes[("rank", node)] = 0
+        else:
+            _carry(axes, src, node, same=True)
+        return a, node.args, dict(node.kwargs)
+    if src is not None and src in axes and is_call(node, *_VIEWS):
+        got = _rank_view(node, axes, m)
+        if got is not None:
+            return got
+    ax, args, kwargs = _propagate(node, axes, m)
+    if ax is not None and src is not None:
+        if is_call(node, "transpose", torch.transpose, "permute", torch.permute, "contiguous", "clone", "to"):
+            _carry(axes, src, node, same=False)
+        elif ("global", src) in axes and (is_call(node, *SDPA_TARGETS) or node.target in _ELEMENTWISE):
+            axes[("global", node)] = axes[("global", src)]
+    return ax, args, kwargs
+
+
+def _carry(axes: dict, src: fx.Node, node: fx.Node, same: bool) -> None:
+    """Move src's rank axis / global flag to node through a data movement (transpose, permute) or identity."""
+    if ("global", src) in axes:
+        axes[("global", node)] = axes[("global", src)]
+    r = axes.get(("rank", src))
+    if r is None:
+        return
+    if not same and is_call(node, "transpose", torch.transpose):
+        nd = len(shape_of(src))
+        d0, d1 = _norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd)
+        r = d1 if r == d0 else d0 if r == d1 else r
+    elif not same and is_call(node, "permute", torch.permute):
+        dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        r = [_norm_dim(d, len(dims)) for d in dims].index(r)
+    axes[("rank", node)] = r
+
+
+def _rank_view(node: fx.Node, axes: dict, m: Any):
+    """A reshape that merges a rank axis into the sequence axis after it (the global sequence), or splits a
+    global sequence axis into (ranks, rows); None for any other view."""
+    src = node.args[0]
+    a, in_shape, out_shape = axes[src], shape_of(src), shape_of(node)
+    sizes, tuple_form = _sizes(node.args)
+    sizes = list(sizes)
+    r = axes.get(("rank", src))
+    if r is not None and r == a - 1:
+        p = in_shape[r]
+        for j in range(len(out_shape)):
+            if same_size(out_shape[j], p * in_shape[a]) and same_size(_prod(out_shape[:j]), _prod(in_shape[:r])):
+                if m is not None and not (isinstance(sizes[j], int) and sizes[j] == -1):
+                    sizes[j] = m * p if not isinstance(m, fx.Node) else m.graph.call_function(operator.mul, (m, p))
+                axes[("global", node)] = p
+                return j, _with_sizes(node.args, sizes, tuple_form), dict(node.kwargs)
+    p = axes.get(("global", src))
+    if p is not None:
+        for j in range(len(out_shape) - 1):
+            if (same_size(out_shape[j], p) and same_size(out_shape[j] * out_shape[j + 1], in_shape[a])
+                    and same_size(_prod(out_shape[:j]), _prod(in_shape[:a]))):
+                if m is not None and not (isinstance(sizes[j + 1], int) and sizes[j + 1] == -1):
+                    sizes[j + 1] = m
+                axes[("rank", node)] = j
+                return j + 1, _with_sizes(node.args, sizes, tuple_form), dict(node.kwargs)
+    return None
+
+
+def _propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
     args, kwargs = node.args, dict(node.kwargs)
     tracked = [a for a in node.all_input_nodes if a in axes]
     if not tracked:

@@ -125,6 +125,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
             raise CantRewrite("parallel_residual", f"parallel-residual layer with attn_mode={cfg.attn_mode.value}, "
                               f"mlp_mode={cfg.mlp_mode.value}: supported are "
                               + ", ".join(f"{a.value}/{b.value}" for a, b in ok_modes))
+    _check_sequence_parallel(attn, n, cfg)
     scale = _softmax_scale(sdpa) if cfg.attn_mode is AttnMode.BACKWARD else None
     predictor, weights = cfg.predictor, None
     if cfg.predictor == "pooled":
@@ -198,6 +199,33 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
             "mlp_mode": mmode.value, "mlp_whole": whole, "predictor": predictor, "kept_tokens": _kept(n, cfg, keep),
             "checkpoint_saves": saved}
+
+
+def sequence_parallel_ranks(attn: Block) -> int:
+    """P when the attention exchanges sequence slices between P ranks (lemo_compile.sequence_parallel's
+    all-to-all around the attention), else 1."""
+    for node in attn.nodes:
+        if seq_axis._is_all_to_all(node) and isinstance(node.args[1], (list, tuple)):
+            return len(node.args[1])
+    return 1
+
+
+def _check_sequence_parallel(attn: Block, n: Any, cfg: LemoConfig) -> None:
+    """Under sequence parallelism every rank compacts its slice to the same m rows and the ranks' kept rows
+    are concatenated in rank order before attention (passes.seq_axis): exact in tokens mode when every kept
+    row is a real row. The other attention modes read rows by their position in the slice."""
+    ranks = sequence_parallel_ranks(attn)
+    if ranks == 1:
+        return
+    if cfg.attn_mode is not AttnMode.TOKENS:
+        raise CantRewrite("sequence_parallel", f"attn_mode={cfg.attn_mode.value} under sequence parallelism "
+                          f"({ranks} ranks) is not built (only attn_mode='tokens' exchanges kept rows)")
+    if not isinstance(n, int) or n % cfg.block_size:
+        raise CantRewrite("sequence_parallel", f"a slice of {n} rows is not a whole number of "
+                          f"{cfg.block_size}-token blocks: a partly filled kept block would put rows that are "
+                          "not tokens between the ranks' rows")
+    if attn.mask is not None:
+        raise CantRewrite("sequence_parallel", "an attention mask under sequence parallelism")
 
 
 def _kept(n: Any, cfg: LemoConfig, keep: Fraction) -> Any:
@@ -279,7 +307,7 @@ def _predictor_weights(attn: Block) -> tuple[str, int, int, dict]:
         leaf = role.rsplit(".", 1)[-1]
         if leaf in ("q_proj", "k_proj") and role.count(".") == 1:
             lin.setdefault(leaf, node)
-    heads, hd = q_shape[1], q_shape[-1]
+    heads, hd = q_shape[1] * sequence_parallel_ranks(attn), q_shape[-1]  # SDPA sees H / P heads per rank
     kind = "separate" if "q_proj" in lin and "k_proj" in lin else "fused" if "qkv_proj" in lin else None
     if kind == "separate" and (_out_features(lin["q_proj"]) != heads * hd or _out_features(lin["k_proj"]) % hd):
         kind = None  # q_proj also projects something else (Qwen3-Next: a gate per head)

@@ -1,7 +1,12 @@
 """Sequence parallelism (lemo_compile.sequence_parallel, Ulysses layout) on 2 and 4 gloo ranks against one
-process: the summed loss shares and LoRA gradients equal the dense single-process run (fp32), eager and
-compiled with backend="lemo". The attention's all-to-all mixes positions across ranks, so lemo leaves every
-layer dense and says why (per-rank sparse layers under sequence parallelism are not built yet)."""
+process (fp32, tiny Llama, LoRA; lemo_compile.testing.sp_check): the summed loss shares and LoRA gradients
+
+- equal the dense one-process run: eager, lemo at keep 1.0 in tokens mode (sparse layers rewritten, every
+  block kept), and lemo in the default backward mode (refused under sequence parallelism: dense, with the
+  reason in the record);
+- equal lemo_compile.reference in one process with the same keep sets (the first block of every slice):
+  the kept rows of all ranks, exchanged and attended to in rank order, are the single-process semantics;
+- at keep 0.4 in tokens mode, sparse layers hand the all-to-alls exactly 0.4 of the dense bytes."""
 
 import json
 import os
@@ -12,12 +17,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-5  # fp32, a sum over ranks in another order than one process; observed <= 2e-6
+VARIANTS = "eager,lemo:1.0:tokens,lemo:first:tokens,lemo:0.4:tokens,lemo:0.4,lemo:0.4:tokens:64"
+LAYERS, DENSE = 4, 1  # tiny_model's 4 layers, layer 0 dense (dense_layers=(0,))
 
 
-def _check(tmp_path, ranks: int, variants: str) -> dict:
+def _check(tmp_path, ranks: int) -> dict:
     out = tmp_path / f"sp{ranks}.json"
     p = subprocess.run([sys.executable, "-m", "lemo_compile.testing.sp_check", "--ranks", str(ranks),
-                        "--variants", variants, "--out", str(out)], capture_output=True, text=True, timeout=600,
+                        "--variants", VARIANTS, "--out", str(out)], capture_output=True, text=True, timeout=900,
                        cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -27,14 +34,30 @@ def _check(tmp_path, ranks: int, variants: str) -> dict:
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_sharded_equals_one_process(tmp_path, ranks):
-    res = _check(tmp_path, ranks, "eager,lemo:1.0,lemo:0.4,lemo:0.4:tokens")
-    for name, r in res.items():
+    res = _check(tmp_path, ranks)
+    for name in ("eager", "lemo:1.0:tokens", "lemo:0.4", "lemo:first:tokens"):
+        r = res[name]
         assert r["loss_error"] < TOL and r["grad_error"] < TOL, (name, r)
-    for name in ("lemo:1.0", "lemo:0.4", "lemo:0.4:tokens"):
-        # not silently dense: every layer lemo would sparsify names the collective it stopped at
-        assert res[name]["sparse_layers"] == [], res[name]
-        assert len(res[name]["skips"]) == 3 and all("all_to_all_single" in s or "merged or split" in s
-                                                    for s in res[name]["skips"]), res[name]["skips"]
+    assert res["lemo:first:tokens"]["reference"].startswith("lemo_compile.reference")
+    for name in ("lemo:1.0:tokens", "lemo:first:tokens", "lemo:0.4:tokens"):
+        assert res[name]["sparse_layers"] == [1, 2, 3] and not res[name]["skips"], res[name]
+    # sparse for real: the same-keep-set run and keep 0.4 are not the dense numbers
+    assert res["lemo:first:tokens"]["differs_from_dense"] > 1e-3
+    assert res["lemo:0.4:tokens"]["differs_from_dense"] > 1e-4
+    # the default mode is refused by name, never silently dense or wrong
+    skips = res["lemo:0.4"]["skips"]
+    assert res["lemo:0.4"]["sparse_layers"] == [] and len(skips) == 3
+    assert all("[sequence_parallel]" in s and "attn_mode=backward" in s for s in skips), skips
+    # a slice that is no whole number of blocks (160 or 80 rows, blocks of 64) is refused: a partly filled
+    # kept block would put non-token rows between the ranks' rows
+    r = res["lemo:0.4:tokens:64"]
+    assert r["sparse_layers"] == [] and r["loss_error"] < TOL, r
+    assert all("whole number of 64-token blocks" in s for s in r["skips"]) and len(r["skips"]) == 3, r["skips"]
+    # kept rows only cross the wire: 0.4 of each sparse layer's dense exchange (whole blocks: 0.4 exactly)
+    dense = res["lemo:0.4"]["exchanged_bytes"]
+    assert dense > 0 and res["lemo:1.0:tokens"]["exchanged_bytes"] == dense
+    per_layer = dense // LAYERS
+    assert res["lemo:0.4:tokens"]["exchanged_bytes"] == per_layer * DENSE + round(per_layer * 0.4) * (LAYERS - DENSE)
 
 
 def test_contract_errors():
