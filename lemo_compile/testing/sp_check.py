@@ -104,7 +104,7 @@ def _variant(arch: str, ids: torch.Tensor, variant: str, group: Any) -> dict:
     return out
 
 
-def _rank(rank: int, ranks: int, port: int, arch: str, variants: list[str], out: str) -> None:
+def _rank(rank: int, ranks: int, port: int, arch: str, variants: list[str], out: str, command: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=ranks)
     torch.set_num_threads(1)
@@ -124,7 +124,7 @@ def _rank(rank: int, ranks: int, port: int, arch: str, variants: list[str], out:
             results.append(r)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"ranks": ranks, "arch": arch, "tokens": N_TOKENS, "batch": BATCH, "reference_loss": ref_loss,
+            json.dump({"command": command, "torch": torch.__version__, "ranks": ranks, "arch": arch, "tokens": N_TOKENS, "batch": BATCH, "reference_loss": ref_loss,
                        "results": results}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="eager,lemo:1.0")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    mp.spawn(_rank, args=(a.ranks, _free_port(), a.arch, a.variants.split(","), a.out), nprocs=a.ranks)
+    command = "python -m lemo_compile.testing.sp_check " + " ".join(argv if argv is not None else sys.argv[1:])
+    mp.spawn(_rank, args=(a.ranks, _free_port(), a.arch, a.variants.split(","), a.out, command), nprocs=a.ranks)
 
 
 if __name__ == "__main__":
