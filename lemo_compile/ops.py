@@ -118,6 +118,20 @@ def _(x, token_valid, path, layer, block):
     return x.new_empty((x.shape[0], (x.shape[1] + block - 1) // block), dtype=torch.float32)
 
 
+def gather_ranks(t: torch.Tensor, ranks: int, group: str, stride: int = 0) -> torch.Tensor:
+    """Sequence parallelism: (b, m) on each of `ranks` ranks -> (b, ranks * m), rank r's entries at
+    [r m, (r + 1) m), plus r * stride (the kept rows' positions in the global sequence when stride is the
+    slice length). Bool in, bool out."""
+    b, m = t.shape
+    x = t.to(torch.int64).contiguous()
+    x = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_gather_into_tensor(x, ranks, group))
+    x = x.view(ranks, b, m)
+    if stride:
+        x = x + (torch.arange(ranks, device=x.device) * stride).view(ranks, 1, 1)
+    x = x.permute(1, 0, 2).reshape(b, ranks * m)
+    return x != 0 if t.dtype == torch.bool else x.to(t.dtype)
+
+
 def gather_seq(t: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
     """Rows of `t` along `axis` at idx (b, m); t's batch dim (0) may be 1 and is broadcast to b."""
     b, m = idx.shape

@@ -204,10 +204,12 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
 def sequence_parallel_ranks(attn: Block) -> int:
     """P when the attention exchanges sequence slices between P ranks (lemo_compile.sequence_parallel's
     all-to-all around the attention), else 1."""
-    for node in attn.nodes:
-        if seq_axis._is_all_to_all(node) and isinstance(node.args[1], (list, tuple)):
-            return len(node.args[1])
-    return 1
+    exchange = _exchange(attn)
+    return 1 if exchange is None else len(exchange.args[1])
+
+
+def _exchange(attn: Block) -> fx.Node | None:
+    return next((n for n in attn.nodes if seq_axis._is_all_to_all(n) and isinstance(n.args[1], (list, tuple))), None)
 
 
 def _check_sequence_parallel(attn: Block, n: Any, cfg: LemoConfig) -> None:
@@ -217,9 +219,9 @@ def _check_sequence_parallel(attn: Block, n: Any, cfg: LemoConfig) -> None:
     ranks = sequence_parallel_ranks(attn)
     if ranks == 1:
         return
-    if cfg.attn_mode is not AttnMode.TOKENS:
-        raise CantRewrite("sequence_parallel", f"attn_mode={cfg.attn_mode.value} under sequence parallelism "
-                          f"({ranks} ranks) is not built (only attn_mode='tokens' exchanges kept rows)")
+    if cfg.attn_mode is AttnMode.KEYS:
+        raise CantRewrite("sequence_parallel", f"attn_mode=keys under sequence parallelism ({ranks} ranks) is "
+                          "not built (tokens and backward are)")
     if not isinstance(n, int) or n % cfg.block_size:
         raise CantRewrite("sequence_parallel", f"a slice of {n} rows is not a whole number of "
                           f"{cfg.block_size}-token blocks: a partly filled kept block would put rows that are "
@@ -515,8 +517,16 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
     # kept rows, with grad: attention output = the dense one, backward = the dropped-term one
     with g.inserting_before(attn.residual_add):
         env = _gather_inputs(g, h0, seq_ext, idx)
-        out_g = g.call_function(ops.gather_seq, (dense_out, idx, 2))
-        lse_g = g.call_function(ops.gather_seq, (dense_lse, idx, 2))
+        # under sequence parallelism the attention sees every rank's kept rows in rank order: their
+        # positions in the global sequence (rank r's slice starts at r x n) and validity
+        idx_a, ok_a = idx, ok
+        exchange = _exchange(attn)
+        if exchange is not None:
+            ranks, group, n = len(exchange.args[1]), exchange.args[3], shape_of(h0)[1]
+            idx_a = g.call_function(ops.gather_ranks, (idx, ranks, group, n))
+            ok_a = g.call_function(ops.gather_ranks, (ok, ranks, group))
+        out_g = g.call_function(ops.gather_seq, (dense_out, idx_a, 2))
+        lse_g = g.call_function(ops.gather_seq, (dense_lse, idx_a, 2))
         if save_rows:  # the recompute in backward starts from these, never from the full input
             env[h0], out_g, lse_g = (g.call_function(torch.ops.lemo.saved.default, (t,))
                                      for t in (env[h0], out_g, lse_g))
@@ -530,7 +540,7 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
             mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok))
             pos, valid = None, None
         else:
-            pos, valid = idx, ok
+            pos, valid = idx_a, ok_a
 
         def kept_attention(node: fx.Node) -> fx.Node:
             return g.call_function(torch.ops.lemo.attention_kept.default,
@@ -689,6 +699,8 @@ def _clone(g: fx.Graph, blk: Block, nodes: list[fx.Node], env: dict[fx.Node, fx.
         if node in replace:
             env[node] = replace[node](node)
             axes[node] = 2
+            if ("global", node.args[0]) in axes:  # attention over every rank's rows (sequence parallelism)
+                axes[("global", node)] = axes[("global", node.args[0])]
             continue
         ax, args, kwargs = propagate(node, axes, m)
         new = g.node_copy(node, lambda a: env.get(a, a))

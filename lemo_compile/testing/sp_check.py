@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 N_TOKENS = 320  # divides by 2 and 4 ranks; 80 per rank at 4 (not 64 = the tiny hidden size: see the README)
 BATCH = 2
+LAYERS = 4  # tiny_model's default
 BLOCK = 16  # slices of 160 (2 ranks) and 80 (4 ranks) rows: whole blocks
 
 
@@ -51,9 +52,10 @@ def _config(variant: str, ranks: int | None = None):
     """The LemoConfig of a lemo variant: on the ranks (ranks=None) or for the one-process reference."""
     import lemo_compile
 
-    _, keep, *mode = variant.split(":")  # lemo:KEEP[:ATTN_MODE[:BLOCK]]
-    block = int(mode[1]) if len(mode) > 1 else BLOCK
-    opts = dict(dense_layers=(0,), inner="eager", block_size=block, **({"attn_mode": mode[0]} if mode else {}))
+    _, keep, *mode = variant.split(":")  # lemo:KEEP[:ATTN_MODE[:BLOCK]]; BLOCK 0: every layer dense
+    block = int(mode[1]) if len(mode) > 1 and mode[1] != "0" else BLOCK
+    dense = tuple(range(LAYERS)) if len(mode) > 1 and mode[1] == "0" else (0,)
+    opts = dict(dense_layers=dense, inner="eager", block_size=block, **({"attn_mode": mode[0]} if mode else {}))
     if keep == "first":
         per_rank = N_TOKENS // (ranks or 1) // block
         forced = (0,) if ranks is None else tuple(range(0, N_TOKENS // block, per_rank))
