@@ -107,25 +107,32 @@ _WARM_PROBE = textwrap.dedent("""
     from lemo_compile.testing.models import random_batch, tiny_model
     torch.set_num_threads(1)
     model = tiny_model("llama", lora=True).train()
+    regional = sys.argv[2] == "regional"
+    if regional:  # shared bodies are checkpointed layers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.get_base_model().disable_input_require_grads()
     batch = random_batch(256, 1, 200, seed=0)
-    cfg = LemoConfig(inner="inductor", keep_ratio=float(sys.argv[1]), dense_layers=(0,))
+    cfg = LemoConfig(inner="inductor", keep_ratio=float(sys.argv[1]), dense_layers=(0,), regional=regional)
     loss = torch.compile(model, backend=lemo_compile.backend(cfg))(**batch).loss
     loss.backward()
     rec = next(r for r in lemo_compile.records() if r.sparsified)
     print("WARM", json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"]),
                               "loss": float(loss), "sparse": rec.sparsify.counters["sparse_layers"],
-                              "passes": rec.aot_graphs}))
+                              "passes": rec.aot_graphs,
+                              "shared": rec.regions.layers_shared if rec.regions is not None else 0}))
 """)
 
 
-def test_rewritten_graph_warm_start_reuses_aot_and_inductor_caches(tmp_path):
+@pytest.mark.parametrize("mode", ["whole", "regional"])
+def test_rewritten_graph_warm_start_reuses_aot_and_inductor_caches(tmp_path, mode):
     """A fresh process with a warm cache reuses a rewritten (sparse) graph whole: AOT autograd's cache
     hits (lemo's inserted functions and fake values make the graph cacheable), so neither AOT tracing
-    nor Inductor runs again; the same loss comes out; other options miss."""
+    nor Inductor runs again; the same loss comes out; other options miss. Also with regional compilation
+    (checkpointed layers calling shared, staged bodies)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
 
     def run(keep):
-        p = subprocess.run([sys.executable, "-c", _WARM_PROBE, str(keep)], env=env, capture_output=True,
+        p = subprocess.run([sys.executable, "-c", _WARM_PROBE, str(keep), mode], env=env, capture_output=True,
                            text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
         return json.loads([l for l in p.stdout.splitlines() if l.startswith("WARM ")][-1][5:])
@@ -135,6 +142,7 @@ def test_rewritten_graph_warm_start_reuses_aot_and_inductor_caches(tmp_path):
     warm = run(0.5)
     assert warm["aot"].get("autograd_cache_hit") == 1 and warm["passes"] == [], warm
     assert warm["loss"] == cold["loss"] and warm["sparse"] == cold["sparse"] == 3
+    assert cold["shared"] == (3 if mode == "regional" else 0)  # layers 1-3 (sparse) share one body
     other = run(0.25)
     assert other["aot"].get("autograd_cache_hit", 0) == 0 and "forward" in other["passes"], other
 
