@@ -121,6 +121,23 @@ class CompileRecord:
     def sparsified(self) -> bool:
         return bool(self.sparsify and self.sparsify.layers)
 
+    def __repr__(self) -> str:
+        """A one-line summary (the graph texts, .before/.after, run to megabytes; lemo_compile.explain()
+        and inspect.format_record give the whole report)."""
+        if self.left_alone:
+            what = f"left alone: {self.left_alone}"
+        elif self.sparsified:
+            layers = self.sparsify.layers
+            modes = sorted({f"{d['attn_mode']}/{d['mlp_mode']}" for d in layers})
+            what = (f"{len(layers)} sparse layers ({', '.join(str(d['layer']) for d in layers)}; "
+                    f"keep {layers[0]['keep']:g}, {', '.join(modes)})")
+        else:
+            what = "no sparse layer"
+        skips = sum(len(getattr(r, "skips", None) or ()) for r in vars(self).values())
+        shared = f", {self.regions.layers_shared} layers shared" if self.regions and self.regions.regions else ""
+        return (f"CompileRecord(graph {self.graph_id}: {what}{shared}; attention: {self.attention_path}; "
+                f"loss: {self.loss_path}; {skips} skips; .before/.after hold the graph texts)")
+
     @property
     def rewritten(self) -> bool:
         return (self.sparsified or bool(self.peak_cut and self.peak_cut.losses)

@@ -207,3 +207,16 @@ def test_attention_without_decoder_layers_warns(fresh_dense_warnings):
         torch.compile(nn.Linear(16, 4), backend=lemo_compile.backend(LemoConfig(inner="eager")))(x)  # no attention
     got = [str(w.message) for w in caught if "lemo:" in str(w.message)]
     assert len(got) == 1 and "1 scaled_dot_product_attention calls, but no node belongs" in got[0], got
+
+
+def test_record_prints_a_summary_not_the_graphs():
+    """print(lemo_compile.records()) used to dump every graph's text (megabytes on a real model)."""
+    model = tiny_model("llama", lora=True)
+    batch = random_batch(256, 1, 130, seed=0)
+    torch._dynamo.reset()
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,))
+    torch.compile(model, backend=lemo_compile.backend(cfg))(**batch).loss.backward()
+    rec = next(r for r in lemo_compile.records() if r.sparsified)
+    text = repr(rec)
+    assert len(text) < 600 and len(rec.before) > 2000, (len(text), len(rec.before))
+    assert "3 sparse layers (1, 2, 3; keep 0.5, backward/backward)" in text and "loss: segmented" in text, text
