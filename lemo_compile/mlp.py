@@ -188,9 +188,8 @@ def swiglu_mlp_backward(grad: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, w
 
 @swiglu_mlp_backward.register_fake
 def _(grad, x, wg, wu, wd, rows, need_x, need_w):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_x else empty, *((torch.empty_like(w) if need_w else empty)
-                                                         for w in (wg, wu, wd)))
+    return (torch.empty_like(x) if need_x else x.new_empty(0),  # one empty per output: outputs never alias
+            *((torch.empty_like(w) if need_w else x.new_empty(0)) for w in (wg, wu, wd)))
 
 
 def _setup(ctx, inputs, output):
