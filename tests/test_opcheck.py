@@ -6,7 +6,7 @@ import torch
 
 import lemo_compile  # noqa: F401  (registers the ops)
 from lemo_compile import lm_loss, mlp, ops  # noqa: F401
-from kernels import rows  # noqa: F401
+from lemo_compile.kernels import rows  # noqa: F401
 
 G = torch.Generator().manual_seed(0)
 
