@@ -128,7 +128,7 @@ def test_rewritten_graph_warm_start_reuses_aot_and_inductor_caches(tmp_path, mod
     """A fresh process with a warm cache reuses a rewritten (sparse) graph whole: AOT autograd's cache
     hits (lemo's inserted functions and fake values make the graph cacheable), so neither AOT tracing
     nor Inductor runs again; the same loss comes out; other options miss. Also with regional compilation
-    (checkpointed layers calling shared, staged bodies)."""
+    (checkpointed layers calling shared bodies)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
 
     def run(keep):
