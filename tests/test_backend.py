@@ -214,6 +214,8 @@ def test_record_prints_a_summary_not_the_graphs():
     model = tiny_model("llama", lora=True)
     batch = random_batch(256, 1, 130, seed=0)
     torch._dynamo.reset()
+    from lemo_compile.backend import clear_records
+    clear_records()  # records of earlier tests in this process
     cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,))
     torch.compile(model, backend=lemo_compile.backend(cfg))(**batch).loss.backward()
     rec = next(r for r in lemo_compile.records() if r.sparsified)
