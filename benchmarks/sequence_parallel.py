@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,14 +36,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import LORA_PRESETS, build_model, environment, publish_figures  # noqa: E402
+from lemo_compile.testing.sp_check import free_port  # noqa: E402
 
 VARIANTS = ("dense", "lemo", "lemo_tokens")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(variant: str, tiny: bool):
@@ -114,8 +108,7 @@ def _rank(rank: int, args, port: int, variant: str, seq: int, out: str) -> None:
                       step_times_s=times, losses=losses,
                       exchanged_bytes=sum(sum(r.exchanged.values()) for r in recs),
                       sparse_layers=sorted({d["layer"] for r in recs if r.sparsify for d in r.sparsify.layers}),
-                      skips=sorted({str(s) for r in recs for res in vars(r).values()
-                                    for s in getattr(res, "skips", None) or ()})[:10])
+                      skips=sorted({str(s) for r in recs for s in r.skips})[:10])
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 1e9 if not args.tiny else 0.0], device=dev)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         result["peak_allocated_gb"] = peak.item() if not args.tiny else None
@@ -137,7 +130,7 @@ def run_variant(args, variant: str, seq: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
-        ctx = mp.start_processes(_rank, args=(args, _free_port(), variant, seq, out), nprocs=args.ranks,
+        ctx = mp.start_processes(_rank, args=(args, free_port(), variant, seq, out), nprocs=args.ranks,
                                  join=False, start_method="spawn")
         t0 = time.perf_counter()
         try:

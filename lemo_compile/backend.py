@@ -133,10 +133,14 @@ class CompileRecord:
                     f"keep {layers[0]['keep']:g}, {', '.join(modes)})")
         else:
             what = "no sparse layer"
-        skips = sum(len(getattr(r, "skips", None) or ()) for r in vars(self).values())
         shared = f", {self.regions.layers_shared} layers shared" if self.regions and self.regions.regions else ""
         return (f"CompileRecord(graph {self.graph_id}: {what}{shared}; attention: {self.attention_path}; "
-                f"loss: {self.loss_path}; {skips} skips; .before/.after hold the graph texts)")
+                f"loss: {self.loss_path}; {len(self.skips)} skips; .before/.after hold the graph texts)")
+
+    @property
+    def skips(self) -> list:
+        """Every pass's SkipReasons (what was left alone, and why)."""
+        return [s for res in vars(self).values() for s in getattr(res, "skips", None) or ()]
 
     @property
     def rewritten(self) -> bool:

@@ -58,8 +58,9 @@ def _hint(x: Any) -> int:
 
 def exchanged_bytes(graph: fx.Graph) -> int:
     """Bytes a graph hands to all-to-all collectives (sequence parallelism), at its traced sizes."""
+    from .passes.common import op_name
     return sum(_nbytes(n.args[0].meta.get("val")) for n in graph.nodes
-               if n.op == "call_function" and "all_to_all_single" in str(n.target))
+               if n.op == "call_function" and op_name(n.target).endswith("::all_to_all_single"))
 
 
 def _nbytes(val: Any) -> int:

@@ -167,12 +167,15 @@ def _functorch_state(node: fx.Node) -> bool:
         ("torch._functorch", "torch._C._functorch"))
 
 
+def op_name(target: Any) -> str:
+    """"namespace::name" of a torch op target (packet or overload; Dynamo and AOT graphs), "" for others."""
+    return getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", "") or ""
+
+
 def _dead_wait(node: fx.Node) -> bool:
     """A functional collective's wait whose result nothing reads (the full-length exchanges of a block that
     a sparse rewrite replaced): it goes, and then the collective. Every rank rewrites its graph alike."""
-    name = getattr(node.target, "_qualified_op_name", None) or getattr(getattr(node.target, "_schema", None),
-                                                                          "name", "") or ""
-    return node.op == "call_function" and name.endswith("c10d_functional::wait_tensor")
+    return node.op == "call_function" and op_name(node.target).endswith("c10d_functional::wait_tensor")
 
 
 def eliminate_dead_code(graph: fx.Graph) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import CantRewrite, is_call, same_size, shape_of, value_of
+from .common import CantRewrite, is_call, op_name, same_size, shape_of, value_of
 from .detect import LINEAR_TARGETS, SDPA_TARGETS
 
 
@@ -53,16 +53,12 @@ def _norm_dim(d: int, ndim: int) -> int:
 # Side facts ride in `axes` under tuple keys: ("rank", node) -> its rank axis, ("global", node) -> P.
 
 
-def _op_name(target: Any) -> str:
-    return getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", "") or ""
-
-
 def _is_all_to_all(node: fx.Node) -> bool:
-    return node.op == "call_function" and _op_name(node.target).endswith("::all_to_all_single")
+    return node.op == "call_function" and op_name(node.target).endswith("::all_to_all_single")
 
 
 def _is_wait(node: fx.Node) -> bool:
-    return node.op == "call_function" and _op_name(node.target).endswith("::wait_tensor")
+    return node.op == "call_function" and op_name(node.target).endswith("::wait_tensor")
 
 
 def propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
@@ -375,8 +371,7 @@ def probe_axis(node: fx.Node, axes: dict, fail) -> int:
 
 def is_collective(target: Any) -> bool:
     """A torch.distributed communication op (functional collectives and their c10d ops)."""
-    qualified = getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", "")
-    if "c10d" in qualified.split("::")[0]:
+    if "c10d" in op_name(target).split("::")[0]:
         return True
     return (getattr(target, "__module__", None) or "").startswith("torch.distributed")
 

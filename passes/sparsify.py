@@ -214,8 +214,8 @@ def _exchange(attn: Block) -> fx.Node | None:
 
 def _check_sequence_parallel(attn: Block, n: Any, cfg: LemoConfig) -> None:
     """Under sequence parallelism every rank compacts its slice to the same m rows and the ranks' kept rows
-    are concatenated in rank order before attention (passes.seq_axis): exact in tokens mode when every kept
-    row is a real row. The other attention modes read rows by their position in the slice."""
+    are concatenated in rank order before attention (passes.seq_axis): exact in tokens and backward mode
+    when every kept row is a real row. Keys mode masks keys by their position in the slice (not built)."""
     ranks = sequence_parallel_ranks(attn)
     if ranks == 1:
         return

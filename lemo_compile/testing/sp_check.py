@@ -32,7 +32,7 @@ LAYERS = 4  # tiny_model's default
 BLOCK = 16  # slices of 160 (2 ranks) and 80 (4 ranks) rows: whole blocks
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -102,7 +102,7 @@ def _variant(arch: str, ids: torch.Tensor, variant: str, group: Any) -> dict:
         out["sparse_layers"] = sorted({d["layer"] for r in recs if r.sparsify for d in r.sparsify.layers})
         # what this rank hands to the all-to-alls per step, forward + backward (the compiled graphs' sizes)
         out["exchanged_bytes"] = sum(sum(r.exchanged.values()) for r in recs)
-        out["skips"] = sorted({str(s) for r in recs for res in vars(r).values() for s in getattr(res, "skips", None) or ()})
+        out["skips"] = sorted({str(s) for r in recs for s in r.skips})
     return out
 
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     command = "python -m lemo_compile.testing.sp_check " + " ".join(argv if argv is not None else sys.argv[1:])
-    mp.spawn(_rank, args=(a.ranks, _free_port(), a.arch, a.variants.split(","), a.out, command), nprocs=a.ranks)
+    mp.spawn(_rank, args=(a.ranks, free_port(), a.arch, a.variants.split(","), a.out, command), nprocs=a.ranks)
 
 
 if __name__ == "__main__":
