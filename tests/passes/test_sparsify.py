@@ -401,16 +401,26 @@ def test_other_layer_layouts_match_the_reference(model_type, attn_mode, mlp_mode
     assert not sweep.matches_dense(sweep.loss_and_grads(model, model, batch), tuple(got))
 
 
+@pytest.mark.parametrize("padding", ["right", "left_and_empty"])
 @pytest.mark.parametrize("attn_mode", ["tokens", "backward"])
-def test_sequence_as_long_as_the_hidden_size(attn_mode):
+def test_sequence_as_long_as_the_hidden_size(attn_mode, padding):
     """n = hidden size (64 here; 4096 tokens for an 8B model): the norm weights, of the same length, are not
-    mistaken for inputs that carry the sequence (every layer used to be skipped). Equal to the reference."""
+    mistaken for inputs that carry the sequence (every layer used to be skipped). Equal to the reference,
+    with right padding, and with left padding beside a fully padded row (all labels ignored there)."""
     model = tiny_model("llama", lora=True)
     n = model.config.hidden_size
-    batch = random_batch(256, 2, n, seed=5, pad_right=[0, 9])
+    if padding == "right":
+        batch = random_batch(256, 2, n, seed=5, pad_right=[0, 9])
+    else:
+        batch = random_batch(256, 3, n, seed=5)
+        batch["attention_mask"][1, :11] = 0  # left padding
+        batch["attention_mask"][2] = 0  # a row with no token at all
+        batch["input_ids"][batch["attention_mask"] == 0] = 0
+        batch["labels"][batch["attention_mask"] == 0] = -100
     cfg = LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0,), attn_mode=attn_mode, predictor="random",
                      block_size=16)
     loss, grads, rec = compiled_run(model, cfg, batch)
     ref_loss, ref_grads, _ = reference_run(model, cfg, batch)
     assert rec.sparsify.counters["sparse_layers"] == 3 and not rec.sparsify.skips, rec.sparsify.skips
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
     assert_close(loss, grads, ref_loss, ref_grads)
