@@ -107,11 +107,40 @@ def activation_offload(enabled: bool, cuda: bool):
                            f"{torch.__version__} does not have (torch._functorch.config.enable_activation_offloading)")
     patch = {"enable_activation_offloading": True}
     if cuda:
+        mend_record_stream_fake()
         for key in ("activation_offload_separate_stream", "activation_offload_sink_wait",
                     "activation_reload_prefetch"):
             if hasattr(functorch_config, key):
                 patch[key] = True
     return functorch_config.patch(**patch)
+
+
+def mend_record_stream_fake() -> bool:
+    """torch 2.11 registers the fake of `streams::record_stream(tensor, stream_index)` with the three
+    parameters of `streams::sync_dealloc`, so Inductor fails lowering the side-stream activation offload
+    ("missing 1 required positional argument: 'to_dealloc'"). Where the registered fake does not accept
+    the op's own arguments, register one that does (the op returns nothing). True when it mended."""
+    import inspect
+    try:
+        import torch._dynamo.variables.streams  # noqa: F401  (registers the streams:: ops)
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # pragma: no cover - a torch without stream ops has no side-stream offload
+        return False
+    opdef = OPDEFS.get("streams::record_stream")
+    fake = getattr(opdef, "_abstract_fn", None)
+    if fake is None:
+        return False
+    try:
+        inspect.signature(fake).bind(None, 0)
+        return False
+    except TypeError:
+        pass
+
+    def record_stream_fake(tensor: torch.Tensor, stream_index: int) -> None:
+        return None
+
+    opdef.register_fake(record_stream_fake)
+    return True
 
 
 def cacheable_functions(names: dict[str, str]) -> dict[str, str]:

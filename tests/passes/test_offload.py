@@ -163,3 +163,31 @@ def test_host_budget_checked_at_every_length_of_a_dynamic_graph():
     with pytest.raises(HostMemoryBudgetError, match="at sizes"):
         compiled(**long)
     assert len([r for r in lemo_compile.records() if r.sparsified]) == 1  # no recompile: the same graph refused
+
+
+def test_a_record_stream_fake_of_the_wrong_signature_is_mended(monkeypatch):
+    """torch 2.11 registers streams::record_stream's fake with three parameters (sync_dealloc's), which
+    broke Inductor's lowering of the side-stream offload on the GPU; lemo registers a fake that takes the
+    op's own arguments, and leaves a right one alone."""
+    import inspect
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lemo_compile import _compat
+    pytest.importorskip("torch._dynamo.variables.streams")
+    from torch._library.custom_ops import OPDEFS
+    opdef = OPDEFS.get("streams::record_stream")
+    if opdef is None:
+        pytest.skip("this torch has no streams::record_stream op")
+
+    def broken(src_stream_index, wait_event_index, to_dealloc):
+        return None
+
+    monkeypatch.setattr(opdef, "_abstract_fn", broken)
+    with FakeTensorMode(), pytest.raises(TypeError, match="to_dealloc"):
+        torch.ops.streams.record_stream(torch.empty(3), 0)
+    assert _compat.mend_record_stream_fake()
+    inspect.signature(opdef._abstract_fn).bind(torch.empty(3), 0)
+    with FakeTensorMode():
+        torch.ops.streams.record_stream(torch.empty(3), 0)
+    assert not _compat.mend_record_stream_fake()  # a right fake stays as it is
