@@ -492,8 +492,13 @@ def search_state(probes: list[dict], start: int, resolution: int, growth: float,
             if best.get(k) is not None:
                 st[f"{k}_at_max"] = best[k]
     broken = [s for s, r in final.items() if status(r) == "error" and (r.get("phase") == "setup" or "unavailable" in r)]
+    # an error other than out of memory or a timeout with no success below it: the variant does not run
+    # here (a compile error is no capacity limit), so shorter lengths would fail the same way
+    failed = [s for s in bad if lo == 0 and status(final[s]) == "error"]
     if broken:  # the variant cannot run here at all (e.g. Liger not installed): no point in other lengths
         st.update(done=True, bounded_by="setup error", setup_error=str(final[broken[0]].get("error"))[:300])
+    elif failed:
+        st.update(done=True, bounded_by="error", setup_error=str(final[failed[0]].get("error"))[:300])
     elif hi is None:
         if lo == 0:
             st["next"] = _round64(start)
@@ -621,14 +626,15 @@ def figures(doc: dict, src: str | None) -> tuple[dict, list[str]]:
         else:
             missing.append("max_context_ratio_vs_ckpt_chunked: no chunked-loss baseline finished its search")
     # the default configuration's figure (forward-exact modes, with or without offload): whichever searched
-    default = [v for v in DEFAULT_CONFIG if search.get(v, {}).get("done")]
+    default = [v for v in DEFAULT_CONFIG if search.get(v, {}).get("done") and search[v]["max_tokens"]]
     if default:
         best = max(default, key=lambda v: search[v]["max_tokens"] or 0)
         fig(f"max_context_tokens_{sfx}_default", "max_context_tokens_default", search[best]["max_tokens"],
             variant=best, offload=best.endswith("_offload"), **info(best), **capped(best),
             searched={v: info(v) for v in default})
     else:
-        missing.append(f"max_context_tokens_{sfx}_default: neither of {', '.join(DEFAULT_CONFIG)} finished its search")
+        missing.append(f"max_context_tokens_{sfx}_default: neither of {', '.join(DEFAULT_CONFIG)} finished its "
+                       f"search with a successful step")
     for v, name in (("lemo_ckpt", "max_context_prediction_error"),
                     ("lemo_ckpt_loss_only", "max_context_prediction_error_loss_only")):
         name = name.replace("max_context_prediction_error", "max_context_prediction_error" +
