@@ -56,6 +56,15 @@ def aot_eager(fw_pass, bw_pass, joint_pass=None):
     return aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition)
 
 
+# Inductor options for a graph that calls shared (invoke_subgraph) bodies. AOT autograd's partition of
+# such a body returns some of its inputs (parameters) as the values it saves for the backward, and
+# Inductor (torch 2.11, 2.13) treats those outputs as buffers of its own: after their last use it
+# reused one's storage for a later result, so a regional backward wrote sparse layers' LoRA gradients
+# into another layer's weights. No buffer reuse and no in-place reuse of dead buffers: the CUDA caching
+# allocator still recycles the memory, a little later.
+NO_BUFFER_REUSE = {"allow_buffer_reuse": False, "inplace_buffers": False}
+
+
 def compile_fx(gm, example_inputs, config_patches: dict):
     from torch._inductor.compile_fx import compile_fx as _compile_fx
     return _compile_fx(gm, example_inputs, config_patches=config_patches)

@@ -535,7 +535,8 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
             with _compat.activation_memory_budget(cfg.activation_memory_budget):
                 compiled = _compat.compile_fx(gm, example_inputs, config_patches={
                     "post_grad_custom_post_pass": passes, "joint_custom_pre_pass": joint,
-                    **_compat.cacheable_functions(_own_functions(gm))})
+                    **_compat.cacheable_functions(_own_functions(gm)),
+                    **(_compat.NO_BUFFER_REUSE if rec.regions is not None and rec.regions.regions else {})})
     if cfg.offload and cfg.host_memory_budget is not None:
         compiled = _host_checked(compiled, example_inputs, rec, cfg.host_memory_budget)
     return compiled

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from lemo_compile import ops
+
 from .common import PassResult, is_call, value_of
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
@@ -106,6 +108,228 @@ def _outlined_body(shared: fx.GraphModule, name: str, call: fx.Node) -> fx.Graph
     return fx.GraphModule(root, graph, class_name="LemoOutlinedLayer")
 
 
+# -------------------------------------------------------------------------------------------------
+# stages: what the backward recomputes of a shared body
+# -------------------------------------------------------------------------------------------------
+# The partitioner recomputes an invoke_subgraph call whole. Inline, it recomputes only what the backward
+# needs, and in a sparse layer of attn_mode="backward" that is the kept rows' path: the dense, exact
+# forward copy (full-length attention and MLP) only gives the layer its value, through the value-only
+# argument of straight_through_rows, and its results that the kept path reads pass through lemo::saved.
+# Shared whole, such a layer's dense forward ran again in the backward (1.38x the step of whole-model
+# compilation at 8B / 8K on an H100, benchmarks/results/compile_time_8b_regional_v2.json). So a body
+# with straight_through_rows is cut into stages, each its own shared invoke_subgraph:
+#   K  nodes the gradient flows through (from the outputs back, not into a detach or the value-only
+#      argument), and what they read short of a lemo::saved value: the kept path, recomputed;
+#   D  the rest: the dense forward copy, the predictor and keep set, the saved values; none of its
+#      outputs carries a gradient the layer uses, so the backward never recomputes it;
+#   T  straight_through_rows and the residual adds, inline between the stages (cheap; their backward
+#      reads no forward value but the saved keep set).
+# lemo::saved values leaving a D stage are marked again in the layer's body, where the partitioner
+# sees them. Python scalars (sizes) are recomputed in every stage that reads them.
+
+_STRAIGHT_THROUGH = (ops.straight_through_rows,)
+_SAVED = torch.ops.lemo.saved.default
+
+
+def _carries_grad(node: fx.Node) -> bool:
+    v = value_of(node)
+    vs = v if isinstance(v, (tuple, list)) else (v,)
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in vs)
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    v = value_of(node)
+    vs = v if isinstance(v, (tuple, list)) else (v,)
+    return node.op != "placeholder" and not any(isinstance(x, torch.Tensor) for x in vs)
+
+
+def _classify(body: fx.GraphModule) -> dict[fx.Node, str] | None:
+    """Stage class (K, D, T, or S for scalars) of every computing node, None when the body is not cut."""
+    nodes = [n for n in body.graph.nodes if n.op not in ("placeholder", "output")]
+    if not any(is_call(n, *_STRAIGHT_THROUGH) for n in nodes) or any(n.op == "get_attr" for n in nodes):
+        return None
+    live: set[fx.Node] = set()
+    todo = [a for a in body.graph.output_node().all_input_nodes if _carries_grad(a)]
+    while todo:
+        n = todo.pop()
+        if n in live or n.op == "placeholder":
+            continue
+        live.add(n)
+        if is_call(n, "detach", torch.detach, torch.ops.aten.detach.default):
+            continue
+        ins = [n.args[1]] if is_call(n, *_STRAIGHT_THROUGH) else n.all_input_nodes
+        todo.extend(i for i in ins if _carries_grad(i))
+    kind: dict[fx.Node, str] = {}
+    for n in nodes:
+        if _is_scalar(n):
+            kind[n] = "S"
+        elif is_call(n, *_STRAIGHT_THROUGH) or (n in live and is_call(n, operator.add, torch.add, "add")):
+            kind[n] = "T"
+    todo = [n for n in live if n not in kind]
+    while todo:  # the kept path: what live nodes read, short of saved values, placeholders, value-only args
+        n = todo.pop()
+        if n in kind or n.op == "placeholder" or is_call(n, _SAVED):
+            continue
+        kind[n] = "K"
+        todo.extend(n.all_input_nodes)
+    for n in nodes:
+        kind.setdefault(n, "D")
+    return kind
+
+
+def _stages(body: fx.GraphModule, kind: dict[fx.Node, str]) -> list[tuple[str, list[fx.Node]]]:
+    """Units in a valid order: ("K"|"D", nodes) stages and ("T", [node]) inline nodes. A node's level is
+    the number of class changes on its longest path from the inputs; a stage is one (level, class)."""
+    level: dict[fx.Node, int] = {}
+    pos = {n: i for i, n in enumerate(body.graph.nodes)}
+    for n in body.graph.nodes:
+        if n.op in ("placeholder", "output") or kind[n] == "S":
+            continue
+        deps = _tensor_inputs(n, kind)
+        level[n] = max((level[i] + (kind[i] != kind[n]) for i in deps if i in level), default=0)
+    units: dict[tuple, list[fx.Node]] = {}
+    for n, lv in level.items():
+        units.setdefault((lv, kind[n]) if kind[n] != "T" else (lv, "T", pos[n]), []).append(n)
+    order = sorted(units.items(), key=lambda kv: (kv[0][0], min(pos[n] for n in kv[1])))
+    return [(key[1], sorted(ns, key=pos.get)) for key, ns in order]
+
+
+def _tensor_inputs(n: fx.Node, kind: dict[fx.Node, str]) -> set[fx.Node]:
+    """The non-scalar nodes n reads, through any scalar nodes in between (they are recomputed)."""
+    out, todo, seen = set(), list(n.all_input_nodes), set()
+    while todo:
+        a = todo.pop()
+        if a in seen:
+            continue
+        seen.add(a)
+        if a.op != "placeholder" and kind.get(a) == "S":
+            todo.extend(a.all_input_nodes)
+        else:
+            out.add(a)
+    return out
+
+
+def _with_scalars(nodes: list[fx.Node], kind: dict[fx.Node, str], pos: dict) -> list[fx.Node]:
+    """nodes plus the scalar nodes they read (transitively), in graph order."""
+    extra, todo = set(), [a for n in nodes for a in n.all_input_nodes]
+    while todo:
+        a = todo.pop()
+        if a.op != "placeholder" and kind.get(a) == "S" and a not in extra:
+            extra.add(a)
+            todo.extend(a.all_input_nodes)
+    return sorted(set(nodes) | extra, key=pos.get)
+
+
+def _extract(nodes: list[fx.Node], outputs: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A graph computing `outputs` from the values `nodes` read but do not compute (its operands)."""
+    inside = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, a in enumerate(inputs):
+        env[a] = g.placeholder(f"operand_{i}")
+        env[a].meta.update({k: a.meta[k] for k in ("example_value", "val") if k in a.meta})
+    for n in nodes:
+        env[n] = g.node_copy(n, env.__getitem__)
+    g.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(torch.nn.Module(), g, class_name="LemoLayerStage"), inputs
+
+
+@dataclasses.dataclass
+class _Staged:
+    units: list[tuple[str, Any]]  # ("T", node) | (class, (stage module, body inputs, body outputs))
+    kind: dict[fx.Node, str]
+    pos: dict[fx.Node, int]
+
+
+def _staged(body: fx.GraphModule) -> _Staged | None:
+    kind = _classify(body)
+    if kind is None:
+        return None
+    pos = {n: i for i, n in enumerate(body.graph.nodes)}
+    stages = _stages(body, kind)
+    if sum(c in ("K", "D") for c, _ in stages) < 2:
+        return None
+    owner = {n: i for i, (c, ns) in enumerate(stages) for n in ns}
+    units: list[tuple[str, Any]] = []
+    for i, (c, ns) in enumerate(stages):
+        if c == "T":
+            units.append(("T", ns[0]))
+            continue
+        used_outside = [n for n in ns if any(owner.get(u, -1) != i for u in _users_through_scalars(n, kind))]
+        if any(not isinstance(value_of(n), torch.Tensor) for n in used_outside):
+            return None  # a stage would return something other than tensors
+        gm, inputs = _extract(_with_scalars(ns, kind, pos), used_outside)
+        units.append((c, (gm, inputs, used_outside)))
+    return _Staged(units, kind, pos)
+
+
+def _users_through_scalars(n: fx.Node, kind: dict[fx.Node, str]) -> set[fx.Node]:
+    out, todo, seen = set(), list(n.users), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if kind.get(u) == "S":
+            todo.extend(u.users)
+        else:
+            out.add(u)
+    return out
+
+
+def _staged_body(staged: _Staged, shared: fx.GraphModule, name: str, call: fx.Node) -> fx.GraphModule:
+    """The checkpoint body for `call` as stages: one invoke_subgraph per stage (shared by every layer of
+    the kind), straight_through_rows and residual adds inline, saved values marked again here."""
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, (p, arg) in enumerate(zip(shared.graph.find_nodes(op="placeholder"), call.args[1:])):
+        env[p] = graph.placeholder(f"operand_{i}")
+        env[p].meta["example_value"] = env[p].meta["val"] = value_of(arg)
+
+    def copy(n: fx.Node) -> fx.Node:
+        for a in _with_scalars([n], staged.kind, staged.pos):
+            if a not in env:
+                env[a] = graph.node_copy(a, env.__getitem__)
+        return env[n]
+
+    for j, (c, unit) in enumerate(staged.units):
+        if c == "T":
+            copy(unit)
+            continue
+        gm, inputs, outputs = unit
+        attr = f"stage_{j}"
+        setattr(root, attr, gm)
+        operands = [copy(a) if a not in env else env[a] for a in inputs]
+        if c == "D":  # no gradient leaves a D stage: it gets no backward at all
+            operands = [_detached(graph, x) for x in operands]
+        inv = graph.call_function(INVOKE_SUBGRAPH, (graph.get_attr(attr), f"{name}_s{j}", *operands), {})
+        values = [value_of(o) for o in outputs]
+        if c == "D":
+            values = [v.detach() for v in values]
+        inv.meta["example_value"] = inv.meta["val"] = tuple(values)
+        for k, o in enumerate(outputs):
+            out = graph.call_function(operator.getitem, (inv, k))
+            out.meta["example_value"] = out.meta["val"] = values[k]
+            if c == "D" and is_call(o, _SAVED):
+                out = graph.call_function(_SAVED, (out,))
+                out.meta["example_value"] = out.meta["val"] = value_of(o)
+            env[o] = out
+    graph.output(fx.map_arg(shared.graph.output_node().args[0], lambda a: copy(a) if a not in env else env[a]))
+    return fx.GraphModule(root, graph, class_name="LemoStagedLayer")
+
+
+def _detached(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    """x.detach() where x carries a gradient, else x."""
+    v = x.meta.get("val")
+    if not (isinstance(v, torch.Tensor) and v.requires_grad):
+        return x
+    d = graph.call_method("detach", (x,))
+    d.meta["example_value"] = d.meta["val"] = v.detach()
+    return d
+
+
 def _outlinable(call: fx.Node) -> bool:
     value = value_of(call)
     return (isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value)
@@ -159,9 +383,13 @@ def share_layers(gm: fx.GraphModule) -> RegionsResult:
                      f"{random} on CUDA, which AOT autograd cannot thread through a body shared by several "
                      "layers (torch 2.11)")
             continue
+        staged = _staged(shared)
         for call in calls:
-            setattr(gm, call.args[0].target, _outlined_body(shared, name, call))
+            body = _staged_body(staged, shared, name, call) if staged else _outlined_body(shared, name, call)
+            setattr(gm, call.args[0].target, body)
         res.regions.append((name, len(calls)))
+        if staged:
+            res.counters["staged_bodies"] += 1
     res.counters["shared_bodies"] = len(res.regions)
     res.counters["layers_shared"] = res.layers_shared
     if res.regions:
