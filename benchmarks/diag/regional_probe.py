@@ -1,7 +1,8 @@
-"""Regional compilation prototype (branch regional-wip): whole-model vs shared layer bodies on a tiny
-checkpointed Llama, CPU Inductor. Each mode in a fresh process (own compile cache). Reports the first
-step's seconds, the bytes saved for backward, and the largest gradient difference relative to each
-gradient's scale (0 would be exact).
+"""Regional compilation vs whole-model on a tiny checkpointed Llama, CPU Inductor. Each mode in a fresh
+process (own compile cache). Reports the first step's seconds, the bytes saved for backward, the largest
+gradient difference relative to each gradient's scale (0 would be exact), the matrix products the second
+step's backward runs (a profiler count: a shared body the backward recomputes whole runs more), and
+whether a step wrote any parameter (it must not) and the second step's loss equals the first's.
 
     python benchmarks/diag/regional_probe.py --layers 16 --out benchmarks/results/regional_probe_cpu.json
 """
@@ -39,7 +40,16 @@ def worker(layers: int, regional: bool, path: str) -> None:
     out.loss.backward()
     first = time.perf_counter() - t0
     rec = next(r for r in lemo_compile.records() if r.sparsified)
-    torch.save({"loss": out.loss.detach(), "grads": trainable_grads(model), "first_step_s": first,
+    grads = trainable_grads(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    again = compiled(input_ids=ids, labels=ids)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        again.loss.backward()
+    matmuls = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    torch.save({"loss": out.loss.detach(), "grads": grads, "first_step_s": first,
+                "second_loss": again.loss.detach(), "backward_matmuls": matmuls, "params_written": changed,
                 "saved_bytes": sum(s.nbytes for s in rec.saved),
                 "regions": rec.regions.regions if rec.regions else None}, path)
 
@@ -68,7 +78,11 @@ def main() -> None:
            "first_step_s": {"whole": round(whole["first_step_s"], 1), "regional": round(shared["first_step_s"], 1)},
            "saved_bytes": {"whole": whole["saved_bytes"], "regional": shared["saved_bytes"]},
            "regions": shared["regions"], "loss": {"whole": whole["loss"].item(), "regional": shared["loss"].item()},
-           "max_grad_diff_relative": worst}
+           "max_grad_diff_relative": worst,
+           "second_step_loss_equal": {"whole": bool(whole["second_loss"] == whole["loss"]),
+                                      "regional": bool(shared["second_loss"] == shared["loss"])},
+           "backward_matmuls": {"whole": whole["backward_matmuls"], "regional": shared["backward_matmuls"]},
+           "params_written_by_a_step": {"whole": whole["params_written"], "regional": shared["params_written"]}}
     print(json.dumps(doc, indent=1))
     if args.out:
         save_json(args.out, doc)
