@@ -115,13 +115,33 @@ def activation_offload(enabled: bool, cuda: bool):
         raise RuntimeError(f"LemoConfig.offload needs AOT autograd's activation offloading, which torch "
                            f"{torch.__version__} does not have (torch._functorch.config.enable_activation_offloading)")
     patch = {"enable_activation_offloading": True}
-    if cuda:
+    if cuda and side_stream_offload():
         mend_record_stream_fake()
         for key in ("activation_offload_separate_stream", "activation_offload_sink_wait",
                     "activation_reload_prefetch"):
             if hasattr(functorch_config, key):
                 patch[key] = True
     return functorch_config.patch(**patch)
+
+
+def _version() -> tuple[int, int]:
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def stageable_shared_bodies() -> bool:
+    """Whether a shared layer body may be cut into stages of which some have no backward (passes.regions).
+    torch 2.11's partitioner pairs every forward invoke_subgraph with a backward one and fails ("expected
+    len(fw_hop_nodes) == len(bw_hop_nodes)", seen on an H200); torch 2.13 does not (CPU tests)."""
+    return _version() >= (2, 13)
+
+
+def side_stream_offload() -> bool:
+    """Whether offload copies may run on a side stream. Not on torch < 2.13: torch 2.11's stream ops
+    look up the side stream by an index Dynamo never registered for AOT autograd's offload pass
+    ("Index not registered in index_to_user_object_weakref" at the first step, after a wrong fake of
+    streams::record_stream, mended below, broke its lowering); the copies then run on the compute
+    stream, synchronously."""
+    return _version() >= (2, 13)
 
 
 def mend_record_stream_fake() -> bool:
@@ -150,6 +170,15 @@ def mend_record_stream_fake() -> bool:
 
     opdef.register_fake(record_stream_fake)
     return True
+
+
+def no_autograd_cache(enabled: bool):
+    """Context turning AOT autograd's cache off for one compile (when `enabled`)."""
+    import contextlib
+    import torch._functorch.config as functorch_config
+    if not enabled or not hasattr(functorch_config, "enable_autograd_cache"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(enable_autograd_cache=False)
 
 
 def cacheable_functions(names: dict[str, str]) -> dict[str, str]:

@@ -233,7 +233,8 @@ def _host_budget_error(rec: CompileRecord, need: int, budget: int, where: str) -
 def _host_checked(compiled: Callable, example_inputs: list, rec: CompileRecord, budget: int) -> Callable:
     """`compiled` refusing, before it runs, a call whose offloaded bytes at the actual sizes exceed
     `budget` (a dynamic-length graph serves lengths longer than the one it was traced and checked at).
-    The formula comes from lemo's AOT pass; a graph loaded from the compile cache has none: unchecked."""
+    The formula comes from lemo's AOT pass, which a graph loaded from the compile caches skips: graphs
+    with a host budget are compiled with those caches off (_inner)."""
     import sympy
 
     where: dict[str, tuple[int, int | None]] = {}  # size symbol -> (input index, dim or None for an int)
@@ -527,7 +528,10 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
         log.warning("lemo: LemoConfig.regional=True has no effect with inner=%r, offload=%r (it needs the "
                     "Inductor inner compiler and no offload); graph %d compiles whole-model",
                     cfg.inner.value, cfg.offload, rec.graph_id)
-    with _compat.activation_offload(cfg.offload, cuda):
+    # a host budget is checked from what lemo's AOT pass records, which a graph loaded from the compile
+    # caches skips: with one, compile afresh rather than leave the budget unchecked
+    host_checked = cfg.offload and cfg.host_memory_budget is not None
+    with _compat.activation_offload(cfg.offload, cuda), _compat.no_autograd_cache(host_checked):
         if cfg.inner is Inner.EAGER:
             compiled = _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(
                 gm, example_inputs)
@@ -536,6 +540,7 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
                 compiled = _compat.compile_fx(gm, example_inputs, config_patches={
                     "post_grad_custom_post_pass": passes, "joint_custom_pre_pass": joint,
                     **_compat.cacheable_functions(_own_functions(gm)),
+                    **({"fx_graph_cache": False} if host_checked else {}),
                     **(_compat.NO_BUFFER_REUSE if rec.regions is not None and rec.regions.regions else {})})
     if cfg.offload and cfg.host_memory_budget is not None:
         compiled = _host_checked(compiled, example_inputs, rec, cfg.host_memory_budget)

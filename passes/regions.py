@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lemo_compile import ops
+from lemo_compile import _compat, ops
 
 from .common import PassResult, is_call, value_of
 
@@ -384,6 +384,11 @@ def share_layers(gm: fx.GraphModule) -> RegionsResult:
                      "layers (torch 2.11)")
             continue
         staged = _staged(shared)
+        if staged and not _compat.stageable_shared_bodies():
+            staged = None
+            res.skip("unstaged", calls[0].name, f"{len(calls)} sparse layers share one body whole: torch "
+                     f"{torch.__version__}'s partitioner needs a backward for every invoke_subgraph, which the "
+                     "dense-copy stages have not, so the backward recomputes their dense forward")
         for call in calls:
             body = _staged_body(staged, shared, name, call) if staged else _outlined_body(shared, name, call)
             setattr(gm, call.args[0].target, body)

@@ -165,6 +165,19 @@ def test_host_budget_checked_at_every_length_of_a_dynamic_graph():
     assert len([r for r in lemo_compile.records() if r.sparsified]) == 1  # no recompile: the same graph refused
 
 
+def test_a_host_budget_is_checked_on_a_warm_start_too():
+    """The budget is checked from lemo's AOT pass, which a graph loaded from the compile caches would
+    skip: with a host budget a graph is compiled afresh, so a second process (here: a reset and the same
+    compile) still knows its host bytes and still refuses a call over the budget."""
+    model = _model(True)
+    batch = random_batch(256, 1, N, seed=7)
+    cfg = LemoConfig(inner="inductor", keep_ratio=0.5, dense_layers=(0,), offload=True, offload_min_bytes=1024,
+                     host_memory_budget=1 << 30)
+    for _ in range(2):
+        _, _, rec = _run(model, cfg, batch)
+        assert rec.offloaded and rec.host_bytes > 0 and rec.host_formula is not None
+
+
 def test_a_record_stream_fake_of_the_wrong_signature_is_mended(monkeypatch):
     """torch 2.11 registers streams::record_stream's fake with three parameters (sync_dealloc's), which
     broke Inductor's lowering of the side-stream offload on the GPU; lemo registers a fake that takes the
