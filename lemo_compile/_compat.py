@@ -128,13 +128,6 @@ def _version() -> tuple[int, int]:
     return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
-def stageable_shared_bodies() -> bool:
-    """Whether a shared layer body may be cut into stages of which some have no backward (passes.regions).
-    torch 2.11's partitioner pairs every forward invoke_subgraph with a backward one and fails ("expected
-    len(fw_hop_nodes) == len(bw_hop_nodes)", seen on an H200); torch 2.13 does not (CPU tests)."""
-    return _version() >= (2, 13)
-
-
 def side_stream_offload() -> bool:
     """Whether offload copies may run on a side stream. Not on torch < 2.13: torch 2.11's stream ops
     look up the side stream by an index Dynamo never registered for AOT autograd's offload pass

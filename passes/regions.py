@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lemo_compile import _compat, ops
+from lemo_compile import ops
 
 from .common import PassResult, is_call, value_of
 
@@ -260,8 +260,48 @@ def _staged(body: fx.GraphModule) -> _Staged | None:
         if any(not isinstance(value_of(n), torch.Tensor) for n in used_outside):
             return None  # a stage would return something other than tensors
         gm, inputs = _extract(_with_scalars(ns, kind, pos), used_outside)
-        units.append((c, (gm, inputs, used_outside)))
+        anchor = None
+        if c == "D":
+            anchor = next((i for i, a in enumerate(inputs) if _carries_grad(a)), None)
+            if anchor is not None:
+                _add_anchor(gm)
+        units.append((c, (gm, inputs, used_outside, anchor)))
     return _Staged(units, kind, pos)
+
+
+def _zero_of(v: torch.Tensor) -> torch.Tensor:
+    return v[(0,) * v.dim()] * 0.0
+
+
+def _add_anchor(gm: fx.GraphModule) -> None:
+    """Give a D stage a backward that costs nothing: one more operand (an input of the layer that carries
+    a gradient) and one more output, that operand's first element times zero, which the layer adds to its
+    output. torch 2.11's partitioner pairs each forward invoke_subgraph with a backward one and refuses a
+    graph where a stage has none; the anchor's backward is a zero gradient, and it reads nothing the
+    forward computed, so the stage is still never recomputed."""
+    g = gm.graph
+    last = list(g.find_nodes(op="placeholder"))[-1]
+    with g.inserting_after(last):
+        src = g.placeholder("anchor_source")
+    out = g.output_node()
+    with g.inserting_before(out):
+        first = g.call_function(operator.getitem, (src, ()))  # replaced below once the rank is known
+        zero = g.call_function(operator.mul, (first, 0.0))
+    src.meta["anchor"] = (first, zero)
+    out.args = (tuple(out.args[0]) + (zero,),)
+    gm.recompile()
+
+
+def _anchor_meta(gm: fx.GraphModule, value: torch.Tensor) -> None:
+    """Fill the anchor's index and metadata once the source's shape is known (from the first caller)."""
+    src = next(p for p in gm.graph.find_nodes(op="placeholder") if "anchor" in p.meta)
+    first, zero = src.meta["anchor"]
+    if first.args[1] != (0,) * value.dim():
+        first.args = (src, (0,) * value.dim())
+        gm.recompile()
+    src.meta["example_value"] = src.meta["val"] = value
+    first.meta["example_value"] = first.meta["val"] = value[(0,) * value.dim()]
+    zero.meta["example_value"] = zero.meta["val"] = _zero_of(value)
 
 
 def _users_through_scalars(n: fx.Node, kind: dict[fx.Node, str]) -> set[fx.Node]:
@@ -288,6 +328,8 @@ def _staged_body(staged: _Staged, shared: fx.GraphModule, name: str, call: fx.No
         env[p] = graph.placeholder(f"operand_{i}")
         env[p].meta["example_value"] = env[p].meta["val"] = value_of(arg)
 
+    anchors: list[fx.Node] = []
+
     def copy(n: fx.Node) -> fx.Node:
         for a in _with_scalars([n], staged.kind, staged.pos):
             if a not in env:
@@ -298,17 +340,26 @@ def _staged_body(staged: _Staged, shared: fx.GraphModule, name: str, call: fx.No
         if c == "T":
             copy(unit)
             continue
-        gm, inputs, outputs = unit
+        gm, inputs, outputs, anchor = unit
         attr = f"stage_{j}"
         setattr(root, attr, gm)
         operands = [copy(a) if a not in env else env[a] for a in inputs]
-        if c == "D":  # no gradient leaves a D stage: it gets no backward at all
-            operands = [_detached(graph, x) for x in operands]
-        inv = graph.call_function(INVOKE_SUBGRAPH, (graph.get_attr(attr), f"{name}_s{j}", *operands), {})
         values = [value_of(o) for o in outputs]
-        if c == "D":
+        if c == "D":  # no gradient leaves a D stage but its anchor's zero (see _add_anchor)
+            source = operands[anchor] if anchor is not None else None
+            operands = [_detached(graph, x) for x in operands]
             values = [v.detach() for v in values]
-        inv.meta["example_value"] = inv.meta["val"] = tuple(values)
+            if source is not None:
+                _anchor_meta(gm, value_of(source))
+                operands.append(source)
+        inv = graph.call_function(INVOKE_SUBGRAPH, (graph.get_attr(attr), f"{name}_s{j}", *operands), {})
+        if c == "D" and anchor is not None:
+            zero = graph.call_function(operator.getitem, (inv, len(values)))
+            zero.meta["example_value"] = zero.meta["val"] = _zero_of(value_of(source))
+            anchors.append(zero)
+            inv.meta["example_value"] = inv.meta["val"] = (*values, zero.meta["val"])
+        else:
+            inv.meta["example_value"] = inv.meta["val"] = tuple(values)
         for k, o in enumerate(outputs):
             out = graph.call_function(operator.getitem, (inv, k))
             out.meta["example_value"] = out.meta["val"] = values[k]
@@ -316,13 +367,22 @@ def _staged_body(staged: _Staged, shared: fx.GraphModule, name: str, call: fx.No
                 out = graph.call_function(_SAVED, (out,))
                 out.meta["example_value"] = out.meta["val"] = value_of(o)
             env[o] = out
-    graph.output(fx.map_arg(shared.graph.output_node().args[0], lambda a: copy(a) if a not in env else env[a]))
+    results = list(fx.map_arg(shared.graph.output_node().args[0], lambda a: copy(a) if a not in env else env[a]))
+    if anchors:  # the anchors' zeros join the layer's first output, so their backward runs
+        total = anchors[0]
+        for a in anchors[1:]:
+            total = graph.call_function(operator.add, (total, a))
+            total.meta["example_value"] = total.meta["val"] = a.meta["val"]
+        first = graph.call_function(operator.add, (results[0], total))
+        first.meta["example_value"] = first.meta["val"] = value_of(results[0])
+        results[0] = first
+    graph.output(tuple(results))
     return fx.GraphModule(root, graph, class_name="LemoStagedLayer")
 
 
 def _detached(graph: fx.Graph, x: fx.Node) -> fx.Node:
     """x.detach() where x carries a gradient, else x."""
-    v = x.meta.get("val")
+    v = value_of(x)
     if not (isinstance(v, torch.Tensor) and v.requires_grad):
         return x
     d = graph.call_method("detach", (x,))
@@ -384,11 +444,6 @@ def share_layers(gm: fx.GraphModule) -> RegionsResult:
                      "layers (torch 2.11)")
             continue
         staged = _staged(shared)
-        if staged and not _compat.stageable_shared_bodies():
-            staged = None
-            res.skip("unstaged", calls[0].name, f"{len(calls)} sparse layers share one body whole: torch "
-                     f"{torch.__version__}'s partitioner needs a backward for every invoke_subgraph, which the "
-                     "dense-copy stages have not, so the backward recomputes their dense forward")
         for call in calls:
             body = _staged_body(staged, shared, name, call) if staged else _outlined_body(shared, name, call)
             setattr(gm, call.args[0].target, body)

@@ -59,12 +59,8 @@ def test_one_body_per_layer_kind(whole_and_regional):
     # layer 0's input is like the others') and sparse layers 3, 4
     assert sorted(n for _, n in res.regions) == [2, 4]
     assert res.layers_shared == 6
-    # the sparse kind is cut into stages (its backward does not run the dense forward copy again) where
-    # torch's partitioner allows it; elsewhere it is shared whole, with a reason
-    if lemo_compile._compat.stageable_shared_bodies():
-        assert res.counters["staged_bodies"] == 1 and not res.skips
-    else:
-        assert res.counters["staged_bodies"] == 0 and [k.kind for k in res.skips] == ["unstaged"]
+    # the sparse kind is cut into stages: its backward does not run the dense forward copy again
+    assert res.counters["staged_bodies"] == 1 and not res.skips
     assert rec.memory is None  # no estimate without the bodies' insides
     assert "regional: 6 of 6 checkpointed layers call 2 shared bodies" in lemo_compile.inspect.format_record(rec)
 
@@ -78,23 +74,6 @@ def test_a_step_leaves_parameters_alone(whole_and_regional):
     (loss_w, _, rec_w), (loss_r, _, rec_r) = whole_and_regional
     torch.testing.assert_close(rec_w.second_loss, loss_w, rtol=0, atol=0)
     torch.testing.assert_close(rec_r.second_loss, loss_r, rtol=1e-6, atol=1e-6)
-
-
-def test_unstaged_sharing_is_exact_and_leaves_parameters_alone(whole_and_regional, monkeypatch):
-    """Where torch's partitioner cannot take stages without a backward (torch < 2.13, as on the GPU
-    machine), sparse layers share their body whole: the same loss and gradients, no parameter written
-    (the shared bodies' saved inputs are no buffers Inductor may reuse), the next step the same."""
-    monkeypatch.setattr(lemo_compile._compat, "stageable_shared_bodies", lambda: False)
-    (loss_w, grads_w, _), _ = whole_and_regional
-    batch = random_batch(256, 2, 200, seed=3, pad_right=[0, 23])
-    loss, grads, rec = _step(LemoConfig(keep_ratio=0.5, regional=True), batch)
-    assert rec.regions.counters["staged_bodies"] == 0 and rec.regions.layers_shared == 6
-    torch.testing.assert_close(loss, loss_w, rtol=1e-5, atol=1e-6)
-    for name in grads_w:
-        scale = grads_w[name].abs().max().item()
-        torch.testing.assert_close(grads[name], grads_w[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
-    assert rec.params_changed == []
-    torch.testing.assert_close(rec.second_loss, loss, rtol=1e-6, atol=1e-6)
 
 
 def test_not_with_eager_inner_or_offload(caplog):
