@@ -335,6 +335,8 @@ class JointPasses(_compat.custom_graph_pass_base()):
         from .memory import _nbytes
         must_save = _compat.must_save_policy()
         tagged = offload = 0
+        if self._shared_body(graph):
+            _drop_recompute_tags(graph)
         for node in graph.nodes:
             if node.target is torch.ops.lemo.saved.default and node.meta.get("recompute") is not None:
                 node.meta["recompute"] = must_save
@@ -348,8 +350,27 @@ class JointPasses(_compat.custom_graph_pass_base()):
             self.record.saved_for_recompute += tagged  # one joint graph per shared layer body, then the root
         log.debug("lemo joint pass: %d values kept for recompute, %d tagged for offload", tagged, offload)
 
+    def _shared_body(self, graph: fx.Graph) -> bool:
+        """Whether `graph` is the joint graph of a shared layer body (passes.regions): in a compile with
+        shared bodies, the joint graphs without an invoke_subgraph call are those bodies'."""
+        regions = self.record.regions if self.record is not None else None
+        return bool(regions is not None and regions.regions and not graph.find_nodes(
+            op="call_function", target=torch.ops.higher_order.invoke_subgraph))
+
     def uuid(self) -> bytes:
         return _compat.hash_for_files(_source_files(), extra="joint" + self.cfg.to_json())
+
+
+def _drop_recompute_tags(graph: fx.Graph) -> None:
+    """Drop the activation-checkpoint tags (PREFER_RECOMPUTE) torch 2.11 copies from the checkpoint that
+    calls a shared body onto the body's own joint graph. With them, the body's partition saved only its
+    inputs and its backward ran the body's forward again, after the outer backward had already recomputed
+    that forward for it (two forward recomputes per layer; torch 2.13 leaves these graphs untagged). The
+    outer checkpoint still recomputes the body; what lemo tagged MUST_SAVE stays."""
+    for node in graph.nodes:
+        if getattr(node.meta.get("recompute"), "name", None) == "PREFER_RECOMPUTE":
+            node.meta.pop("recompute", None)
+            node.meta.pop("ac_graph_id", None)
 
 
 def lemo_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
