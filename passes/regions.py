@@ -194,19 +194,24 @@ def _stages(body: fx.GraphModule, kind: dict[fx.Node, str]) -> list[tuple[str, l
     return [(key[1], sorted(ns, key=pos.get)) for key, ns in order]
 
 
-def _tensor_inputs(n: fx.Node, kind: dict[fx.Node, str]) -> set[fx.Node]:
-    """The non-scalar nodes n reads, through any scalar nodes in between (they are recomputed)."""
-    out, todo, seen = set(), list(n.all_input_nodes), set()
+def _through_scalars(start: list[fx.Node], kind: dict[fx.Node, str], inputs: bool) -> set[fx.Node]:
+    """The non-scalar nodes reached from `start` (its inputs, or its users), through any scalar nodes in
+    between (scalars are recomputed in every stage that reads them)."""
+    out, todo, seen = set(), list(start), set()
     while todo:
         a = todo.pop()
         if a in seen:
             continue
         seen.add(a)
         if a.op != "placeholder" and kind.get(a) == "S":
-            todo.extend(a.all_input_nodes)
+            todo.extend(a.all_input_nodes if inputs else a.users)
         else:
             out.add(a)
     return out
+
+
+def _tensor_inputs(n: fx.Node, kind: dict[fx.Node, str]) -> set[fx.Node]:
+    return _through_scalars(n.all_input_nodes, kind, inputs=True)
 
 
 def _with_scalars(nodes: list[fx.Node], kind: dict[fx.Node, str], pos: dict) -> list[fx.Node]:
@@ -305,17 +310,7 @@ def _anchor_meta(gm: fx.GraphModule, value: torch.Tensor) -> None:
 
 
 def _users_through_scalars(n: fx.Node, kind: dict[fx.Node, str]) -> set[fx.Node]:
-    out, todo, seen = set(), list(n.users), set()
-    while todo:
-        u = todo.pop()
-        if u in seen:
-            continue
-        seen.add(u)
-        if kind.get(u) == "S":
-            todo.extend(u.users)
-        else:
-            out.add(u)
-    return out
+    return _through_scalars(list(n.users), kind, inputs=False)
 
 
 def _staged_body(staged: _Staged, shared: fx.GraphModule, name: str, call: fx.Node) -> fx.GraphModule:
