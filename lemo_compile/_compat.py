@@ -165,6 +165,21 @@ def mend_record_stream_fake() -> bool:
     return True
 
 
+def compiled_entries(code) -> int | None:
+    """How many compiled entries Dynamo holds for a code object; None where this torch does not say."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        return len(_debug_get_cache_entry_list(code))
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - private API moved
+        return None
+
+
+def drop_compiled(code) -> None:
+    """Drop Dynamo's compiled entries for one code object (the next call compiles it again)."""
+    from torch._dynamo.eval_frame import remove_from_cache
+    remove_from_cache(code)
+
+
 def no_autograd_cache(enabled: bool):
     """Context turning AOT autograd's cache off for one compile (when `enabled`)."""
     import contextlib

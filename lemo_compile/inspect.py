@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from . import _compat
+
 
 def format_record(rec: Any, graphs: bool = False) -> str:
     lines = [f"graph {rec.graph_id}: inner={rec.config.inner.value} attn_mode={rec.config.attn_mode.value} "
@@ -103,6 +105,20 @@ class Explanation:
         return est.max_length(budget_bytes - resident, est.symbols[0], host_budget_bytes=host_bytes)
 
 
+def _forget(codes: set, before: dict) -> None:
+    """Drop the compiled entries explain() added to the model's forward methods, so repeated calls do not
+    pile up entries towards Dynamo's recompile limit; the rest of the process's compiled code stays. (A
+    method that gained an entry loses all of its entries: the user's own compile of this model class
+    then compiles again at its next call.) Without a way to count entries: a full reset, as before."""
+    counts = {c: _compat.compiled_entries(c) for c in codes}
+    if any(n is None for n in counts.values()):
+        torch._dynamo.reset()
+        return
+    for c, n in counts.items():
+        if n > (before[c] or 0):
+            _compat.drop_compiled(c)
+
+
 def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bool = True, dynamic: bool = False,
             **kwargs: Any) -> Explanation:
     """Compile `model` with lemo on these inputs (one forward and, if it returns a loss, one backward)
@@ -116,6 +132,9 @@ def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bo
 
     cfg = config if config is not None else _config.get_default()
     start = len(RECORDS)
+    # the forward methods this compile may leave compiled entries on (Dynamo keys them by code object)
+    codes = {type(m).forward.__code__ for m in model.modules() if hasattr(type(m).forward, "__code__")}
+    before = {c: _compat.compiled_entries(c) for c in codes}
     compiled = torch.compile(model, backend=make_backend(cfg))
     if dynamic:
         for t in (*args, *kwargs.values()):
@@ -126,5 +145,5 @@ def explain(model: torch.nn.Module, *args: Any, config: Any = None, backward: bo
     if backward and loss is not None:
         loss.backward()
     recs = RECORDS[start:]
-    torch._dynamo.reset()
+    _forget(codes, before)
     return Explanation(records=recs, loss=float(loss.detach()) if loss is not None else None)

@@ -62,6 +62,26 @@ def test_explain_reports_layers_and_skips():
     assert "layers.2" in text
 
 
+def test_explain_leaves_other_compiled_code_alone():
+    """explain() drops only the compiled entries it put on the model's forward methods: a function the
+    user compiled before keeps its compiled code (a full Dynamo reset used to drop it too), and explaining
+    the same model many times piles up no entries towards Dynamo's recompile limit."""
+    from lemo_compile import _compat
+
+    def user_fn(x):
+        return torch.sin(x) + 1
+
+    compiled_fn = torch.compile(user_fn, backend="eager")
+    compiled_fn(torch.randn(3))
+    assert _compat.compiled_entries(user_fn.__code__) == 1
+    model = tiny_model("llama", lora=True)
+    batch = random_batch(256, 1, 130, seed=2)
+    for _ in range(3):
+        lemo_compile.explain(model, config=LemoConfig(inner="eager", keep_ratio=0.5), **batch)
+        assert _compat.compiled_entries(type(model).forward.__code__) == 0
+    assert _compat.compiled_entries(user_fn.__code__) == 1
+
+
 def test_uuid_covers_options():
     a, b = AotPasses(LemoConfig()), AotPasses(LemoConfig(keep_ratio=0.5))
     assert a.uuid() == AotPasses(LemoConfig()).uuid()
