@@ -19,10 +19,18 @@ def _step(regional: bool, batch: dict):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch._dynamo.reset()
     clear_records()
-    out = torch.compile(model, backend=lemo_compile.backend(LemoConfig(keep_ratio=0.5, regional=regional)))(**batch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    compiled = torch.compile(model, backend=lemo_compile.backend(LemoConfig(keep_ratio=0.5, regional=regional)))
+    out = compiled(**batch)
     out.loss.backward()
     rec = next(r for r in lemo_compile.records() if r.sparsified)
-    return out.loss.detach().float(), {k: g.float() for k, g in trainable_grads(model).items()}, rec
+    grads = {k: g.float() for k, g in trainable_grads(model).items()}
+    # no parameter written by the step (Inductor once reused shared bodies' saved parameters as buffers),
+    # and the next step on the same batch computes the same loss
+    rec.params_changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    model.zero_grad(set_to_none=True)
+    rec.second_loss = compiled(**batch).loss.detach().float()
+    return out.loss.detach().float(), grads, rec
 
 
 @pytest.mark.parametrize("pad_right", [None, [0, 51]])
@@ -37,6 +45,9 @@ def test_regional_equals_whole_model_bf16(pad_right):
     loss_w, grads_w, _ = _step(False, batch)
     loss_r, grads_r, rec = _step(True, batch)
     assert rec.regions is not None and rec.regions.layers_shared == 6
+    assert rec.regions.counters["staged_bodies"] == 1  # the sparse kind: no dense copy in its backward
+    assert rec.params_changed == [], rec.params_changed
+    torch.testing.assert_close(rec.second_loss, loss_r, rtol=1e-5, atol=0)
     assert (rec.masks.counters["causal_attention"] >= 1) == (pad_right is None)
     torch.testing.assert_close(loss_r, loss_w, rtol=2e-2, atol=0)
     for name in grads_w:
