@@ -563,7 +563,7 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
                     **_compat.cacheable_functions(_own_functions(gm)),
                     **({"fx_graph_cache": False} if host_checked else {}),
                     **(_compat.NO_BUFFER_REUSE if rec.regions is not None and rec.regions.regions else {})})
-    if cfg.offload and cfg.host_memory_budget is not None:
+    if host_checked:
         compiled = _host_checked(compiled, example_inputs, rec, cfg.host_memory_budget)
     return compiled
 

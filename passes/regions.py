@@ -131,16 +131,17 @@ _STRAIGHT_THROUGH = (ops.straight_through_rows,)
 _SAVED = torch.ops.lemo.saved.default
 
 
-def _carries_grad(node: fx.Node) -> bool:
+def _values(node: fx.Node) -> tuple:
     v = value_of(node)
-    vs = v if isinstance(v, (tuple, list)) else (v,)
-    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in vs)
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _carries_grad(node: fx.Node) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in _values(node))
 
 
 def _is_scalar(node: fx.Node) -> bool:
-    v = value_of(node)
-    vs = v if isinstance(v, (tuple, list)) else (v,)
-    return node.op != "placeholder" and not any(isinstance(x, torch.Tensor) for x in vs)
+    return node.op != "placeholder" and not any(isinstance(x, torch.Tensor) for x in _values(node))
 
 
 def _classify(body: fx.GraphModule) -> dict[fx.Node, str] | None:
@@ -269,7 +270,7 @@ def _staged(body: fx.GraphModule) -> _Staged | None:
         if c == "D":
             anchor = next((i for i, a in enumerate(inputs) if _carries_grad(a)), None)
             if anchor is not None:
-                _add_anchor(gm)
+                _add_anchor(gm, value_of(inputs[anchor]))
         units.append((c, (gm, inputs, used_outside, anchor)))
     return _Staged(units, kind, pos)
 
@@ -278,35 +279,24 @@ def _zero_of(v: torch.Tensor) -> torch.Tensor:
     return v[(0,) * v.dim()] * 0.0
 
 
-def _add_anchor(gm: fx.GraphModule) -> None:
+def _add_anchor(gm: fx.GraphModule, source: torch.Tensor) -> None:
     """Give a D stage a backward that costs nothing: one more operand (an input of the layer that carries
-    a gradient) and one more output, that operand's first element times zero, which the layer adds to its
-    output. torch 2.11's partitioner pairs each forward invoke_subgraph with a backward one and refuses a
-    graph where a stage has none; the anchor's backward is a zero gradient, and it reads nothing the
-    forward computed, so the stage is still never recomputed."""
+    a gradient, of `source`'s shape in every layer of the kind) and one more output, that operand's first
+    element times zero, which the layer adds to its output. torch 2.11's partitioner pairs each forward
+    invoke_subgraph with a backward one and refuses a graph where a stage has none; the anchor's backward
+    is a zero gradient, and it reads nothing the forward computed, so the stage is still never recomputed."""
     g = gm.graph
-    last = list(g.find_nodes(op="placeholder"))[-1]
-    with g.inserting_after(last):
+    first_index = (0,) * source.dim()
+    with g.inserting_after(list(g.find_nodes(op="placeholder"))[-1]):
         src = g.placeholder("anchor_source")
     out = g.output_node()
     with g.inserting_before(out):
-        first = g.call_function(operator.getitem, (src, ()))  # replaced below once the rank is known
+        first = g.call_function(operator.getitem, (src, first_index))
         zero = g.call_function(operator.mul, (first, 0.0))
-    src.meta["anchor"] = (first, zero)
+    for node, value in ((src, source), (first, source[first_index]), (zero, _zero_of(source))):
+        node.meta["example_value"] = node.meta["val"] = value
     out.args = (tuple(out.args[0]) + (zero,),)
     gm.recompile()
-
-
-def _anchor_meta(gm: fx.GraphModule, value: torch.Tensor) -> None:
-    """Fill the anchor's index and metadata once the source's shape is known (from the first caller)."""
-    src = next(p for p in gm.graph.find_nodes(op="placeholder") if "anchor" in p.meta)
-    first, zero = src.meta["anchor"]
-    if first.args[1] != (0,) * value.dim():
-        first.args = (src, (0,) * value.dim())
-        gm.recompile()
-    src.meta["example_value"] = src.meta["val"] = value
-    first.meta["example_value"] = first.meta["val"] = value[(0,) * value.dim()]
-    zero.meta["example_value"] = zero.meta["val"] = _zero_of(value)
 
 
 def _users_through_scalars(n: fx.Node, kind: dict[fx.Node, str]) -> set[fx.Node]:
@@ -345,7 +335,6 @@ def _staged_body(staged: _Staged, shared: fx.GraphModule, name: str, call: fx.No
             operands = [_detached(graph, x) for x in operands]
             values = [v.detach() for v in values]
             if source is not None:
-                _anchor_meta(gm, value_of(source))
                 operands.append(source)
         inv = graph.call_function(INVOKE_SUBGRAPH, (graph.get_attr(attr), f"{name}_s{j}", *operands), {})
         if c == "D" and anchor is not None:
