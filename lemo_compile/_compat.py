@@ -222,3 +222,20 @@ def wrap_compiled_call(module: torch.nn.Module, wrap) -> bool:
         return False
     module._compiled_call_impl = wrap(compiled)
     return True
+
+
+GROUPED_MM_FALLBACK = "transformers.grouped_mm_fallback"  # the custom op's FX target name
+
+
+def untraceable_moe_backward() -> bool:
+    """True where transformers' `grouped_mm_fallback` op (the experts' matmuls of mixture-of-experts
+    models when weights are not bf16 under torch.compile) has a backward that AOT autograd cannot
+    trace: transformers up to 5.17 loops over `offs.tolist()` in the autograd formula itself, which
+    raises on fake tensors, so any compiler but `eager` breaks the graph at every experts call. Later
+    versions route the backward through a second custom op (`grouped_mm_fallback_backward`)."""
+    try:
+        import transformers.integrations.moe  # noqa: F401  (registers the ops)
+    except Exception:  # pragma: no cover - no transformers, or no MoE integration
+        return False
+    ops = torch.ops.transformers
+    return hasattr(ops, "grouped_mm_fallback") and not hasattr(ops, "grouped_mm_fallback_backward")

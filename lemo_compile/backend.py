@@ -13,6 +13,7 @@ compiled with other lemo code or options.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -552,7 +553,8 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     # a host budget is checked from what lemo's AOT pass records, which a graph loaded from the compile
     # caches skips: with one, compile afresh rather than leave the budget unchecked
     host_checked = cfg.offload and cfg.host_memory_budget is not None
-    with _compat.activation_offload(cfg.offload, cuda), _compat.no_autograd_cache(host_checked):
+    with _explained_upstream_failure(gm), _compat.activation_offload(cfg.offload, cuda), \
+            _compat.no_autograd_cache(host_checked):
         if cfg.inner is Inner.EAGER:
             compiled = _compat.aot_eager(lambda g: passes(g.graph), lambda g: passes(g.graph), joint)(
                 gm, example_inputs)
@@ -566,6 +568,29 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     if host_checked:
         compiled = _host_checked(compiled, example_inputs, rec, cfg.host_memory_budget)
     return compiled
+
+
+@contextlib.contextmanager
+def _explained_upstream_failure(gm: fx.GraphModule):
+    """A compile failure whose cause is upstream gets a UserWarning naming it before it propagates
+    (Dynamo then breaks the graph, as it does for Inductor itself; the user's log would otherwise say
+    "backend compiler lemo failed"). Known: transformers' fp32 mixture-of-experts fallback, whose
+    backward cannot be traced (`_compat.untraceable_moe_backward`)."""
+    try:
+        yield
+    except Exception:
+        from .passes.common import graph_modules
+        key = ("transformers", "grouped_mm_fallback")  # once per process: every graph fragment fails alike
+        if key not in _warned_dense and _compat.untraceable_moe_backward() and any(
+                str(n.target).startswith(_compat.GROUPED_MM_FALLBACK) for m in graph_modules(gm) for n in m.graph.nodes):
+            _warned_dense.add(key)
+            warnings.warn(
+                "lemo: the installed transformers' `grouped_mm_fallback` (mixture-of-experts matmuls when the "
+                "expert weights are not bf16) has a backward that torch.compile cannot trace, so the graph breaks "
+                "at every experts call, with Inductor as with lemo, and the broken-up graphs get few or no sparse "
+                "layers. Train in bf16 (transformers then calls torch's grouped_mm) or use a transformers release "
+                "whose fallback registers `grouped_mm_fallback_backward`.", UserWarning, stacklevel=3)
+        raise
 
 
 def make_backend(cfg: LemoConfig | None = None, **options: Any):
