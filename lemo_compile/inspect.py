@@ -58,6 +58,9 @@ def format_record(rec: Any, graphs: bool = False) -> str:
         shared = ", ".join(f"{name} x{n}" for name, n in rg.regions)
         lines.append(f"  regional: {rg.layers_shared} of {rg.counters['checkpointed_regions']} checkpointed layers "
                      f"call {len(rg.regions)} shared bodies ({shared}); no memory estimate (whole-model only)")
+    elif rg is not None:
+        from .backend import _unshared_reason
+        lines.append(f"  regional: nothing shared, compiled whole-model: {_unshared_reason(rg)}")
     if rec.left_alone:
         lines.append(f"  left alone: {rec.left_alone}")
     if rec.saved:

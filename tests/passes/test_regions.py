@@ -86,6 +86,25 @@ def test_not_with_eager_inner_or_offload(caplog):
         assert any("regional=True has no effect" in r.getMessage() for r in caplog.records)
 
 
+def test_without_checkpointing_says_nothing_was_shared(caplog, monkeypatch):
+    """Regional compilation shares checkpointed layers' bodies only: without gradient checkpointing the
+    graph compiles whole-model, and the log says why (not a silent no-op). (Inductor's code generation,
+    which comes after, is skipped here: the graph runs as traced.)"""
+    from lemo_compile import _compat
+
+    monkeypatch.setattr(_compat, "compile_fx", lambda gm, example_inputs, config_patches: gm.forward)
+    model = tiny_model("llama", lora=True, layers=LAYERS).train()
+    clear_records()
+    with caplog.at_level("WARNING", logger="lemo_compile.backend"):
+        torch.compile(model, backend=lemo_compile.backend(LemoConfig(keep_ratio=0.5, regional=True)))(
+            **random_batch(256, 1, 130, seed=4))
+    rec = next(r for r in lemo_compile.records() if r.sparsified)
+    assert rec.regions is not None and not rec.regions.regions
+    assert "regional: nothing shared" in lemo_compile.inspect.format_record(rec)
+    assert any("shared no layer" in r.getMessage() and "enable gradient checkpointing" in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
 def test_regional_equals_whole_model_other_architectures(arch):
     """Gemma3 (sliding-window and global layers: two dense kinds) and Qwen2 (q/k/v biases), keep 0.5,
