@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import environment, merge_headline  # noqa: E402
 from benchmarks.predictor_recall import DATA, chunks_of, smollm2  # noqa: E402
-from lemo_compile import LemoConfig, calibrate, ops  # noqa: E402
+from lemo_compile import LemoConfig, calibrate, traced  # noqa: E402
 
 
 def sync():
@@ -75,8 +75,8 @@ def predictor_chain(model, cfg: LemoConfig, layer: int, path: str | None):
         if path:
             scores = torch.ops.lemo.calibrated_block_scores(x, valid, path, layer, cfg.block_size)
         else:
-            scores = ops.pooled_block_scores(x, valid, wq, None, wk, None, heads, kv_heads, cfg.block_size)
-        return ops.keep_set(scores, valid, cfg.block_size, keep.numerator, keep.denominator, tuple(cfg.forced_blocks))
+            scores = traced.pooled_block_scores(x, valid, wq, None, wk, None, heads, kv_heads, cfg.block_size)
+        return traced.keep_set(scores, valid, cfg.block_size, keep.numerator, keep.denominator, tuple(cfg.forced_blocks))
     return chain
 
 

@@ -164,7 +164,7 @@ def _segments(mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> t
     """Segment ids (DESIGN 2 item 9) of a padded batch (from its 2-D attention_mask) or of packed
     documents (position_ids without an attention_mask), as passes.masks derives them; None otherwise.
     Sparse layers of full (not sliding-window) attention choose keep sets per document from them."""
-    from .ops import segments_from_padding, segments_from_positions
+    from .traced import segments_from_padding, segments_from_positions
 
     if mask is not None:
         return segments_from_padding(mask)

@@ -29,7 +29,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from lemo_compile import ops
+from lemo_compile import traced
 from lemo_compile.kernels import rows as row_kernels
 
 from .common import PassResult, eliminate_dead_code, graph_modules, is_call, shape_of, value_of
@@ -49,9 +49,9 @@ def fuse(gm: fx.GraphModule) -> FuseResult:
         for node in list(g.nodes):
             if node.graph is not g:  # erased meanwhile
                 continue
-            if is_call(node, ops.gather_seq) and _fuse_norm(g, node, res):
+            if is_call(node, traced.gather_seq) and _fuse_norm(g, node, res):
                 changed[id(mod)] = mod
-            elif is_call(node, ops.scatter_add_rows) and _fuse_scatter(g, node, res):
+            elif is_call(node, traced.scatter_add_rows) and _fuse_scatter(g, node, res):
                 changed[id(mod)] = mod
     for mod in changed.values():
         eliminate_dead_code(mod.graph)
@@ -80,7 +80,7 @@ def _like(node):
     """The node itself, or for a kept-row copy made by sparsify (no fake value: its sequence length
     differs) the original it was cloned from, which has the same dtype and rank."""
     if isinstance(node, fx.Node) and value_of(node) is None:
-        if is_call(node, ops.gather_seq):
+        if is_call(node, traced.gather_seq):
             return _like(node.args[0])
         return node.meta.get("lemo_like", node)
     return node

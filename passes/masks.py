@@ -4,17 +4,17 @@ A padded or packed batch makes Hugging Face build a (b, 1, n, n) mask from one i
 `attention_mask` (causal and key padding) or packed `position_ids` (causal within each document,
 transformers' packed-sequence rule: a new document wherever a position does not follow the previous
 one). This pass reads such a mask, checks what it means, and replaces it with segment ids, a (b, n)
-int tensor (DESIGN 2 item 9; `ops.segments_from_padding`, `ops.segments_from_positions`):
+int tensor (DESIGN 2 item 9; `traced.segments_from_padding`, `traced.segments_from_positions`):
 
     mask = <ops on the attention_mask input and constants>          # n x n
     out  = scaled_dot_product_attention(q, k, v, attn_mask=mask)
 becomes
-    seg  = lemo_compile.ops.segments_from_padding(attention_mask)   # (b, n)
+    seg  = lemo_compile.traced.segments_from_padding(attention_mask)   # (b, n)
     out  = lemo::segment_attention(q, k, v, seg, scale)[0]          # causal within each segment
 
 `lemo::segment_attention` runs each segment's rows through the causal flash kernel (CUDA) or the
 plain-PyTorch twin, so neither the mask nor SDPA's masked kernel is left. It is done in two steps:
-`structure_masks` (before passes.detect) replaces the mask with `ops.segment_mask(seg)`, a node that
+`structure_masks` (before passes.detect) replaces the mask with `traced.segment_mask(seg)`, a node that
 stands for the same mask (sparsify reads the segments from it: keep sets, compacted attention, the
 kept-rows backward), and `lower_segment_attention` (after sparsify) turns every attention that reads
 such a node into the op. A `segment_mask` node that something else still reads (the `keys` mode's
@@ -38,7 +38,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from lemo_compile import ops
+from lemo_compile import traced
 
 from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
 from .common import CantRewrite, PassResult, attention_dropout, eliminate_dead_code, is_call, shape_of, value_of
@@ -57,7 +57,7 @@ class MasksResult(PassResult):
 
 
 def structure_masks(gm: fx.GraphModule) -> MasksResult:
-    """Replace every readable mask of the root graph by `ops.segment_mask(seg)` (see the module doc)."""
+    """Replace every readable mask of the root graph by `traced.segment_mask(seg)` (see the module doc)."""
     res = MasksResult("masks")
     users: dict[fx.Node, list[tuple[fx.GraphModule, fx.Node]]] = {}
     for mod, outer_of in _graphs(gm):
@@ -65,7 +65,7 @@ def structure_masks(gm: fx.GraphModule) -> MasksResult:
             if is_call(node, *SDPA_TARGETS) and _mask_arg(node) is not None:
                 users.setdefault(outer_of(_mask_arg(node)), []).append((mod, node))
     for mask, sdpas in users.items():
-        if mask.op == "placeholder" or is_call(mask, ops.segment_mask):
+        if mask.op == "placeholder" or is_call(mask, traced.segment_mask):
             continue
         why = _why_not_sdpa_only(gm, mask, sdpas)
         kind, src = (None, None) if why else _read(gm, mask)
@@ -86,7 +86,7 @@ def structure_masks(gm: fx.GraphModule) -> MasksResult:
 
 
 def lower_segment_attention(gm: fx.GraphModule) -> int:
-    """SDPA calls whose mask is an `ops.segment_mask` node -> lemo::segment_attention. Returns how many."""
+    """SDPA calls whose mask is an `traced.segment_mask` node -> lemo::segment_attention. Returns how many."""
     from .sparsify import _softmax_scale
 
     count = 0
@@ -96,7 +96,7 @@ def lower_segment_attention(gm: fx.GraphModule) -> int:
             if not is_call(node, *SDPA_TARGETS):
                 continue
             mask = _mask_arg(node)
-            if not (isinstance(mask, fx.Node) and is_call(mask, ops.segment_mask)) or _why_not_plain(node):
+            if not (isinstance(mask, fx.Node) and is_call(mask, traced.segment_mask)) or _why_not_plain(node):
                 continue
             try:
                 scale = _softmax_scale(node)
@@ -169,7 +169,7 @@ def _plain_causal(node: fx.Node) -> bool:
 
 def segments_of(mask: fx.Node | None) -> fx.Node | None:
     """The segment-id node a mask stands for, if structure_masks made it; else None."""
-    if isinstance(mask, fx.Node) and is_call(mask, ops.segment_mask):
+    if isinstance(mask, fx.Node) and is_call(mask, traced.segment_mask):
         return mask.args[0]
     return None
 
@@ -339,8 +339,8 @@ def _probes(kind: str, b: int, n: int, device) -> list[torch.Tensor]:
 
 def _expected_segments(kind: str, probe: torch.Tensor) -> torch.Tensor:
     if kind == PADDING:
-        return ops.segments_from_padding(probe)
-    return ops.segments_from_positions(probe, probe.shape[0])
+        return traced.segments_from_padding(probe)
+    return traced.segments_from_positions(probe, probe.shape[0])
 
 
 def _matches(evaluate, probe: torch.Tensor, kind: str, mb: int, n: int) -> bool:
@@ -382,16 +382,16 @@ def _rewrite(gm: fx.GraphModule, mask: fx.Node, kind: str, src: fx.Node) -> None
     g = gm.graph
     with g.inserting_after(mask):
         if kind == PADDING:
-            seg = g.call_function(ops.segments_from_padding, (src,))
-            seg.meta["example_value"] = _fake(seg, ops.segments_from_padding, src)
+            seg = g.call_function(traced.segments_from_padding, (src,))
+            seg.meta["example_value"] = _fake(seg, traced.segments_from_padding, src)
         else:
             b = shape_of(mask)[0]
             b = b if isinstance(b, int) else None  # a symbolic batch: position_ids carry it
-            seg = g.call_function(ops.segments_from_positions, (src, b))
-            seg.meta["example_value"] = _fake(seg, ops.segments_from_positions, src, b)
+            seg = g.call_function(traced.segments_from_positions, (src, b))
+            seg.meta["example_value"] = _fake(seg, traced.segments_from_positions, src, b)
     with g.inserting_after(seg):
-        smask = g.call_function(ops.segment_mask, (seg,))
-        smask.meta["example_value"] = _fake(smask, ops.segment_mask, seg)
+        smask = g.call_function(traced.segment_mask, (seg,))
+        smask.meta["example_value"] = _fake(smask, traced.segment_mask, seg)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in mask.meta:
             seg.meta[key] = smask.meta[key] = mask.meta[key]
@@ -411,7 +411,7 @@ def _rewrite(gm: fx.GraphModule, mask: fx.Node, kind: str, src: fx.Node) -> None
             ph.meta["example_value"] = seg.meta["example_value"]
             ph.meta.pop("val", None)
             with body.graph.inserting_before(placeholders[-1].next):
-                inner = body.graph.call_function(ops.segment_mask, (ph,))
+                inner = body.graph.call_function(traced.segment_mask, (ph,))
             inner.meta["example_value"] = smask.meta["example_value"]
             for u in list(ph.users):
                 if u is not inner:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lemo_compile import ops
+from lemo_compile import traced
 
 from .common import PassResult, is_call, value_of
 
@@ -127,7 +127,7 @@ def _outlined_body(shared: fx.GraphModule, name: str, call: fx.Node) -> fx.Graph
 # lemo::saved values leaving a D stage are marked again in the layer's body, where the partitioner
 # sees them. Python scalars (sizes) are recomputed in every stage that reads them.
 
-_STRAIGHT_THROUGH = (ops.straight_through_rows,)
+_STRAIGHT_THROUGH = (traced.straight_through_rows,)
 _SAVED = torch.ops.lemo.saved.default
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lemo_compile import ops
+from lemo_compile import ops, traced
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
 from .common import (MOVES, CantRewrite, PassResult, closure_back, eliminate_dead_code, is_call, same_size, shape_of,
@@ -142,10 +142,10 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     with g.inserting_before(sdpa):
         x_pred = g.call_method("detach", (_norm_output(layer, attn),))
         seg = segments_of(attn.mask)  # a mask passes.masks carries as segments
-        valid = (g.call_function(ops.token_valid_from_segments, (seg,)) if seg is not None
-                 else g.call_function(ops.token_valid_from_mask, (attn.mask, h0)))
+        valid = (g.call_function(traced.token_valid_from_segments, (seg,)) if seg is not None
+                 else g.call_function(traced.token_valid_from_mask, (attn.mask, h0)))
         scores = _predictor_node(g, cfg, layer, attn, x_pred, valid, weights)
-        ks = g.call_function(ops.keep_set, (scores, valid, cfg.block_size, keep.numerator,
+        ks = g.call_function(traced.keep_set, (scores, valid, cfg.block_size, keep.numerator,
                                             keep.denominator, tuple(cfg.forced_blocks), seg))
         idx = g.call_function(operator.getitem, (ks, 0))
         ok = g.call_function(operator.getitem, (ks, 1))
@@ -259,7 +259,7 @@ def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: 
                                (x, valid, cfg.predictor, lid, cfg.block_size))
     if weights is None:  # q/k are no linear map of x (MLA): pool the attention's own, detached
         q, k = (g.call_method("detach", (t,)) for t in attn.sdpa.args[:2])
-        return g.call_function(ops.pooled_attention_block_scores, (q, k, valid, cfg.block_size))
+        return g.call_function(traced.pooled_attention_block_scores, (q, k, valid, cfg.block_size))
     kind, heads, hd, lin = weights
     if kind == "separate":
         wq, bq = _weight_bias(lin["q_proj"])
@@ -282,7 +282,7 @@ def _predictor_node(g: fx.Graph, cfg: LemoConfig, layer: Layer, attn: Block, x: 
         wk = g.call_function(operator.getitem, (w, ks))
         bq = g.call_function(operator.getitem, (b, qs)) if b is not None else None
         bk = g.call_function(operator.getitem, (b, ks)) if b is not None else None
-    return g.call_function(ops.pooled_block_scores, (x, valid, wq, bq, wk, bk, heads, kv_heads, cfg.block_size))
+    return g.call_function(traced.pooled_block_scores, (x, valid, wq, bq, wk, bk, heads, kv_heads, cfg.block_size))
 
 
 def _check_predictor_file(cfg: LemoConfig, layer: Layer, x_width) -> None:
@@ -436,9 +436,9 @@ def _sequence_externals(blk: Block, n: Any) -> list[fx.Node]:
 
 
 def _gather_inputs(g: fx.Graph, h: fx.Node, seq_ext: list[fx.Node], idx: fx.Node) -> dict[fx.Node, fx.Node]:
-    env = {h: g.call_function(ops.gather_seq, (h, idx, 1))}
+    env = {h: g.call_function(traced.gather_seq, (h, idx, 1))}
     for e in seq_ext:
-        env[e] = g.call_function(ops.gather_seq, (e, idx, 1))
+        env[e] = g.call_function(traced.gather_seq, (e, idx, 1))
     return env
 
 
@@ -450,7 +450,7 @@ def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m, save_rows: bool = False) -
             x_c = env[attn.residual_in] = g.call_function(torch.ops.lemo.saved.default, (x_c,))
         mask_c = _kept_mask(g, attn.mask, idx, ok)
         out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c))[attn.output]
-        h1 = _like(g.call_function(ops.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
+        h1 = _like(g.call_function(traced.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
     attn.residual_add.replace_all_uses_with(h1)
     return x_c, out_c
 
@@ -462,13 +462,13 @@ def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
     order = [n for n in attn.nodes if n in kv_nodes]
     with g.inserting_before(sdpa):
         env = _gather_inputs(g, attn.residual_in, seq_ext, idx)
-        q_pos = g.call_function(ops.positions_like, (idx, attn.residual_in))
+        q_pos = g.call_function(traced.positions_like, (idx, attn.residual_in))
         if segments_of(attn.mask) is not None:
-            mask_k = g.call_function(ops.segment_mask_keys, (segments_of(attn.mask), idx, ok))
+            mask_k = g.call_function(traced.segment_mask_keys, (segments_of(attn.mask), idx, ok))
         elif attn.mask is not None:
-            mask_k = g.call_function(ops.gather_mask, (attn.mask, None, idx, ok))
+            mask_k = g.call_function(traced.gather_mask, (attn.mask, None, idx, ok))
         else:
-            mask_k = g.call_function(ops.causal_positions_mask, (q_pos, idx, ok))
+            mask_k = g.call_function(traced.causal_positions_mask, (q_pos, idx, ok))
         _clone(g, attn, order, env, m, check_output=False)
     args = list(sdpa.args)
     args[1], args[2] = env[sdpa.args[1]], env[sdpa.args[2]]
@@ -523,10 +523,10 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
         exchange = _exchange(attn)
         if exchange is not None:
             ranks, group, n = len(exchange.args[1]), exchange.args[3], shape_of(h0)[1]
-            idx_a = g.call_function(ops.gather_ranks, (idx, ranks, group, n))
-            ok_a = g.call_function(ops.gather_ranks, (ok, ranks, group))
-        out_g = g.call_function(ops.gather_seq, (dense_out, idx_a, 2))
-        lse_g = g.call_function(ops.gather_seq, (dense_lse, idx_a, 2))
+            idx_a = g.call_function(traced.gather_ranks, (idx, ranks, group, n))
+            ok_a = g.call_function(traced.gather_ranks, (ok, ranks, group))
+        out_g = g.call_function(traced.gather_seq, (dense_out, idx_a, 2))
+        lse_g = g.call_function(traced.gather_seq, (dense_lse, idx_a, 2))
         if save_rows:  # the recompute in backward starts from these, never from the full input
             env[h0], out_g, lse_g = (g.call_function(torch.ops.lemo.saved.default, (t,))
                                      for t in (env[h0], out_g, lse_g))
@@ -535,9 +535,9 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
         # with segments: causal by position within the kept rows' segments (0 = out of range)
         mask_c = None
         if seg is not None:
-            pos, valid = idx, g.call_function(ops.gather_segments, (seg, idx, ok))
+            pos, valid = idx, g.call_function(traced.gather_segments, (seg, idx, ok))
         elif attn.mask is not None:
-            mask_c = g.call_function(ops.gather_mask, (attn.mask, idx, idx, ok))
+            mask_c = g.call_function(traced.gather_mask, (attn.mask, idx, idx, ok))
             pos, valid = None, None
         else:
             pos, valid = idx_a, ok_a
@@ -547,7 +547,7 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
                                    (env[q], env[k], env[v], out_g, lse_g, mask_c, pos, valid, scale))
 
         out_c = _clone(g, attn, attn.nodes, env, m, replace={sdpa: kept_attention})[attn.output]
-        a_st = _like(g.call_function(ops.straight_through_rows, (attn.output, out_c, idx, ok)), attn.output)
+        a_st = _like(g.call_function(traced.straight_through_rows, (attn.output, out_c, idx, ok)), attn.output)
     sdpa.replace_all_uses_with(dense_out)
     g.erase_node(sdpa)
     attn.nodes = [n for n in attn.nodes if n is not sdpa]
@@ -562,8 +562,8 @@ def _kept_mask(g: fx.Graph, mask: fx.Node | None, idx: fx.Node, ok: fx.Node) -> 
     causal order; passes.masks then lowers the attention to lemo::segment_attention)."""
     seg = segments_of(mask)
     if seg is not None:
-        return g.call_function(ops.segment_mask, (g.call_function(ops.gather_segments, (seg, idx, ok)),))
-    return g.call_function(ops.gather_mask, (mask, idx, idx, ok)) if mask is not None else None
+        return g.call_function(traced.segment_mask, (g.call_function(traced.gather_segments, (seg, idx, ok)),))
+    return g.call_function(traced.gather_mask, (mask, idx, idx, ok)) if mask is not None else None
 
 
 def _set_mask(node: fx.Node, mask_c: fx.Node | None) -> None:
@@ -592,8 +592,8 @@ def _kept_rows(g, h1: fx.Node, idx, ok, rows) -> fx.Node:
     rows, formed as x_c + out_c, which does not read h1. In tokens mode that equals h1 at the kept rows
     exactly; in backward mode up to the rounding of the output projection over m rows instead of n."""
     if rows is None:
-        return g.call_function(ops.gather_seq, (h1, idx, 1))
-    return g.call_function(ops.add_rows, (rows[0], rows[1], ok))
+        return g.call_function(traced.gather_seq, (h1, idx, 1))
+    return g.call_function(traced.add_rows, (rows[0], rows[1], ok))
 
 
 def _mlp_env(g, mlp: Block, h1: fx.Node, idx, ok, rows) -> dict[fx.Node, fx.Node]:
@@ -603,7 +603,7 @@ def _mlp_env(g, mlp: Block, h1: fx.Node, idx, ok, rows) -> dict[fx.Node, fx.Node
     if mlp.reads is None:
         return {h1: _kept_rows(g, h1, idx, ok, rows)}
     h0 = mlp.reads
-    x_c = rows[0] if rows is not None else g.call_function(ops.gather_seq, (h0, idx, 1))
+    x_c = rows[0] if rows is not None else g.call_function(traced.gather_seq, (h0, idx, 1))
     env = {h0: x_c}
     for node in mlp.nodes:
         for a in node.all_input_nodes:
@@ -618,7 +618,7 @@ def _mlp_tokens(g, mlp: Block, idx, ok, m, rows=None) -> None:
     with g.inserting_before(mlp.residual_add):
         env = _mlp_env(g, mlp, h1, idx, ok, rows)
         out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
-        h2 = _like(g.call_function(ops.scatter_add_rows, (h1, out_c, idx, ok)), mlp.residual_add)
+        h2 = _like(g.call_function(traced.scatter_add_rows, (h1, out_c, idx, ok)), mlp.residual_add)
     mlp.residual_add.replace_all_uses_with(h2)
     return h2
 
@@ -629,7 +629,7 @@ def _mlp_backward(g, mlp: Block, idx, ok, m, rows=None) -> None:
     with g.inserting_before(mlp.residual_add):
         env = _mlp_env(g, mlp, h1, idx, ok, rows)
         out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
-        m_st = _like(g.call_function(ops.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
+        m_st = _like(g.call_function(traced.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
     _detach_block_input(g, mlp, mlp.reads if mlp.reads is not None else h1)
     mlp.residual_add.replace_input_with(mlp.output, m_st)
 
@@ -641,11 +641,11 @@ def _mlp_whole(g, mlp: Block, idx, ok, mode: MlpMode) -> fx.Node | None:
     unchanged and gradient enters the MLP at the kept rows only. Exact to the reference; it saves neither
     MLP compute nor MLP activations, only the attention's."""
     with g.inserting_before(mlp.residual_add):  # after every in-place update inside the MLP
-        out_c = g.call_function(ops.gather_seq, (mlp.output, idx, 1))
+        out_c = g.call_function(traced.gather_seq, (mlp.output, idx, 1))
         if mode is MlpMode.TOKENS:
-            h2 = _like(g.call_function(ops.scatter_add_rows, (_mlp_input(mlp), out_c, idx, ok)), mlp.residual_add)
+            h2 = _like(g.call_function(traced.scatter_add_rows, (_mlp_input(mlp), out_c, idx, ok)), mlp.residual_add)
         else:
-            m_st = _like(g.call_function(ops.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
+            m_st = _like(g.call_function(traced.straight_through_rows, (mlp.output, out_c, idx, ok)), mlp.output)
     if mode is MlpMode.TOKENS:
         mlp.residual_add.replace_all_uses_with(h2)
         return h2

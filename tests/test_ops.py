@@ -4,7 +4,8 @@ the same computation with the explicit kept x kept mask (CPU, fp64)."""
 import pytest
 import torch
 
-from lemo_compile import ops
+from lemo_compile import traced
+from lemo_compile.kernels import attention
 
 
 def _kept_problem(b, h, kvh, m, hd, seed):
@@ -17,8 +18,8 @@ def _kept_problem(b, h, kvh, m, hd, seed):
     valid = torch.ones(b, m, dtype=torch.bool)
     if b > 1 and m > 5:
         valid[1, -5:] = False
-    mask = ops.causal_positions_mask(pos, pos, valid)
-    out, lse = ops.attention_lse_torch(q, k, v, mask, hd ** -0.5, False)  # a stand-in for the dense O, lse
+    mask = traced.causal_positions_mask(pos, pos, valid)
+    out, lse = attention.attention_lse_torch(q, k, v, mask, hd ** -0.5, False)  # a stand-in for the dense O, lse
     return q, k, v, dout, out, lse, mask, pos, valid
 
 
@@ -28,10 +29,10 @@ def test_kept_backward_positions_equal_explicit_mask(b, h, kvh, m, hd, chunk_row
     q, k, v, dout, out, lse, mask, pos, valid = _kept_problem(b, h, kvh, m, hd, seed=m)
     scale = hd ** -0.5
     if chunk_rows is not None:  # several query chunks: each builds its own slice of the bias
-        chunks = ops._chunks
-        monkeypatch.setattr(ops, "_chunks", lambda n, per_row, budget=0: chunks(n, 1, chunk_rows))
-    want = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, mask, scale)
-    got = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, None, scale, pos=pos, valid=valid)
+        chunks = attention._chunks
+        monkeypatch.setattr(attention, "_chunks", lambda n, per_row, budget=0: chunks(n, 1, chunk_rows))
+    want = attention.attention_kept_backward_torch(dout, q, k, v, out, lse, mask, scale)
+    got = attention.attention_kept_backward_torch(dout, q, k, v, out, lse, None, scale, pos=pos, valid=valid)
     assert got[2].abs().max() > 0  # (one kept row: dq = dk = 0 exactly, dv = dout)
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)
@@ -43,7 +44,7 @@ def test_kept_op_autograd_uses_positions():
     y = torch.ops.lemo.attention_kept(q, k, v, out, lse, None, pos, valid, 0.25)
     assert torch.equal(y, out)
     y.backward(dout)
-    want = ops.attention_kept_backward_torch(dout, q.detach(), k.detach(), v.detach(), out, lse, mask, 0.25)
+    want = attention.attention_kept_backward_torch(dout, q.detach(), k.detach(), v.detach(), out, lse, mask, 0.25)
     for t, w in zip((q, k, v), want):
         torch.testing.assert_close(t.grad, w, rtol=1e-12, atol=1e-12)
 
@@ -57,14 +58,14 @@ def test_kept_op_registration_opcheck():
 
 @pytest.mark.parametrize("b,h,kvh,m,hd", [(2, 4, 2, 70, 16), (2, 2, 1, 9, 8)])
 def test_compact_causal_mask_is_the_positions_mask(b, h, kvh, m, hd):
-    """What the CUDA flash path relies on (ops.attention_kept_backward_flash): kept rows sorted by position,
+    """What the CUDA flash path relies on (attention.attention_kept_backward_flash): kept rows sorted by position,
     rows out of range at the end with zero upstream gradient, so the plain causal mask of the compact
     sequence (key j <= query i) gives the same gradient as the positions mask."""
     q, k, v, dout, out, lse, _, pos, valid = _kept_problem(b, h, kvh, m, hd, seed=m + 1)
     dout = dout.masked_fill(~valid[:, None, :, None], 0)
     tril = torch.ones(m, m, dtype=torch.bool).tril()[None, None].expand(b, 1, m, m)
-    want = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, None, hd ** -0.5, pos=pos, valid=valid)
-    got = ops.attention_kept_backward_torch(dout, q, k, v, out, lse, tril, hd ** -0.5)
+    want = attention.attention_kept_backward_torch(dout, q, k, v, out, lse, None, hd ** -0.5, pos=pos, valid=valid)
+    got = attention.attention_kept_backward_torch(dout, q, k, v, out, lse, tril, hd ** -0.5)
     for g_, w in zip(got, want):
         assert w.abs().max() > 0
         torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)

@@ -316,12 +316,12 @@ def test_registered_names():
 # -- keep sets per document (packed and padded batches) ----------------------------------------------
 
 def test_keep_sets_force_every_document_start_and_share_blocks():
-    from lemo_compile import ops
+    from lemo_compile import traced
     from lemo_compile.selection import document_blocks, keep_set
 
     # documents of 70, 1, 300 and 200 tokens packed in 571 (9 blocks); keep 0.6 -> 6 blocks
     pos = torch.cat([torch.arange(70), torch.arange(1), torch.arange(300), torch.arange(200)])[None]
-    seg = ops.segments_from_positions(pos)
+    seg = traced.segments_from_positions(pos)
     doc, start = document_blocks(seg, 64)
     assert doc.tolist() == [[1, 1, 3, 3, 3, 3, 4, 4, 4]]  # a straddling block belongs to the document it starts in
     assert start.tolist() == [[True, True, False, False, False, True, False, False, False]]
@@ -336,12 +336,12 @@ def test_keep_sets_force_every_document_start_and_share_blocks():
 
 
 def test_left_padded_rows_force_their_first_real_block():
-    from lemo_compile import ops
+    from lemo_compile import traced
     from lemo_compile.selection import keep_set
 
     am = torch.ones(2, 300, dtype=torch.int64)
     am[0, :130] = 0  # blocks 0 and 1 padding, the first real token in block 2
-    seg = ops.segments_from_padding(am)
+    seg = traced.segments_from_padding(am)
     scores = torch.tensor([[5.0, 5.0, -9.0, 1.0, 2.0], [-9.0, 1.0, 2.0, 3.0, 4.0]])
     idx, ok = keep_set(scores, am.bool(), 64, Fraction(2, 5), (0,), seg)
     assert (idx[:, ::64] // 64).tolist() == [[2, 4], [0, 4]]

@@ -6,7 +6,8 @@ the twin, and the CUDA path may be at most 2x (plus a small floor) worse than th
 import pytest
 import torch
 
-from lemo_compile import ops
+from lemo_compile import traced
+from lemo_compile.kernels import attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,9 +35,9 @@ def test_attention_lse_matches_twin(dtype, b, h, kvh, n, hd, masked):
     q, k, v, mask = problem(b, h, kvh, n, hd, dtype)
     mask, causal = (mask, False) if masked else (None, True)
     scale = hd ** -0.5
-    ref_o, ref_l = ops.attention_lse_torch(q.double(), k.double(), v.double(), mask, scale, causal)
-    low_o, low_l = ops.attention_lse_torch(q, k, v, mask, scale, causal)
-    o, l = ops.attention_lse_cuda(q, k, v, mask, scale, causal)
+    ref_o, ref_l = attention.attention_lse_torch(q.double(), k.double(), v.double(), mask, scale, causal)
+    low_o, low_l = attention.attention_lse_torch(q, k, v, mask, scale, causal)
+    o, l = attention.attention_lse_cuda(q, k, v, mask, scale, causal)
     assert err(o, ref_o) <= 2 * err(low_o, ref_o) + 1e-5
     assert err(l, ref_l) <= 2 * err(low_l, ref_l) + 1e-4
 
@@ -57,8 +58,8 @@ def kept_problem(b, h, kvh, m, hd, seed):
     # a stand-in for the dense O and lse: attention over the kept keys plus 40 extra keys per query
     extra_k, extra_v = (torch.randn(b, kvh, 40, hd, device="cuda", generator=g).bfloat16() for _ in range(2))
     mask = torch.cat([torch.ones(b, 1, m, 40, dtype=torch.bool, device="cuda"),
-                      ops.causal_positions_mask(pos, pos, valid)], dim=-1)
-    out, lse = ops.attention_lse_torch(q.double(), torch.cat([extra_k, k], 2).double(),
+                      traced.causal_positions_mask(pos, pos, valid)], dim=-1)
+    out, lse = attention.attention_lse_torch(q.double(), torch.cat([extra_k, k], 2).double(),
                                        torch.cat([extra_v, v], 2).double(), mask, hd ** -0.5, False)
     return q, k, v, dout, out.bfloat16(), lse.float(), pos, valid
 
@@ -73,9 +74,9 @@ def test_kept_backward_flash_matches_twin(b, h, kvh, m, hd):
     q, k, v, dout, out, lse, pos, valid = kept_problem(b, h, kvh, m, hd, seed=m)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # (b, m, H, hd) storage
     scale = hd ** -0.5
-    got = ops.attention_kept_backward_flash(dout, q, k, v, out, lse, valid, scale)
+    got = attention.attention_kept_backward_flash(dout, q, k, v, out, lse, valid, scale)
     assert all(g_.is_contiguous() for g_ in got)  # what the op's fake promises
-    ref = ops.attention_kept_backward_torch(dout.float(), q.float(), k.float(), v.float(), out.float(),
+    ref = attention.attention_kept_backward_torch(dout.float(), q.float(), k.float(), v.float(), out.float(),
                                             lse, None, scale, pos=pos, valid=valid)
     # the kernel's own rounding: bf16 vs fp64 autograd of dense causal SDPA on q, k, v
     grads = []
@@ -104,7 +105,7 @@ def test_kept_backward_flash_with_every_row_kept_is_the_sdpa_backward():
     y = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                          is_causal=True)
     y.backward(dout)
-    out, lse = ops.attention_lse_cuda(q.detach(), k.detach(), v.detach(), None, hd ** -0.5, True)
+    out, lse = attention.attention_lse_cuda(q.detach(), k.detach(), v.detach(), None, hd ** -0.5, True)
     pos = torch.arange(m, device="cuda").expand(b, m)
     valid = torch.ones(b, m, dtype=torch.bool, device="cuda")
     dq, dk, dv = torch.ops.lemo.attention_kept_backward(dout, q.detach(), k.detach(), v.detach(), out, lse,
@@ -125,12 +126,12 @@ def test_keyless_rows_are_zero_not_nan(dtype):
     q, k, v, mask = problem(b, h, kvh, n, hd, dtype, seed=3)
     mask[1, :, :, :9] = False
     scale = hd ** -0.5
-    o, l = ops.attention_lse_cuda(q, k, v, mask, scale, False)
-    ref_o, ref_l = ops.attention_lse_torch(q.double(), k.double(), v.double(), mask, scale, False)
+    o, l = attention.attention_lse_cuda(q, k, v, mask, scale, False)
+    ref_o, ref_l = attention.attention_lse_torch(q.double(), k.double(), v.double(), mask, scale, False)
     assert torch.isfinite(o).all() and (o[1, :, :9] == 0).all() and not torch.isnan(l).any()
     assert (l[1, :, :9] < float("inf")).all()
     assert torch.isfinite(ref_o).all() and (ref_o[1, :, :9] == 0).all()
-    low_o, _ = ops.attention_lse_torch(q, k, v, mask, scale, False)
+    low_o, _ = attention.attention_lse_torch(q, k, v, mask, scale, False)
     assert err(o, ref_o) <= 2 * err(low_o, ref_o) + 1e-5
     dout = torch.randn_like(q)
     grads = torch.ops.lemo.attention_kept_backward(dout, q, k, v, o, l, mask, None, None, scale)

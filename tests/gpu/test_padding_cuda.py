@@ -38,7 +38,7 @@ def test_segment_attention_bf16_flash_per_segment(kv_heads):
     against SDPA under the mask the segments stand for, in fp64: at most twice the error of bf16 SDPA
     itself, forward and backward; padding rows 0. Row 2 is padded the way TRL pads a packed row: 200
     one-token documents, and four documents of 50 tokens."""
-    from lemo_compile import ops
+    from lemo_compile import traced
 
     g = torch.Generator(device="cuda").manual_seed(0)
     b, h, n, d = 3, 8, 700, 128
@@ -56,7 +56,7 @@ def test_segment_attention_bf16_flash_per_segment(kv_heads):
         qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
         rep = h // kv_heads
         y = torch.nn.functional.scaled_dot_product_attention(
-            qq, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1), attn_mask=ops.segment_mask(seg))
+            qq, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1), attn_mask=traced.segment_mask(seg))
         y = torch.where(real, y, 0)
         y.backward(dout.to(dt))
         return y, qq.grad, kk.grad, vv.grad

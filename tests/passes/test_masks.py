@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import lemo_compile
-from lemo_compile import LemoConfig, ops
+from lemo_compile import LemoConfig, traced
+from lemo_compile.kernels import attention
 from lemo_compile.testing.models import tiny_model, trainable_grads
 from lemo_compile.testing.padding import padded_batch
 
@@ -169,7 +170,7 @@ def test_segment_attention_is_sdpa_under_the_segment_mask(kv_heads):
     out, lse = torch.ops.lemo.segment_attention(q, k, v, seg, d ** -0.5)
     rep = h // kv_heads
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                                            attn_mask=ops.segment_mask(seg))
+                                                            attn_mask=traced.segment_mask(seg))
     want = torch.where((seg != 0)[:, None, :, None], want, 0.0)
     # the twin computes in fp32: its own rounding
     assert (out - want).abs().max() < 1e-5 and (out[2] == 0).all() and (lse[2] == float("-inf")).all()
@@ -212,20 +213,20 @@ def test_kept_backward_segment_groups_match_the_twin(monkeypatch):
     seg[1, 3:40], seg[1, 50:60] = 1, 1  # one segment with a hole
     seg[1, 60:89] = 2
     scale = d ** -0.5
-    out, lse = ops.segment_attention_lse_impl(q, k, v, seg, scale)
+    out, lse = attention.segment_attention_lse_impl(q, k, v, seg, scale)
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64).masked_fill((seg == 0)[:, None, :, None], 0)
     pos = torch.arange(n).expand(b, n)
-    want = ops.attention_kept_backward_torch(grad, q, k, v, out, lse, None, scale, pos=pos, valid=seg)
+    want = attention.attention_kept_backward_torch(grad, q, k, v, out, lse, None, scale, pos=pos, valid=seg)
 
     def flash_on_cpu(go, q, k, v, out, lse, valid, scale):
         p = torch.arange(q.shape[2]).expand(q.shape[0], -1)
-        return ops.attention_kept_backward_torch(go, q, k, v, out, lse, None, scale, pos=p, valid=valid)
+        return attention.attention_kept_backward_torch(go, q, k, v, out, lse, None, scale, pos=p, valid=valid)
 
     calls = []
-    monkeypatch.setattr(ops, "attention_kept_backward_flash",
+    monkeypatch.setattr(attention, "attention_kept_backward_flash",
                         lambda *a: calls.append(a[1].shape[2]) or flash_on_cpu(*a))
-    monkeypatch.setattr(ops, "FLASH_MIN_SEGMENT", 10)  # 10 tokens or more: "flash"; one-token ones: the twin
-    got = ops._kept_backward_flash_segments(grad, q, k, v, out, lse, seg, scale)
+    monkeypatch.setattr(attention, "FLASH_MIN_SEGMENT", 10)  # 10 tokens or more: "flash"; one-token ones: the twin
+    got = attention._kept_backward_flash_segments(grad, q, k, v, out, lse, seg, scale)
     assert sorted(calls) == [10, 25, 29, 47]
     for a, w in zip(got, want):
         assert a.shape == w.shape and (a - w).abs().max() < 1e-6 * w.abs().max()
@@ -246,14 +247,14 @@ def test_segment_calls_send_short_segments_to_the_twin_in_bounded_batches():
     budget = 3000
     seen = torch.zeros(b, n, dtype=torch.int64)
     flash_lengths = []
-    for (rows, cols), flash in ops._segment_calls(seg, h, budget):
+    for (rows, cols), flash in attention._segment_calls(seg, h, budget):
         if isinstance(cols, slice):
             count, length = 1, cols.stop - cols.start
             seen[rows, cols] += 1
         else:
             count, length = cols.shape
             seen[rows, cols] += 1
-        assert flash == (length >= ops.FLASH_MIN_SEGMENT)
+        assert flash == (length >= attention.FLASH_MIN_SEGMENT)
         if flash:
             flash_lengths.append((count, length))
         else:
