@@ -1,6 +1,6 @@
 """Cross-entropy rows of one loss segment: per-row loss and, in place, the logits' gradient.
 
-`lemo::linear_cross_entropy` (lemo_compile.lm_loss) computes the LM head a segment of rows at a time;
+`lemo::linear_cross_entropy` (kernels.linear_cross_entropy) computes the LM head a segment of rows at a time;
 for each segment it needs, from the logits L (rows, vocab) in the model dtype and the targets t,
 
     loss[i] = logsumexp(L[i].float()) - L[i, t[i]].float()          (0 where t[i] == ignore_index)

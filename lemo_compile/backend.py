@@ -28,7 +28,6 @@ import torch
 import torch.fx as fx
 
 from . import _compat, config as _config
-from . import lm_loss as _lm_loss  # noqa: F401  (registers lemo::linear_cross_entropy)
 from . import mlp as _mlp  # noqa: F401  (registers lemo::swiglu_mlp)
 from . import ops as _ops  # noqa: F401  (registers the lemo:: ops)
 from .config import Inner, LemoConfig

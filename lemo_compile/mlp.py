@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .lm_loss import rows_for_budget
+from .kernels.linear_cross_entropy import rows_for_budget
 
 NO_ADAPTERS = (None,) * 6
 

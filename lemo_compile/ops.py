@@ -21,6 +21,10 @@ Attention (kernels.attention):
 
 Checkpointing:
 - `lemo::saved`             identity that marks a value for saving in a checkpointed layer.
+
+The LM head's loss (kernels.linear_cross_entropy; passes.peak_cut):
+- `lemo::linear_cross_entropy` the LM head and its cross-entropy loss in row segments, the gradients
+                            formed during the forward; its backward scales them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import os
 import torch
 
 from . import predictors, selection
-from .kernels import attention as attention_kernels
+from .kernels import attention as attention_kernels, linear_cross_entropy as lce_kernels
 
 
 @torch.library.custom_op("lemo::random_block_scores", mutates_args=())
@@ -220,3 +224,48 @@ def _saved_backward(ctx, grad):
 
 
 saved.register_autograd(_saved_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# -------------------------------------------------------------------------------------------------
+# the LM head's loss
+# -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lemo::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                         ignore_index: int, reduction: str, upcast: bool, rows: int, grad_x: bool,
+                         grad_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return lce_kernels.linear_cross_entropy_torch(x.contiguous(), w, bias, target, ignore_index, reduction, upcast,
+                                                  rows, grad_x, grad_w)
+
+
+@linear_cross_entropy.register_fake
+def _(x, w, bias, target, ignore_index, reduction, upcast, rows, grad_x, grad_w):
+    dtype = torch.float32 if upcast else x.dtype
+    db = w.new_empty(w.shape[0]) if (grad_w and bias is not None) else w.new_empty(0)
+    return (x.new_empty((), dtype=dtype), torch.empty_like(x) if grad_x else x.new_empty(0),
+            torch.empty_like(w) if grad_w else w.new_empty(0), db)
+
+
+def _lce_setup(ctx, inputs, output):
+    x, w, bias, target, ignore_index, reduction, upcast, rows, grad_x, grad_w = inputs
+    _, dx, dw, db = output
+    ctx.save_for_backward(dx, dw, db, target)
+    ctx.flags = (grad_x, grad_w, bias is not None, ignore_index)
+
+
+def _lce_backward(ctx, g_loss, *_unused):
+    """Gradients scaled by the upstream gradient. Rows of ignored targets get exactly 0 whatever it is,
+    as in cross_entropy's backward: a loss divided by num_items_in_batch = 0 (every label ignored) has
+    an infinite upstream gradient, and 0 * inf would be NaN."""
+    dx, dw, db, target = ctx.saved_tensors
+    grad_x, grad_w, has_bias, ignore_index = ctx.flags
+    valid = target != ignore_index
+    gx = (dx * g_loss).masked_fill(~valid.unsqueeze(-1), 0).to(dx.dtype) if grad_x else None
+    g_w = torch.where(valid.any(), g_loss, torch.zeros_like(g_loss))  # dw, db: sums over valid rows only
+    gw = (dw * g_w).to(dw.dtype) if grad_w else None
+    gb = (db * g_w).to(db.dtype) if (grad_w and has_bias) else None
+    return gx, gw, gb, None, None, None, None, None, None, None
+
+
+linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)

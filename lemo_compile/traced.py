@@ -169,3 +169,9 @@ def segment_mask_keys(seg: torch.Tensor, idx_k: torch.Tensor, in_range_k: torch.
     """(b, 1, n, m) bool for the `keys` mode: every query, the kept keys idx_k, within a segment."""
     q_pos = torch.arange(seg.shape[1], device=seg.device).expand(seg.shape[0], seg.shape[1])
     return causal_positions_mask(q_pos, idx_k, gather_segments(seg, idx_k, in_range_k), seg_q=seg)
+
+
+def empty_logits(hidden: torch.Tensor) -> torch.Tensor:
+    """What a graph returns for logits under LemoConfig(logits="drop"): shape (..., 0), no memory, so
+    any later use fails loudly instead of reading made-up values."""
+    return hidden.new_empty((*hidden.shape[:-1], 0))

@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from lemo_compile import lm_loss
+from lemo_compile import traced
 from lemo_compile.config import LemoConfig
-from lemo_compile.kernels import cross_entropy
+from lemo_compile.kernels import cross_entropy, linear_cross_entropy as lce_kernels
 
 from .common import PassResult, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS
@@ -116,7 +116,7 @@ def _match(ce: fx.Node, res: PeakCutResult) -> _Match | None:
     if _arg(ce, 3, "size_average", None) is not None or _arg(ce, 5, "reduce", None) is not None:
         res.skip("loss_form", where, "deprecated size_average/reduce arguments")
         return None
-    if not isinstance(ignore_index, int) or reduction not in lm_loss.REDUCTIONS or smoothing not in (0, 0.0):
+    if not isinstance(ignore_index, int) or reduction not in lce_kernels.REDUCTIONS or smoothing not in (0, 0.0):
         res.skip("loss_form", where, f"ignore_index={ignore_index!r}, reduction={reduction!r}, "
                  f"label_smoothing={smoothing!r}: only an int ignore_index, mean/sum and no smoothing")
         return None
@@ -223,7 +223,7 @@ def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dic
     grad_x = bool(grad_on and h_val.requires_grad)
     grad_w = bool(grad_on and isinstance(w_val, torch.Tensor) and w_val.requires_grad)
     fused = cross_entropy.use_triton(h_val.device, h_val.dtype, m.upcast)
-    rows = lm_loss.segment_rows(int(vocab), cfg.segment_bytes, m.upcast, h_val.dtype.itemsize, fused)
+    rows = lce_kernels.segment_rows(int(vocab), cfg.segment_bytes, m.upcast, h_val.dtype.itemsize, fused)
     with g.inserting_before(m.ce):
         hidden = m.hidden
         for op, value in m.scales:  # in the model's order, nearest the LM head first
@@ -251,7 +251,7 @@ def _rewrite(g: fx.Graph, m: _Match, cfg: LemoConfig, res: PeakCutResult) -> dic
             res.skip("logits_used", m.ce.name, f"logits feed {', '.join(u.name for u in others)}; kept")
         elif outputs:
             with g.inserting_before(m.linear):
-                empty = g.call_function(lm_loss.empty_logits, (m.hidden,))
+                empty = g.call_function(traced.empty_logits, (m.hidden,))
             m.logits.replace_all_uses_with(empty)
             logits_mode = "dropped"
     return {"loss": loss.name, "rows": str(shape_of(m.hidden)[:-1]), "vocab": int(vocab),

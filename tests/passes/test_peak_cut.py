@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lemo_compile
-from lemo_compile import LemoConfig, lm_loss
+from lemo_compile import LemoConfig
+from lemo_compile.kernels import linear_cross_entropy as lce
 from lemo_compile.backend import clear_records
 from lemo_compile.testing.models import ARCHS, random_batch, tiny_model, trainable_grads
 
@@ -83,10 +84,10 @@ def test_op_rejects_targets_out_of_range():
 
 def test_segment_rows_from_budget():
     # bf16 logits + their fp32 copy (the twin): 6 bytes per logit; rounded down to whole 128-row tiles
-    assert lm_loss.segment_rows(128256, 1 << 30, True, 2) == 1280  # 1395 rows fit
-    assert lm_loss.segment_rows(128256, 1 << 30, True, 2, fused=True) == 4096  # the kernel: logits only
-    assert lm_loss.segment_rows(128256, 100 * 128256 * 4, False, 4) == 50  # fp32 kept: logits + a clone
-    assert lm_loss.segment_rows(128256, 10, True, 2) == 1  # the finest segmentation is one row
+    assert lce.segment_rows(128256, 1 << 30, True, 2) == 1280  # 1395 rows fit
+    assert lce.segment_rows(128256, 1 << 30, True, 2, fused=True) == 4096  # the kernel: logits only
+    assert lce.segment_rows(128256, 100 * 128256 * 4, False, 4) == 50  # fp32 kept: logits + a clone
+    assert lce.segment_rows(128256, 10, True, 2) == 1  # the finest segmentation is one row
 
 
 # --------------------------------------------------------------------------------------------------

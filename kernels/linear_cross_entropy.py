@@ -1,4 +1,5 @@
-"""`lemo::linear_cross_entropy`: the LM head and its cross-entropy loss computed in row segments.
+"""The LM head and its cross-entropy loss computed in row segments: the implementation of
+`lemo::linear_cross_entropy` (registered in lemo_compile.ops).
 
 The unfused graph materializes the logits (N x vocab in the model dtype), an fp32 copy, the fp32
 softmax of the backward and its cast: at 32K tokens and a 128K vocabulary that is 8.4 + 16.8 + 16.8
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import cross_entropy
+from . import cross_entropy
 
 REDUCTIONS = ("mean", "sum")
 
@@ -87,49 +88,3 @@ def linear_cross_entropy_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
         del logits
     loss = torch.where(count > 0, total * scale, total / count) if reduction == "mean" else total
     return loss.to(cdtype), dx, dw.to(w.dtype) if grad_w else dw, db.to(w.dtype) if db.numel() else db
-
-
-@torch.library.custom_op("lemo::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                         ignore_index: int, reduction: str, upcast: bool, rows: int, grad_x: bool,
-                         grad_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_cross_entropy_torch(x.contiguous(), w, bias, target, ignore_index, reduction, upcast, rows,
-                                      grad_x, grad_w)
-
-
-@linear_cross_entropy.register_fake
-def _(x, w, bias, target, ignore_index, reduction, upcast, rows, grad_x, grad_w):
-    dtype = torch.float32 if upcast else x.dtype
-    db = w.new_empty(w.shape[0]) if (grad_w and bias is not None) else w.new_empty(0)
-    return (x.new_empty((), dtype=dtype), torch.empty_like(x) if grad_x else x.new_empty(0),
-            torch.empty_like(w) if grad_w else w.new_empty(0), db)
-
-
-def _setup(ctx, inputs, output):
-    x, w, bias, target, ignore_index, reduction, upcast, rows, grad_x, grad_w = inputs
-    _, dx, dw, db = output
-    ctx.save_for_backward(dx, dw, db, target)
-    ctx.flags = (grad_x, grad_w, bias is not None, ignore_index)
-
-
-def _backward(ctx, g_loss, *_unused):
-    """Gradients scaled by the upstream gradient. Rows of ignored targets get exactly 0 whatever it is,
-    as in cross_entropy's backward: a loss divided by num_items_in_batch = 0 (every label ignored) has
-    an infinite upstream gradient, and 0 * inf would be NaN."""
-    dx, dw, db, target = ctx.saved_tensors
-    grad_x, grad_w, has_bias, ignore_index = ctx.flags
-    valid = target != ignore_index
-    gx = (dx * g_loss).masked_fill(~valid.unsqueeze(-1), 0).to(dx.dtype) if grad_x else None
-    g_w = torch.where(valid.any(), g_loss, torch.zeros_like(g_loss))  # dw, db: sums over valid rows only
-    gw = (dw * g_w).to(dw.dtype) if grad_w else None
-    gb = (db * g_w).to(db.dtype) if (grad_w and has_bias) else None
-    return gx, gw, gb, None, None, None, None, None, None, None
-
-
-linear_cross_entropy.register_autograd(_backward, setup_context=_setup)
-
-
-def empty_logits(hidden: torch.Tensor) -> torch.Tensor:
-    """What a graph returns for logits under LemoConfig(logits="drop"): shape (..., 0), no memory, so
-    any later use fails loudly instead of reading made-up values."""
-    return hidden.new_empty((*hidden.shape[:-1], 0))
