@@ -28,7 +28,6 @@ import torch
 import torch.fx as fx
 
 from . import _compat, config as _config
-from . import mlp as _mlp  # noqa: F401  (registers lemo::swiglu_mlp)
 from . import ops as _ops  # noqa: F401  (registers the lemo:: ops)
 from .config import Inner, LemoConfig
 
@@ -283,7 +282,7 @@ class AotPasses(_compat.custom_graph_pass_base()):
     def __call__(self, graph: fx.Graph) -> None:
         from . import memory
         is_bw = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
-        if self.record is not None:
+        if self.record is not None and not _shared_body(self.record, graph):
             self.record.aot_graphs.append("backward" if is_bw else "forward")
             self.record.exchanged["backward" if is_bw else "forward"] = memory.exchanged_bytes(graph)
             if is_bw:
@@ -308,10 +307,8 @@ class AotPasses(_compat.custom_graph_pass_base()):
 
     def _estimate(self, bw: fx.Graph | None) -> None:
         """Keep the graphs for the record's lazily computed memory estimate (forward-only until the
-        backward is compiled). Not with shared layer bodies (passes.regions): the root graphs call them
-        opaquely, and an estimate without their insides would be too low."""
-        if self.record.regions is not None and self.record.regions.regions:
-            return
+        backward is compiled); the estimate walks the shared layer bodies (passes.regions) the root
+        graphs call as if inline."""
         if self._fw_graph is not None:
             self.record._graphs = (self._fw_graph, bw, self.fusion_aware)
             self.record._memory = None
@@ -335,7 +332,7 @@ class JointPasses(_compat.custom_graph_pass_base()):
         from .memory import _nbytes
         must_save = _compat.must_save_policy()
         tagged = offload = 0
-        if self._shared_body(graph):
+        if _shared_body(self.record, graph):
             _drop_recompute_tags(graph)
         for node in graph.nodes:
             if node.target is torch.ops.lemo.saved.default and node.meta.get("recompute") is not None:
@@ -350,15 +347,17 @@ class JointPasses(_compat.custom_graph_pass_base()):
             self.record.saved_for_recompute += tagged  # one joint graph per shared layer body, then the root
         log.debug("lemo joint pass: %d values kept for recompute, %d tagged for offload", tagged, offload)
 
-    def _shared_body(self, graph: fx.Graph) -> bool:
-        """Whether `graph` is the joint graph of a shared layer body (passes.regions): in a compile with
-        shared bodies, the joint graphs without an invoke_subgraph call are those bodies'."""
-        regions = self.record.regions if self.record is not None else None
-        return bool(regions is not None and regions.regions and not graph.find_nodes(
-            op="call_function", target=torch.ops.higher_order.invoke_subgraph))
-
     def uuid(self) -> bytes:
         return _compat.hash_for_files(_source_files(), extra="joint" + self.cfg.to_json())
+
+
+def _shared_body(record: CompileRecord | None, graph: fx.Graph) -> bool:
+    """Whether `graph` (joint, forward or backward) belongs to a shared layer body (passes.regions): in a
+    compile with shared bodies, the graphs without an invoke_subgraph call are those bodies'; the root's
+    graphs call them."""
+    regions = record.regions if record is not None else None
+    return bool(regions is not None and regions.regions and not graph.find_nodes(
+        op="call_function", target=torch.ops.higher_order.invoke_subgraph))
 
 
 def _drop_recompute_tags(graph: fx.Graph) -> None:
@@ -545,7 +544,7 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
         if cfg.regional and not cfg.offload:
             from .passes.regions import share_layers
             rec.regions = share_layers(gm)
-            if not rec.regions.regions:
+            if not rec.regions.regions and rec.detect.layers:  # graphs without decoder layers: nothing to share
                 log.warning("lemo: LemoConfig.regional=True shared no layer of graph %d: %s; it compiles "
                             "whole-model", rec.graph_id, _unshared_reason(rec.regions))
     if cfg.regional and (cfg.inner is not Inner.INDUCTOR or cfg.offload):

@@ -25,16 +25,22 @@ Checkpointing:
 The LM head's loss (kernels.linear_cross_entropy; passes.peak_cut):
 - `lemo::linear_cross_entropy` the LM head and its cross-entropy loss in row segments, the gradients
                             formed during the forward; its backward scales them.
+
+SwiGLU MLPs in row segments (kernels.swiglu; passes.mlp_segment):
+- `lemo::swiglu_mlp`, `lemo::swiglu_lora_mlp` (with PEFT LoRA adapters), and their backward ops
+  `lemo::swiglu_mlp_backward`, `lemo::swiglu_lora_mlp_backward`, which recompute the intermediates
+  one segment of rows at a time.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
 from . import predictors, selection
-from .kernels import attention as attention_kernels, linear_cross_entropy as lce_kernels
+from .kernels import attention as attention_kernels, linear_cross_entropy as lce_kernels, swiglu as swiglu_kernels
 
 
 @torch.library.custom_op("lemo::random_block_scores", mutates_args=())
@@ -269,3 +275,98 @@ def _lce_backward(ctx, g_loss, *_unused):
 
 
 linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+# -------------------------------------------------------------------------------------------------
+# SwiGLU MLPs in row segments
+# -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lemo::swiglu_mlp", mutates_args=())
+def swiglu_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, rows: int) -> torch.Tensor:
+    return swiglu_kernels.swiglu_mlp_torch(x, wg, wu, wd, rows)
+
+
+@swiglu_mlp.register_fake
+def _(x, wg, wu, wd, rows):
+    return x.new_empty((*x.shape[:-1], wd.shape[0]))
+
+
+@torch.library.custom_op("lemo::swiglu_mlp_backward", mutates_args=())
+def swiglu_mlp_backward(grad: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                        rows: int, need_x: bool,
+                        need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return swiglu_kernels.swiglu_mlp_backward_torch(grad.contiguous(), x, wg, wu, wd, rows, need_x, need_w)
+
+
+@swiglu_mlp_backward.register_fake
+def _(grad, x, wg, wu, wd, rows, need_x, need_w):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),  # one empty per output: outputs never alias
+            *((torch.empty_like(w) if need_w else x.new_empty(0)) for w in (wg, wu, wd)))
+
+
+def _swiglu_setup(ctx, inputs, output):
+    x, wg, wu, wd, rows = inputs
+    ctx.save_for_backward(x, wg, wu, wd)
+    ctx.rows = rows
+
+
+def _swiglu_backward(ctx, grad):
+    x, wg, wu, wd = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    need_w = any(ctx.needs_input_grad[1:4])
+    if not (need_x or need_w):
+        return None, None, None, None, None
+    dx, dwg, dwu, dwd = torch.ops.lemo.swiglu_mlp_backward(grad, x, wg, wu, wd, ctx.rows, need_x, need_w)
+    w = ctx.needs_input_grad
+    return (dx if need_x else None, dwg if w[1] else None, dwu if w[2] else None, dwd if w[3] else None, None)
+
+
+swiglu_mlp.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+@torch.library.custom_op("lemo::swiglu_lora_mlp", mutates_args=())
+def swiglu_lora_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                    ag: Optional[torch.Tensor], bg: Optional[torch.Tensor], au: Optional[torch.Tensor],
+                    bu: Optional[torch.Tensor], ad: Optional[torch.Tensor], bd: Optional[torch.Tensor],
+                    scales: list[float], rows: int) -> torch.Tensor:
+    return swiglu_kernels.swiglu_lora_mlp_torch(x, wg, wu, wd, (ag, bg, au, bu, ad, bd), scales, rows)
+
+
+@swiglu_lora_mlp.register_fake
+def _(x, wg, wu, wd, ag, bg, au, bu, ad, bd, scales, rows):
+    return x.new_empty((*x.shape[:-1], wd.shape[0]))
+
+
+@torch.library.custom_op("lemo::swiglu_lora_mlp_backward", mutates_args=())
+def swiglu_lora_mlp_backward(grad: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
+                             wd: torch.Tensor, ag: Optional[torch.Tensor], bg: Optional[torch.Tensor],
+                             au: Optional[torch.Tensor], bu: Optional[torch.Tensor], ad: Optional[torch.Tensor],
+                             bd: Optional[torch.Tensor], scales: list[float], rows: int,
+                             need: list[bool]) -> list[torch.Tensor]:
+    return swiglu_kernels.swiglu_lora_mlp_backward_torch(grad.contiguous(), x, wg, wu, wd, (ag, bg, au, bu, ad, bd),
+                                                         scales, rows, need)
+
+
+@swiglu_lora_mlp_backward.register_fake
+def _(grad, x, wg, wu, wd, ag, bg, au, bu, ad, bd, scales, rows, need):
+    return [torch.empty_like(t) if n and t is not None else x.new_empty(0)
+            for n, t in zip(need, (x, wg, wu, wd, ag, bg, au, bu, ad, bd))]
+
+
+def _swiglu_lora_setup(ctx, inputs, output):
+    *tensors, scales, rows = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.scales, ctx.rows = scales, rows
+
+
+def _swiglu_lora_backward(ctx, grad):
+    tensors = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:10])
+    if not any(need):
+        return (None,) * 12
+    out = torch.ops.lemo.swiglu_lora_mlp_backward(grad, *tensors, ctx.scales, ctx.rows, need)
+    return (*(g if n else None for g, n in zip(out, need)), None, None)
+
+
+swiglu_lora_mlp.register_autograd(_swiglu_lora_backward, setup_context=_swiglu_lora_setup)

@@ -5,7 +5,7 @@ Qwen2/3 (dense layers, and sparse layers whose MLP runs on kept rows):
 
     g = linear(x, W_gate); u = linear(x, W_up); y = linear(silu(g) * u, W_down)
 
-and replaces it with one `lemo::swiglu_mlp(x, W_gate, W_up, W_down, rows)` call (lemo_compile.mlp):
+and replaces it with one `lemo::swiglu_mlp(x, W_gate, W_up, W_down, rows)` call (kernels.swiglu):
 the backward keeps only x and recomputes the intermediates one segment of rows at a time, so neither
 the forward's (rows x intermediate) tensors nor their gradients exist at full length. Exact up to the
 segments' GEMM rounding. Rows per segment come from LemoConfig.mlp_segment_bytes.
@@ -34,8 +34,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from lemo_compile import mlp
 from lemo_compile.config import LemoConfig
+from lemo_compile.kernels import swiglu
 
 from .common import ADD_TARGETS, PassResult, eliminate_dead_code, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS, subgraph_modules
@@ -240,7 +240,7 @@ def _rewrite(g: fx.Graph, gate: _Proj, up: _Proj, down: _Proj, cfg: LemoConfig, 
     projs = (gate, up, down)
     lora = any(p.a is not None for p in projs)
     a_size = max((value_of(p.a).dtype.itemsize for p in projs if p.a is not None), default=0)
-    rows = mlp.segment_rows(inter, cfg.mlp_segment_bytes, w_val.dtype.itemsize, a_size)
+    rows = swiglu.segment_rows(inter, cfg.mlp_segment_bytes, w_val.dtype.itemsize, a_size)
     x = gate.z
     with g.inserting_before(down.out):
         if lora:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lemo_compile  # noqa: F401  (registers the ops)
-from lemo_compile import mlp, ops  # noqa: F401
+from lemo_compile import ops  # noqa: F401
 from lemo_compile.kernels import attention, rows  # noqa: F401
 
 G = torch.Generator().manual_seed(0)

@@ -39,7 +39,8 @@ def main():
     import torch
     import torch.nn.functional as F
 
-    from lemo_compile import mlp  # registers lemo::swiglu_lora_mlp
+    from lemo_compile import ops  # noqa: F401  (registers lemo::swiglu_lora_mlp)
+    from lemo_compile.kernels import swiglu
     from benchmarks.common import environment
 
     dev, bf = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # cpu: a check
@@ -59,9 +60,9 @@ def main():
         shapes = [(r, d), (inter, r), (r, d), (inter, r), (r, inter), (d, r)]
         return [rand(*s, dtype=torch.float32, scale=0.02).requires_grad_() for s in shapes]
 
-    def plain(x, ag, bg, au, bu, ad, bd, scales):  # PEFT's arithmetic, whole length: lemo_compile.mlp._proj
-        p = F.silu(mlp._proj(x, wg, ag, bg, scales[0])[0]) * mlp._proj(x, wu, au, bu, scales[1])[0]
-        return mlp._proj(p, wd, ad, bd, scales[2])[0]
+    def plain(x, ag, bg, au, bu, ad, bd, scales):  # PEFT's arithmetic, whole length: kernels.swiglu._proj
+        p = F.silu(swiglu._proj(x, wg, ag, bg, scales[0])[0]) * swiglu._proj(x, wu, au, bu, scales[1])[0]
+        return swiglu._proj(p, wd, ad, bd, scales[2])[0]
 
     compiled = torch.compile(plain)
     scales = [2.0, 2.0, 2.0]

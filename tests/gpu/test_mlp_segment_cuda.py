@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lemo_compile import mlp  # noqa: F401  (registers the ops)
+from lemo_compile import ops  # noqa: F401  (registers the ops)
 from lemo_compile.testing.tolerance import check_within_twice
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import lemo_compile
-from lemo_compile import LemoConfig, mlp
+from lemo_compile import LemoConfig
+from lemo_compile.kernels import swiglu
 from lemo_compile.backend import clear_records
 from lemo_compile.memory import saved_by_block
 from lemo_compile.reference import reference_forward
@@ -77,13 +78,13 @@ def test_frozen_weights_get_no_gradient_work():
 
 
 def test_segment_rows_from_budget():
-    assert mlp.segment_rows(14336, 1 << 27, 2) == 512  # 585 rows fit; whole 128-row tiles
-    assert mlp.segment_rows(128, 40 * 128 * 8 * 4, 4) == 40
-    assert mlp.segment_rows(14336, 10, 2) == 1
+    assert swiglu.segment_rows(14336, 1 << 27, 2) == 512  # 585 rows fit; whole 128-row tiles
+    assert swiglu.segment_rows(128, 40 * 128 * 8 * 4, 4) == 40
+    assert swiglu.segment_rows(14336, 10, 2) == 1
     # the default MLP budget at Llama-3-8B: bf16 weights with fp32 adapters (PEFT's default), without
     default = LemoConfig().mlp_segment_bytes
-    assert mlp.segment_rows(14336, default, 2, 4) == 2304
-    assert mlp.segment_rows(14336, default, 2) == 4608
+    assert swiglu.segment_rows(14336, default, 2, 4) == 2304
+    assert swiglu.segment_rows(14336, default, 2) == 4608
 
 
 def test_validation():
@@ -237,7 +238,7 @@ def test_pass_exact_and_keeps_only_the_input(arch, sparse, lora_mlp, ckpt):
     assert len(done) >= 4
     if lora_mlp:  # fp32 adapters on an fp32 model: 8 + 4 (rows x inter) fp32 tensors per row -> 26 rows
         assert all(d["adapters"] == ["gate", "up", "down"] for d in done), done
-        assert all(d["segment_rows"] == mlp.segment_rows(128, SEGMENT, 4, 4) for d in done)
+        assert all(d["segment_rows"] == swiglu.segment_rows(128, SEGMENT, 4, 4) for d in done)
         assert any("mlp" in k and "lora" in k for k in g0)
     else:
         assert all(d["segment_rows"] == 40 and "adapters" not in d for d in done)

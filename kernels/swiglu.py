@@ -1,4 +1,5 @@
-"""`lemo::swiglu_mlp`: a SwiGLU MLP, down(silu(gate(x)) * up(x)), computed in row segments.
+"""A SwiGLU MLP, down(silu(gate(x)) * up(x)), computed in row segments: the implementations of
+`lemo::swiglu_mlp` and `lemo::swiglu_lora_mlp` and their backward ops (registered in lemo_compile.ops).
 
 Unfused, a Llama-style MLP keeps its intermediates for backward: gate(x), up(x), silu(gate(x)) and the
 product, each (rows x intermediate), 3.5x the hidden size in Llama-3-8B; under gradient
@@ -26,12 +27,10 @@ too). Bias-free projections only (Llama, Mistral, Qwen2/3).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from .kernels.linear_cross_entropy import rows_for_budget
+from .linear_cross_entropy import rows_for_budget
 
 NO_ADAPTERS = (None,) * 6
 
@@ -166,94 +165,3 @@ def swiglu_mlp_backward_torch(grad: torch.Tensor, x: torch.Tensor, wg: torch.Ten
     return tuple(out[:4])
 
 
-# --- the ops ---------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("lemo::swiglu_mlp", mutates_args=())
-def swiglu_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, rows: int) -> torch.Tensor:
-    return swiglu_mlp_torch(x, wg, wu, wd, rows)
-
-
-@swiglu_mlp.register_fake
-def _(x, wg, wu, wd, rows):
-    return x.new_empty((*x.shape[:-1], wd.shape[0]))
-
-
-@torch.library.custom_op("lemo::swiglu_mlp_backward", mutates_args=())
-def swiglu_mlp_backward(grad: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                        rows: int, need_x: bool,
-                        need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return swiglu_mlp_backward_torch(grad.contiguous(), x, wg, wu, wd, rows, need_x, need_w)
-
-
-@swiglu_mlp_backward.register_fake
-def _(grad, x, wg, wu, wd, rows, need_x, need_w):
-    return (torch.empty_like(x) if need_x else x.new_empty(0),  # one empty per output: outputs never alias
-            *((torch.empty_like(w) if need_w else x.new_empty(0)) for w in (wg, wu, wd)))
-
-
-def _setup(ctx, inputs, output):
-    x, wg, wu, wd, rows = inputs
-    ctx.save_for_backward(x, wg, wu, wd)
-    ctx.rows = rows
-
-
-def _backward(ctx, grad):
-    x, wg, wu, wd = ctx.saved_tensors
-    need_x = ctx.needs_input_grad[0]
-    need_w = any(ctx.needs_input_grad[1:4])
-    if not (need_x or need_w):
-        return None, None, None, None, None
-    dx, dwg, dwu, dwd = torch.ops.lemo.swiglu_mlp_backward(grad, x, wg, wu, wd, ctx.rows, need_x, need_w)
-    w = ctx.needs_input_grad
-    return (dx if need_x else None, dwg if w[1] else None, dwu if w[2] else None, dwd if w[3] else None, None)
-
-
-swiglu_mlp.register_autograd(_backward, setup_context=_setup)
-
-
-@torch.library.custom_op("lemo::swiglu_lora_mlp", mutates_args=())
-def swiglu_lora_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                    ag: Optional[torch.Tensor], bg: Optional[torch.Tensor], au: Optional[torch.Tensor],
-                    bu: Optional[torch.Tensor], ad: Optional[torch.Tensor], bd: Optional[torch.Tensor],
-                    scales: list[float], rows: int) -> torch.Tensor:
-    return swiglu_lora_mlp_torch(x, wg, wu, wd, (ag, bg, au, bu, ad, bd), scales, rows)
-
-
-@swiglu_lora_mlp.register_fake
-def _(x, wg, wu, wd, ag, bg, au, bu, ad, bd, scales, rows):
-    return x.new_empty((*x.shape[:-1], wd.shape[0]))
-
-
-@torch.library.custom_op("lemo::swiglu_lora_mlp_backward", mutates_args=())
-def swiglu_lora_mlp_backward(grad: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
-                             wd: torch.Tensor, ag: Optional[torch.Tensor], bg: Optional[torch.Tensor],
-                             au: Optional[torch.Tensor], bu: Optional[torch.Tensor], ad: Optional[torch.Tensor],
-                             bd: Optional[torch.Tensor], scales: list[float], rows: int,
-                             need: list[bool]) -> list[torch.Tensor]:
-    return swiglu_lora_mlp_backward_torch(grad.contiguous(), x, wg, wu, wd, (ag, bg, au, bu, ad, bd), scales,
-                                          rows, need)
-
-
-@swiglu_lora_mlp_backward.register_fake
-def _(grad, x, wg, wu, wd, ag, bg, au, bu, ad, bd, scales, rows, need):
-    return [torch.empty_like(t) if n and t is not None else x.new_empty(0)
-            for n, t in zip(need, (x, wg, wu, wd, ag, bg, au, bu, ad, bd))]
-
-
-def _setup_lora(ctx, inputs, output):
-    *tensors, scales, rows = inputs
-    ctx.save_for_backward(*tensors)
-    ctx.scales, ctx.rows = scales, rows
-
-
-def _backward_lora(ctx, grad):
-    tensors = ctx.saved_tensors
-    need = list(ctx.needs_input_grad[:10])
-    if not any(need):
-        return (None,) * 12
-    out = torch.ops.lemo.swiglu_lora_mlp_backward(grad, *tensors, ctx.scales, ctx.rows, need)
-    return (*(g if n else None for g, n in zip(out, need)), None, None)
-
-
-swiglu_lora_mlp.register_autograd(_backward_lora, setup_context=_setup_lora)
