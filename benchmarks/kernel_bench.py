@@ -80,7 +80,8 @@ def naive_linear_scatter_add(h, x, w, idx, ok):
 def measure(n: int, compile_baseline: bool) -> dict:
     import torch
 
-    from lemo_compile.kernels import rows  # registers torch.ops.lemo.*
+    from lemo_compile import ops  # registers torch.ops.lemo.*
+    from lemo_compile.kernels import rows
 
     lemo = torch.ops.lemo
     torch.manual_seed(n)
@@ -109,7 +110,7 @@ def measure(n: int, compile_baseline: bool) -> dict:
     if compile_baseline:
         variants["compiled"] = (torch.compile(naive_norm, dynamic=False),
                                 torch.compile(naive_linear_scatter_add, dynamic=False))
-    variants["fused"] = (lambda h_, i_, w_: rows.gather_rmsnorm(h_, i_, ok, w_, EPS),
+    variants["fused"] = (lambda h_, i_, w_: ops.gather_rmsnorm(h_, i_, ok, w_, EPS),
                          lambda h_, x_, w_, i_, ok_: lemo.linear_scatter_add(h_, x_, w_, None, None, i_, ok_))
     # the Triton GEMM with the scatter epilogue (the op's CUDA default is cuBLAS + a row kernel)
     variants["fused_tgemm"] = (variants["fused"][0],
@@ -149,7 +150,7 @@ def measure(n: int, compile_baseline: bool) -> dict:
         res["gather_rmsnorm_op_gb_per_s"] = nbytes / (t["fused_norm"] * 1e-3) / 1e9
 
     with torch.no_grad():
-        res["max_abs_diff_norm"] = (rows.gather_rmsnorm(h, idx, ok, norm_w, EPS).float()
+        res["max_abs_diff_norm"] = (ops.gather_rmsnorm(h, idx, ok, norm_w, EPS).float()
                                     - naive_norm(h, idx, norm_w).float()).abs().max().item()
         res["max_abs_diff_down_scatter"] = (
             lemo.linear_scatter_add(h, act, w_down, None, None, idx, ok).float()

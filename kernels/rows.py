@@ -27,7 +27,8 @@ and these ops fuse its two ends:
 
 Layers, each in one place (STYLE 7-8): `@triton.jit` kernels; launchers `*_triton` (validate, allocate,
 launch); pure-PyTorch twins `*_torch` with the same arguments (the CPU implementation and the oracle);
-the `torch.library` ops with fakes; the autograd registrations.
+the dispatchers that the `lemo::` ops call (the ops, their fakes and autograd registrations are in
+lemo_compile.ops).
 
 Dispatch: CUDA tensors in fp16/bf16/fp32 run the Triton kernels unless LEMO_KERNEL_IMPL=torch (read at
 call time); everything else (CPU, fp64) runs the twin. The twins always check idx's range (one
@@ -558,74 +559,27 @@ def _use_triton(t: torch.Tensor) -> bool:
     return triton is not None and kernel_impl() == "triton" and t.is_cuda and t.dtype in _TRITON_DTYPES
 
 
-# -------------------------------------------------------------------------------------------------
-# ops, fakes and autograd
-# -------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("lemo::gather_rmsnorm_rows", mutates_args=())
 def gather_rmsnorm_rows(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalized rows, gathered rows); see gather_rmsnorm."""
+    """The body of lemo::gather_rmsnorm_rows: the Triton kernel where it applies (_use_triton), else the twin."""
     if _use_triton(h):
         return gather_rmsnorm_triton(h, idx, ok, weight, eps)
     return gather_rmsnorm_torch(h, idx, ok, weight, eps)
 
 
-@gather_rmsnorm_rows.register_fake
-def _(h, idx, ok, weight, eps):
-    shape = (idx.shape[0], idx.shape[1], h.shape[2])
-    return h.new_empty(shape), h.new_empty(shape)
-
-
-def gather_rmsnorm(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    """RMSNorm of the rows of h at idx (b, m, d); differentiable in h and weight. The backward keeps
-    the gathered rows (b, m, d), never all of h."""
-    return torch.ops.lemo.gather_rmsnorm_rows(h, idx, ok, weight, eps)[0]
-
-
-@torch.library.custom_op("lemo::gather_rmsnorm_backward", mutates_args=())
 def gather_rmsnorm_backward(grad: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor,
                             weight: torch.Tensor, eps: float,
                             compute_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of lemo::gather_rmsnorm_backward: the Triton kernel where it applies, else the twin."""
     if _use_triton(h):
         return gather_rmsnorm_backward_triton(grad, h, idx, ok, weight, eps, compute_dweight)
     return gather_rmsnorm_backward_torch(grad, h, idx, ok, weight, eps, compute_dweight)
 
 
-@gather_rmsnorm_backward.register_fake
-def _(grad, h, idx, ok, weight, eps, compute_dweight):
-    return h.new_empty(idx.shape[0], idx.shape[1], h.shape[2]), torch.empty_like(weight)
-
-
-def _gather_rmsnorm_setup(ctx, inputs, output):
-    h, idx, ok, weight, eps = inputs
-    ctx.save_for_backward(output[1], idx, ok, weight)  # the gathered rows, not h
-    ctx.eps = eps
-    ctx.h_shape = h.shape
-
-
-def _gather_rmsnorm_bwd(ctx, grad, _grad_rows):
-    rows, idx, ok, weight = ctx.saved_tensors
-    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    # the rows are already gathered: read them in order (row j of batch i at index j)
-    ident = torch.arange(rows.shape[1], device=idx.device).expand(idx.shape)
-    drows, dweight = gather_rmsnorm_backward(grad, rows, ident, ok, weight, ctx.eps, need_w)
-    dh = None
-    if need_h:
-        # Plain ops, so the compiler can fuse the scatter with the residual's gradient. drows is
-        # zero where ok is False, so padded duplicates of n-1 add nothing.
-        dh = drows.new_zeros(ctx.h_shape).scatter_add(1, idx.unsqueeze(-1).expand(drows.shape), drows)
-    return dh, None, None, dweight if need_w else None, None
-
-
-gather_rmsnorm_rows.register_autograd(_gather_rmsnorm_bwd, setup_context=_gather_rmsnorm_setup)
-
-
-@torch.library.custom_op("lemo::linear_scatter_add", mutates_args=())
 def linear_scatter_add(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                        r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """The body of lemo::linear_scatter_add: where Triton applies, the library GEMM and the Triton
+    row pass (the Triton GEMM with the scatter epilogue under LEMO_SCATTER_GEMM=triton), else the twin."""
     if _use_triton(h):
         if os.environ.get("LEMO_SCATTER_GEMM", "library") == "triton":
             return linear_scatter_add_triton(h, x, w, bias, r, idx, ok)
@@ -633,35 +587,10 @@ def linear_scatter_add(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: 
     return linear_scatter_add_torch(h, x, w, bias, r, idx, ok)
 
 
-@linear_scatter_add.register_fake
-def _(h, x, w, bias, r, idx, ok):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
-
-
-def _linear_scatter_add_setup(ctx, inputs, output):
-    h, x, w, bias, r, idx, ok = inputs
-    # x is needed only for dw, w only for dx (LoRA freezes w: x need not be kept for it).
-    ctx.save_for_backward(x if w.requires_grad else None, w if x.requires_grad else None, idx, ok)
-    ctx.r_dtype = r.dtype if r is not None else None
-
-
-def _linear_scatter_add_bwd(ctx, grad):
-    x, w, idx, ok = ctx.saved_tensors
-    need_h, need_x, need_w, need_b, need_r = ctx.needs_input_grad[:5]
-    drows = torch.gather(grad, 1, idx.unsqueeze(-1).expand(*idx.shape, grad.shape[2]))
-    drows = drows * ok.unsqueeze(-1).to(drows.dtype)
-    dx = torch.matmul(drows, w) if need_x else None
-    dw = drows.flatten(0, 1).t().matmul(x.flatten(0, 1)) if need_w else None
-    dbias = drows.sum((0, 1)) if need_b else None
-    dr = drows.to(ctx.r_dtype) if need_r else None  # an fp32 branch gets its gradient in fp32
-    return (grad if need_h else None, dx, dw, dbias, dr, None, None)
-
-
-linear_scatter_add.register_autograd(_linear_scatter_add_bwd, setup_context=_linear_scatter_add_setup)
-
-
 if __name__ == "__main__":
     # A tiny CPU run against the unfused ops (python -m lemo_compile.kernels.rows).
+    from lemo_compile import ops
+
     torch.manual_seed(0)
     b, n, m, d, k = 2, 10, 4, 8, 6
     h = torch.randn(b, n, d)
@@ -670,7 +599,7 @@ if __name__ == "__main__":
     wn = torch.randn(d)
     x = _gather(h, idx).float()
     ref = wn * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-    print("gather_rmsnorm max |diff|:", (rows.gather_rmsnorm(h, idx, ok, wn, 1e-6) - ref).abs().max().item())
+    print("gather_rmsnorm max |diff|:", (ops.gather_rmsnorm(h, idx, ok, wn, 1e-6) - ref).abs().max().item())
     z, w = torch.randn(b, m, k), torch.randn(d, k)
     ref = h.scatter_add(1, idx[..., None].expand(b, m, d), (z @ w.T) * ok[..., None])
     out = torch.ops.lemo.linear_scatter_add(h, z, w, None, None, idx, ok)

@@ -30,6 +30,12 @@ SwiGLU MLPs in row segments (kernels.swiglu; passes.mlp_segment):
 - `lemo::swiglu_mlp`, `lemo::swiglu_lora_mlp` (with PEFT LoRA adapters), and their backward ops
   `lemo::swiglu_mlp_backward`, `lemo::swiglu_lora_mlp_backward`, which recompute the intermediates
   one segment of rows at a time.
+
+Fused row kernels of a sparse layer (kernels.rows; passes.fuse):
+- `lemo::gather_rmsnorm_rows` the RMSNorm of the kept rows read from the residual by index (and the
+                            gathered rows, which its backward `lemo::gather_rmsnorm_backward` reads);
+                            `gather_rmsnorm` is its differentiable entry.
+- `lemo::linear_scatter_add` the output projection's rows added into the residual at the kept indices.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from typing import Optional
 import torch
 
 from . import predictors, selection
-from .kernels import attention as attention_kernels, linear_cross_entropy as lce_kernels, swiglu as swiglu_kernels
+from .kernels import attention as attention_kernels, linear_cross_entropy as lce_kernels, rows as row_kernels
+from .kernels import swiglu as swiglu_kernels
 
 
 @torch.library.custom_op("lemo::random_block_scores", mutates_args=())
@@ -370,3 +377,97 @@ def _swiglu_lora_backward(ctx, grad):
 
 
 swiglu_lora_mlp.register_autograd(_swiglu_lora_backward, setup_context=_swiglu_lora_setup)
+
+
+# -------------------------------------------------------------------------------------------------
+# fused row kernels of a sparse layer
+# -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lemo::gather_rmsnorm_rows", mutates_args=())
+def gather_rmsnorm_rows(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalized rows, gathered rows); see gather_rmsnorm."""
+    return row_kernels.gather_rmsnorm_rows(h, idx, ok, weight, eps)
+
+
+@gather_rmsnorm_rows.register_fake
+def _(h, idx, ok, weight, eps):
+    shape = (idx.shape[0], idx.shape[1], h.shape[2])
+    return h.new_empty(shape), h.new_empty(shape)
+
+
+def gather_rmsnorm(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of h at idx (b, m, d); differentiable in h and weight. The backward keeps
+    the gathered rows (b, m, d), never all of h."""
+    return torch.ops.lemo.gather_rmsnorm_rows(h, idx, ok, weight, eps)[0]
+
+
+@torch.library.custom_op("lemo::gather_rmsnorm_backward", mutates_args=())
+def gather_rmsnorm_backward(grad: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor,
+                            weight: torch.Tensor, eps: float,
+                            compute_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return row_kernels.gather_rmsnorm_backward(grad, h, idx, ok, weight, eps, compute_dweight)
+
+
+@gather_rmsnorm_backward.register_fake
+def _(grad, h, idx, ok, weight, eps, compute_dweight):
+    return h.new_empty(idx.shape[0], idx.shape[1], h.shape[2]), torch.empty_like(weight)
+
+
+def _gather_rmsnorm_setup(ctx, inputs, output):
+    h, idx, ok, weight, eps = inputs
+    ctx.save_for_backward(output[1], idx, ok, weight)  # the gathered rows, not h
+    ctx.eps = eps
+    ctx.h_shape = h.shape
+
+
+def _gather_rmsnorm_bwd(ctx, grad, _grad_rows):
+    rows, idx, ok, weight = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    # the rows are already gathered: read them in order (row j of batch i at index j)
+    ident = torch.arange(rows.shape[1], device=idx.device).expand(idx.shape)
+    drows, dweight = gather_rmsnorm_backward(grad, rows, ident, ok, weight, ctx.eps, need_w)
+    dh = None
+    if need_h:
+        # Plain ops, so the compiler can fuse the scatter with the residual's gradient. drows is
+        # zero where ok is False, so padded duplicates of n-1 add nothing.
+        dh = drows.new_zeros(ctx.h_shape).scatter_add(1, idx.unsqueeze(-1).expand(drows.shape), drows)
+    return dh, None, None, dweight if need_w else None, None
+
+
+gather_rmsnorm_rows.register_autograd(_gather_rmsnorm_bwd, setup_context=_gather_rmsnorm_setup)
+
+
+@torch.library.custom_op("lemo::linear_scatter_add", mutates_args=())
+def linear_scatter_add(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                       r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    return row_kernels.linear_scatter_add(h, x, w, bias, r, idx, ok)
+
+
+@linear_scatter_add.register_fake
+def _(h, x, w, bias, r, idx, ok):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+def _linear_scatter_add_setup(ctx, inputs, output):
+    h, x, w, bias, r, idx, ok = inputs
+    # x is needed only for dw, w only for dx (LoRA freezes w: x need not be kept for it).
+    ctx.save_for_backward(x if w.requires_grad else None, w if x.requires_grad else None, idx, ok)
+    ctx.r_dtype = r.dtype if r is not None else None
+
+
+def _linear_scatter_add_bwd(ctx, grad):
+    x, w, idx, ok = ctx.saved_tensors
+    need_h, need_x, need_w, need_b, need_r = ctx.needs_input_grad[:5]
+    drows = torch.gather(grad, 1, idx.unsqueeze(-1).expand(*idx.shape, grad.shape[2]))
+    drows = drows * ok.unsqueeze(-1).to(drows.dtype)
+    dx = torch.matmul(drows, w) if need_x else None
+    dw = drows.flatten(0, 1).t().matmul(x.flatten(0, 1)) if need_w else None
+    dbias = drows.sum((0, 1)) if need_b else None
+    dr = drows.to(ctx.r_dtype) if need_r else None  # an fp32 branch gets its gradient in fp32
+    return (grad if need_h else None, dx, dw, dbias, dr, None, None)
+
+
+linear_scatter_add.register_autograd(_linear_scatter_add_bwd, setup_context=_linear_scatter_add_setup)

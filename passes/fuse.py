@@ -29,8 +29,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from lemo_compile import traced
-from lemo_compile.kernels import rows as row_kernels
+from lemo_compile import ops, traced
 
 from .common import PassResult, eliminate_dead_code, graph_modules, is_call, shape_of, value_of
 from .detect import LINEAR_TARGETS
@@ -172,7 +171,7 @@ def _fuse_norm(g: fx.Graph, gather: fx.Node, res: FuseResult) -> bool:
         res.skip("fuse_norm", gather.name, "no keep-set flags, or a broadcast batch")
         return False
     with g.inserting_before(out):
-        new = g.call_function(row_kernels.gather_rmsnorm, (h, idx, ok, weight, eps))
+        new = g.call_function(ops.gather_rmsnorm, (h, idx, ok, weight, eps))
     new.meta.update({k: v for k, v in out.meta.items() if k == "nn_module_stack"})
     out.replace_all_uses_with(new)
     res.counters["gather_rmsnorm"] += 1

@@ -6,7 +6,7 @@ import torch
 
 import lemo_compile  # noqa: F401  (registers the ops)
 from lemo_compile import ops  # noqa: F401
-from lemo_compile.kernels import attention, rows  # noqa: F401
+from lemo_compile.kernels import attention
 
 G = torch.Generator().manual_seed(0)
 

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from lemo_compile import ops
 from lemo_compile.kernels import rows
 from lemo_compile.testing.tolerance import check_within_twice, max_err
 
@@ -69,7 +70,7 @@ def test_gather_rmsnorm_cuda(dtype, b, n, d, monkeypatch):
     up = torch.randn(*idx.shape, d, device="cuda", generator=gen)
 
     def fn(h_, w_):
-        return rows.gather_rmsnorm(h_, idx, ok, w_, EPS)
+        return ops.gather_rmsnorm(h_, idx, ok, w_, EPS)
 
     ref, ref_g = run(fn, (h.double(), weight.double()), up.double())  # fp64 runs the twin
     out, out_g = run(fn, (h.to(dtype), weight.to(dtype)), up.to(dtype))
@@ -177,4 +178,4 @@ def test_debug_env_checks_idx_range(monkeypatch):
     ok = torch.ones_like(idx, dtype=torch.bool)
     monkeypatch.setenv("LEMO_KERNEL_DEBUG", "1")
     with pytest.raises(ValueError, match="`idx`"):
-        rows.gather_rmsnorm(h, idx, ok, torch.ones(64, device="cuda"), EPS)
+        ops.gather_rmsnorm(h, idx, ok, torch.ones(64, device="cuda"), EPS)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lemo_compile import ops
 from lemo_compile.kernels import rows
 from lemo_compile.testing.tolerance import check_within_twice, max_err
 
@@ -109,7 +110,7 @@ def grads(fn, inputs, upstream):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gather_rmsnorm_matches_plain_ops(shape, dtype):
     h, idx, ok, weight, grad = norm_problem(*shape)
-    op = lambda h_, w_: rows.gather_rmsnorm(h_, idx, ok, w_, EPS)  # noqa: E731
+    op = lambda h_, w_: ops.gather_rmsnorm(h_, idx, ok, w_, EPS)  # noqa: E731
     plain = lambda h_, w_: plain_gather_rmsnorm(h_, idx, w_, EPS)  # noqa: E731
     g = grad * ok[..., None]  # the op ignores rows with ok False; the plain graph gets them zeroed
     ref, ref_grads = grads(plain, (h.double(), weight.double()), g.double())
@@ -157,7 +158,7 @@ def test_gradcheck_gather_rmsnorm():
     mask = ok[..., None].double()
 
     def fn(h_, w_):  # the caller discards rows with ok False, as the op's gradient assumes
-        return rows.gather_rmsnorm(h_, idx, ok, w_, EPS) * mask
+        return ops.gather_rmsnorm(h_, idx, ok, w_, EPS) * mask
 
     assert torch.autograd.gradcheck(fn, (h.requires_grad_(), weight.requires_grad_()))
 
@@ -256,7 +257,7 @@ def test_gather_rmsnorm_compiles(backend):
     w_lin = torch.randn(24, 24)
 
     def block(h_, w_):  # residual + norm of kept rows, as in a sparse layer
-        y = rows.gather_rmsnorm(h_, idx, ok, w_, EPS)
+        y = ops.gather_rmsnorm(h_, idx, ok, w_, EPS)
         return h_ * 2 + plain_linear_scatter_add(h_, y, w_lin, None, None, idx, ok)
 
     up = torch.randn(2, 40, 24)
@@ -293,7 +294,7 @@ def test_frozen_weight_grads():
     assert w.grad is None and x.grad is not None and h.grad is not None
     hn, idx, ok, weight, grad = norm_problem(1, 20, 8, 12, 2)
     hn.requires_grad_()
-    rows.gather_rmsnorm(hn, idx, ok, weight, EPS).backward(grad)
+    ops.gather_rmsnorm(hn, idx, ok, weight, EPS).backward(grad)
     assert weight.grad is None and hn.grad is not None
 
 
@@ -304,17 +305,17 @@ def test_bad_input_names_the_tensor():
     h, idx, ok, weight, _ = norm_problem(1, 20, 8, 12, 2)
     gemm = gemm_problem(1, 20, 8, 12, 6, 2, True, False)
     with pytest.raises(ValueError, match="`idx`.*\\[0, 20\\)"):
-        rows.gather_rmsnorm(h, idx + 1, ok, weight, EPS)
+        ops.gather_rmsnorm(h, idx + 1, ok, weight, EPS)
     bad = gemm[5].clone()
     bad[0, 0] = -1
     with pytest.raises(ValueError, match="`idx`.*min -1"):
         torch.ops.lemo.linear_scatter_add(*gemm[:5], bad, gemm[6])
     with pytest.raises(ValueError, match="`idx` must be int64"):
-        rows.gather_rmsnorm(h, idx.int(), ok, weight, EPS)
+        ops.gather_rmsnorm(h, idx.int(), ok, weight, EPS)
     with pytest.raises(ValueError, match="`ok` must be bool"):
-        rows.gather_rmsnorm(h, idx, ok.int(), weight, EPS)
+        ops.gather_rmsnorm(h, idx, ok.int(), weight, EPS)
     with pytest.raises(ValueError, match="`weight` must have `h`'s dtype"):
-        rows.gather_rmsnorm(h, idx, ok, weight.double(), EPS)
+        ops.gather_rmsnorm(h, idx, ok, weight.double(), EPS)
     with pytest.raises(ValueError, match="`x` must have `h`'s dtype"):
         torch.ops.lemo.linear_scatter_add(gemm[0], gemm[1].double(), *gemm[2:])
     with pytest.raises(ValueError, match="`w` must be \\(d, k\\)"):
@@ -343,4 +344,4 @@ def test_kernel_impl_env_is_checked(monkeypatch):
     monkeypatch.setenv("LEMO_KERNEL_IMPL", "cuda")
     h, idx, ok, weight, _ = norm_problem(1, 20, 8, 12, 2)
     with pytest.raises(ValueError, match="LEMO_KERNEL_IMPL"):
-        rows.gather_rmsnorm(h, idx, ok, weight, EPS)
+        ops.gather_rmsnorm(h, idx, ok, weight, EPS)
