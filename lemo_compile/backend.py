@@ -70,8 +70,9 @@ class CompileRecord:
     @property
     def memory(self) -> Any:
         """passes.memory.MemoryEstimate of this graph's forward (+ backward once compiled), computed on
-        first access (it is a report: compiling does not pay for it); None if unavailable (also under
-        regional compilation, LemoConfig.regional: explain() compiles whole-model)."""
+        first access (it is a report: compiling does not pay for it); None if unavailable (e.g. the graph
+        came from a compile cache, which skips lemo's AOT pass). Under regional compilation it walks the
+        shared layer bodies the root graphs call as if inline."""
         if self._memory is None and self._graphs is not None:
             from .passes import memory as peak_memory
             fw, bw, fusion_aware = self._graphs

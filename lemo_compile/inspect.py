@@ -57,7 +57,8 @@ def format_record(rec: Any, graphs: bool = False) -> str:
     if rg is not None and rg.regions:
         shared = ", ".join(f"{name} x{n}" for name, n in rg.regions)
         lines.append(f"  regional: {rg.layers_shared} of {rg.counters['checkpointed_regions']} checkpointed layers "
-                     f"call {len(rg.regions)} shared bodies ({shared}); no memory estimate (whole-model only)")
+                     f"call {len(rg.regions)} shared bodies ({shared}); {rg.counters['boundaries_saved']} layer "
+                     "boundaries saved")
     elif rg is not None:
         from .backend import _unshared_reason
         lines.append(f"  regional: nothing shared, compiled whole-model: {_unshared_reason(rg)}")

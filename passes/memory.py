@@ -259,13 +259,39 @@ class _Walk:
             if node.op in ("placeholder", "get_attr"):
                 self._input(node, graph, start)
                 continue
+            self._visit(node, graph)
+
+    def _visit(self, node: fx.Node, graph: str, where: str = "") -> None:
+        body = _body_of(node)
+        if body is not None:
+            self._call_body(node, body, graph, where)
+        else:
             self.step += 1
-            self.points.append((self.step, graph, node.name))
+            self.points.append((self.step, graph, where + node.name))
             self.vals[node] = self._classify(node, graph)
-            for inp in node.all_input_nodes:
-                for b in self.bufs_of(inp):
-                    if b.end != _END:
-                        b.end = max(b.end, self.step)
+        for inp in node.all_input_nodes:
+            if node.target is operator.getitem and self.vals.get(inp, (None, None))[1] is not None:
+                continue  # one element of a tuple: it holds that element's buffers, not the others'
+            for b in self.bufs_of(inp):
+                if b.end != _END:
+                    b.end = max(b.end, self.step)
+
+    def _call_body(self, call: fx.Node, body: fx.GraphModule, graph: str, where: str) -> None:
+        """A call of a shared layer body (invoke_subgraph, passes.regions) walked as if inline: its
+        placeholders are the call's operands, its outputs the call's values. The body's nodes are walked
+        once per call (one body serves many layers), so each call gets buffers of its own."""
+        for ph, arg in zip(body.graph.find_nodes(op="placeholder"), call.args[2:]):
+            self.vals[ph] = self.vals.get(arg, (frozenset(), None)) if isinstance(arg, fx.Node) else (frozenset(), None)
+        for node in body.graph.nodes:
+            if node.op == "get_attr" and node not in self.vals:  # a constant: resident, counted once
+                self.vals[node] = self._alloc(node, node.meta.get("val"), graph, self.step, is_input=True)
+                for b in self.vals[node][0]:
+                    b.end = _END
+            elif node.op == "call_function":
+                self._visit(node, graph, f"{where}{call.name}/")
+        out = body.graph.output_node().args[0]
+        elems = [self.bufs_of(o) for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        self.vals[call] = (frozenset().union(*elems), elems)
 
     def _input(self, node: fx.Node, graph: str, start: int) -> None:
         val = node.meta.get("val")
@@ -455,6 +481,14 @@ def _offloaded(node: fx.Node) -> bool:
     """A forward value AOT autograd's activation offloading moved to host memory (sync device_put
     or async ao.offload / ao.wait_tensor, all named cpu_offload_*)."""
     return node.name.startswith((_compat.OFFLOAD_PREFIX, "async_" + _compat.OFFLOAD_PREFIX))
+
+
+def _body_of(node: fx.Node) -> fx.GraphModule | None:
+    """The body an invoke_subgraph call runs (a shared layer body of passes.regions), else None."""
+    if node.op != "call_function" or node.target is not torch.ops.higher_order.invoke_subgraph:
+        return None
+    body = getattr(node.graph.owning_module, getattr(node.args[0], "target", ""), None)
+    return body if isinstance(body, fx.GraphModule) else None
 
 
 def _saved_names(bw: fx.Graph) -> set[str]:

@@ -437,5 +437,27 @@ def share_layers(gm: fx.GraphModule) -> RegionsResult:
     res.counters["shared_bodies"] = len(res.regions)
     res.counters["layers_shared"] = res.layers_shared
     if res.regions:
-        gm.recompile()  # the calls are unchanged; only their bodies were replaced
+        res.counters["boundaries_saved"] = _save_boundaries(gm)
+        gm.recompile()
     return res
+
+
+def _save_boundaries(gm: fx.GraphModule) -> int:
+    """Pass each checkpointed layer's output that another checkpointed layer reads through `lemo::saved`
+    (outside both regions). With shared bodies a layer is one invoke_subgraph call, and AOT autograd's
+    partitioner otherwise recomputes a run of consecutive checkpointed layers as a chain in the
+    backward, each layer's input from the previous layer's recompute, so every layer of the run holds its
+    recomputed activations at once. lemo::saved is an op the partitioner does not recompute: the
+    backward reads the saved layer boundary, as whole-model compilation does. Returns the count."""
+    calls = set(gm.graph.find_nodes(op="call_function", target=CHECKPOINT))
+    n = 0
+    for call in calls:
+        for out in list(call.users):
+            if out.target is not operator.getitem or not any(u in calls for u in out.users):
+                continue
+            with gm.graph.inserting_after(out):
+                kept = gm.graph.call_function(torch.ops.lemo.saved.default, (out,))
+            kept.meta = dict(out.meta)
+            out.replace_all_uses_with(kept, delete_user_cb=lambda u: u is not kept)
+            n += 1
+    return n
