@@ -22,13 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .rows import _TRITON_DTYPES, kernel_impl
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the twin still works; CUDA dispatch falls back to it
-    triton = None
+from ._triton import TRITON_DTYPES as _TRITON_DTYPES, interpreted, kernel_impl, tl, triton
 
 _BLOCK_V = 4096
 
@@ -69,10 +63,7 @@ if triton is not None:
 
 def triton_interpreted() -> bool:
     """Whether the kernel was defined under TRITON_INTERPRET=1 (runs on the host)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_ce_rows_kernel, InterpretedFunction)
+    return triton is not None and interpreted(_ce_rows_kernel)
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> None:

@@ -26,18 +26,12 @@ calling `*_triton` directly).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the twins still work; dispatch falls back to them
-    triton = None
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._triton import TRITON_DTYPES as _TRITON_DTYPES, fail as _fail, interpreted
+from ._triton import require_triton as _require_triton, tl, triton, use_triton as _use_triton
 _LOG2E = 1.4426950408889634
 # Query rows per chunk of the twins (rounded down to a multiple of the block): memory is O(chunk * n).
 _CHUNK_ROWS = 512
@@ -175,19 +169,12 @@ if triton is not None:
 
 def triton_interpreted() -> bool:
     """Whether this module's Triton kernels were defined under TRITON_INTERPRET=1 (run on the host)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_block_max_scores_kernel, InterpretedFunction)
+    return triton is not None and interpreted(_block_max_scores_kernel)
 
 
 # -------------------------------------------------------------------------------------------------
 # validation
 # -------------------------------------------------------------------------------------------------
-
-
-def _fail(op: str, msg: str):
-    raise ValueError(f"lemo::{op}: {msg}")
 
 
 def _check_qk(op: str, q: torch.Tensor, k: torch.Tensor, block: int) -> None:
@@ -227,11 +214,6 @@ def _describe(t) -> str:
 
 _MAX_TRITON_BLOCK = 128  # query and key tiles are block x block fp32 in registers
 _MAX_TRITON_D = 256
-
-
-def _require_triton(op: str) -> None:
-    if triton is None:
-        _fail(op, "Triton is not installed; use the *_torch twin")
 
 
 def _triton_setup(op: str, q: torch.Tensor, k: torch.Tensor, block: int):
@@ -365,15 +347,6 @@ def block_attention_mass_torch(q: torch.Tensor, k: torch.Tensor, block: int, sca
         top = -(-r1 // block)
         out[:, r0 // block: top, :top] = (_block_reduce(acc, block, "sum") / hq).float()
     return out
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    impl = os.environ.get("LEMO_KERNEL_IMPL", "triton")
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"LEMO_KERNEL_IMPL must be 'triton' or 'torch', got {impl!r}")
-    # CUDA only, as kernels/rows.py: on a CPU the twin is the implementation (the interpreter is
-    # for testing the kernels, which tests call directly)
-    return triton is not None and impl == "triton" and t.dtype in _TRITON_DTYPES and t.is_cuda
 
 
 def block_max_scores(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:

@@ -42,13 +42,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the twins still work; CUDA dispatch falls back to them
-    triton = None
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._triton import fail as _fail, interpreted
+from ._triton import require_triton as _require_triton, tl, triton, use_triton as _use_triton
 
 
 # -------------------------------------------------------------------------------------------------
@@ -233,19 +228,12 @@ if triton is not None:
 
 def triton_interpreted() -> bool:
     """Whether this module's Triton kernels were defined under TRITON_INTERPRET=1 (run on the host)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_gather_rmsnorm_fwd_kernel, InterpretedFunction)
+    return triton is not None and interpreted(_gather_rmsnorm_fwd_kernel)
 
 
 # -------------------------------------------------------------------------------------------------
 # validation
 # -------------------------------------------------------------------------------------------------
-
-
-def _fail(op: str, msg: str):
-    raise ValueError(f"lemo::{op}: {msg}")
 
 
 def _check_rows_index(op: str, h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor) -> None:
@@ -341,11 +329,6 @@ def _row_block(op: str, d: int) -> int:
 
 def _row_warps(block_d: int) -> int:
     return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
-
-
-def _require_triton(op: str) -> None:
-    if triton is None:
-        _fail(op, "Triton is not installed; use the *_torch twin")
 
 
 def gather_rmsnorm_triton(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
@@ -546,17 +529,6 @@ def linear_scatter_add_torch(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     rows = y * ok.unsqueeze(-1).to(y.dtype)
     return h.scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), rows.to(h.dtype))
 
-
-def kernel_impl() -> str:
-    """LEMO_KERNEL_IMPL, read at call time: 'triton' (default) or 'torch' (the twins everywhere)."""
-    impl = os.environ.get("LEMO_KERNEL_IMPL", "triton")
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"LEMO_KERNEL_IMPL must be 'triton' or 'torch', got {impl!r}")
-    return impl
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and kernel_impl() == "triton" and t.is_cuda and t.dtype in _TRITON_DTYPES
 
 
 def gather_rmsnorm_rows(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
