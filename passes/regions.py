@@ -449,11 +449,12 @@ def _save_boundaries(gm: fx.GraphModule) -> int:
     backward, each layer's input from the previous layer's recompute, so every layer of the run holds its
     recomputed activations at once. lemo::saved is an op the partitioner does not recompute: the
     backward reads the saved layer boundary, as whole-model compilation does. Returns the count."""
-    calls = set(gm.graph.find_nodes(op="call_function", target=CHECKPOINT))
+    calls = list(gm.graph.find_nodes(op="call_function", target=CHECKPOINT))  # graph order: stable names
+    checkpoints = set(calls)
     n = 0
     for call in calls:
         for out in list(call.users):
-            if out.target is not operator.getitem or not any(u in calls for u in out.users):
+            if out.target is not operator.getitem or not any(u in checkpoints for u in out.users):
                 continue
             with gm.graph.inserting_after(out):
                 kept = gm.graph.call_function(torch.ops.lemo.saved.default, (out,))
