@@ -547,7 +547,7 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
             rec.regions = share_layers(gm)
             if not rec.regions.regions and rec.detect.layers:  # graphs without decoder layers: nothing to share
                 log.warning("lemo: LemoConfig.regional=True shared no layer of graph %d: %s; it compiles "
-                            "whole-model", rec.graph_id, _unshared_reason(rec.regions))
+                            "whole-model", rec.graph_id, rec.regions.unshared_reason)
     if cfg.regional and (cfg.inner is not Inner.INDUCTOR or cfg.offload):
         log.warning("lemo: LemoConfig.regional=True has no effect with inner=%r, offload=%r (it needs the "
                     "Inductor inner compiler and no offload); graph %d compiles whole-model",
@@ -570,16 +570,6 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     if host_checked:
         compiled = _host_checked(compiled, example_inputs, rec, cfg.host_memory_budget)
     return compiled
-
-
-def _unshared_reason(res: Any) -> str:
-    """Why passes.regions shared nothing: regional compilation shares checkpointed decoder layers only."""
-    if res.skips:
-        return str(res.skips[0])
-    if not res.counters["checkpointed_regions"]:
-        return ("no checkpointed layer (regional compilation shares the bodies of checkpointed decoder "
-                "layers: enable gradient checkpointing)")
-    return "no two checkpointed layers have the same rewritten body"
 
 
 @contextlib.contextmanager

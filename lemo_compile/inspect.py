@@ -60,8 +60,7 @@ def format_record(rec: Any, graphs: bool = False) -> str:
                      f"call {len(rg.regions)} shared bodies ({shared}); {rg.counters['boundaries_saved']} layer "
                      "boundaries saved")
     elif rg is not None:
-        from .backend import _unshared_reason
-        lines.append(f"  regional: nothing shared, compiled whole-model: {_unshared_reason(rg)}")
+        lines.append(f"  regional: nothing shared, compiled whole-model: {rg.unshared_reason}")
     if rec.left_alone:
         lines.append(f"  left alone: {rec.left_alone}")
     if rec.saved:

@@ -43,6 +43,16 @@ class RegionsResult(PassResult):
     def layers_shared(self) -> int:
         return sum(n for _, n in self.regions)
 
+    @property
+    def unshared_reason(self) -> str:
+        """Why nothing was shared: regional compilation shares checkpointed decoder layers only."""
+        if self.skips:
+            return str(self.skips[0])
+        if not self.counters["checkpointed_regions"]:
+            return ("no checkpointed layer (regional compilation shares the bodies of checkpointed decoder "
+                    "layers: enable gradient checkpointing)")
+        return "no two checkpointed layers have the same rewritten body"
+
 
 def _value_key(v: Any) -> tuple:
     if isinstance(v, torch.Tensor):
