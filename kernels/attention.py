@@ -93,7 +93,6 @@ def _put(dst: torch.Tensor, group: tuple[Any, Any], src: torch.Tensor) -> None:
         dst.transpose(1, 2)[rows, cols] = src.transpose(1, 2)
 
 
-
 # -------------------------------------------------------------------------------------------------
 # dense attention with its log-sum-exp
 # -------------------------------------------------------------------------------------------------
@@ -199,7 +198,6 @@ def attention_lse_cuda(q, k, v, mask, scale, is_causal):
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, is_causal, scale=scale)
     return _zero_keyless_rows(out, lse[..., : q.shape[2]].float().contiguous())
-
 
 
 def _strided_like(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -530,7 +530,6 @@ def linear_scatter_add_torch(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     return h.scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), rows.to(h.dtype))
 
 
-
 def gather_rmsnorm_rows(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The body of lemo::gather_rmsnorm_rows: the Triton kernel where it applies (_use_triton), else the twin."""

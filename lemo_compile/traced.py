@@ -32,7 +32,6 @@ def keep_set(scores: torch.Tensor, token_valid: torch.Tensor, block: int, keep_n
     return selection.keep_set(scores, token_valid, block, Fraction(keep_num, keep_den), forced, seg)
 
 
-
 def pooled_attention_block_scores(q: torch.Tensor, k: torch.Tensor, token_valid: torch.Tensor,
                                   block: int) -> torch.Tensor:
     return predictors.pooled_attention_scores(q, k, token_valid, block)
@@ -42,8 +41,6 @@ def pooled_block_scores(x: torch.Tensor, token_valid: torch.Tensor, w_q: torch.T
                         w_k: torch.Tensor, b_k: torch.Tensor | None, num_heads: int, num_kv_heads: int,
                         block: int) -> torch.Tensor:
     return predictors.pooled_qk_scores(x, token_valid, w_q, b_q, w_k, b_k, num_heads, num_kv_heads, block)
-
-
 
 
 def gather_ranks(t: torch.Tensor, ranks: int, group: str, stride: int = 0) -> torch.Tensor:
