@@ -25,8 +25,12 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 demo: setup
 	$(VENV)/bin/lemo demo $(DEMO_ARGS)
 
+# TEST_WORKERS: pytest-xdist processes (one test file each at a time, so module fixtures are built once);
+# 2 suits a 2-core machine (the suite took ~58 min in one process there), 0 runs in this process.
+TEST_WORKERS ?= 2
+
 test: setup
-	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV)

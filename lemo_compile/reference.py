@@ -134,15 +134,15 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
                segments=segments, sliding={i: getattr(attn_of(layers[i]), "sliding_window", None)
                                            or _model_window(model) for i in fractions})
     _register()
-    ends = _block_ends(model, layers, sorted(fractions), model_kwargs)
+    ends, post_norm = _block_ends(model, layers, sorted(fractions), model_kwargs)
     with contextlib.ExitStack() as stack:
         for i, keep in fractions.items():
             layer = layers[i]
-            run.attn_layer[id(attn_of(layer))] = i
-            norm = _child(layer, NORM_NAMES)
+            run.attn_layer.update({id(m): i for m in attn_of(layer).modules()})  # BERT: attention.self calls it
+            norm = _child(layer, NORM_NAMES) if i not in post_norm else None
             if norm is not None:
                 stack.callback(norm.register_forward_hook(run.norm_hook(i)).remove)
-            else:  # no input norm: lemo scores the layer's input
+            else:  # no input norm (or a post-norm layer): lemo scores the layer's input
                 stack.callback(layer.register_forward_pre_hook(_input_hook(run.norm_hook(i)), with_kwargs=True).remove)
             for module, hook in ((ends[i][0], run.attn_hook(i)), (ends[i][1], run.mlp_hook(i))):
                 stack.callback(module.register_forward_hook(hook).remove)
@@ -203,11 +203,16 @@ def attn_of(layer: nn.Module) -> nn.Module | None:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM, PEFT-wrapped or not: the first ModuleList whose
-    entries all have an MLP (MLP_NAMES) and some an attention module (ATTN_NAMES)."""
+    entries all have an MLP (MLP_NAMES) and some an attention module (ATTN_NAMES), else the first whose
+    entries all have one of the two and some an attention module."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for module in base.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(
-                mlp_of(layer) is not None for layer in module) and any(attention_layer(layer) for layer in module):
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m)
+             and any(attention_layer(layer) for layer in m)]
+    for module in lists:
+        if all(mlp_of(layer) is not None for layer in module):
+            return module
+    for module in lists:  # layers whose MLP is no child module of these names (BART: fc1, fc2; BERT)
+        if all(mlp_of(layer) is not None or attention_layer(layer) for layer in module):
             return module
     raise ValueError(f"no decoder layers (a ModuleList of modules with an attention ({', '.join(ATTN_NAMES)}) and "
                      f"an MLP ({', '.join(MLP_NAMES)})) found in {type(base).__name__}")
@@ -339,46 +344,159 @@ class _Run:
         return hook
 
 
-def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int],
-                model_kwargs: dict[str, Any]) -> dict[int, tuple[nn.Module, nn.Module]]:
+def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int], model_kwargs: dict[str, Any]
+                ) -> tuple[dict[int, tuple[nn.Module, nn.Module]], set[int]]:
     """(attention end, MLP end) of each layer in `indices`: the module whose output is the block's
-    contribution to the residual stream, read from one forward (no grad) of the model. The attention end
-    is the first module called between the attention and the MLP whose output is not the MLP's input (a
-    post-attention norm: Gemma's post_attention_layernorm before its pre_feedforward_layernorm, OLMo 2's
-    post_attention_layernorm, GLM-4's post_self_attn_layernorm), else the attention itself (Llama's
-    post_attention_layernorm is the MLP's input norm); the MLP end is the MLP, or the module called after
-    it (post_feedforward_layernorm, post_mlp_layernorm, post_norm2). A module the layer calls more than
-    once (Phi's resid_dropout, after both blocks) is never an end."""
+    contribution to the residual stream, read from one forward (no grad) of the model; and the layers
+    that are post-norm (BART, BERT: x1 = norm(h + attn(h)); out = norm(x1 + mlp(x1))).
+
+    Which adds are the residual ones is read from the torch calls the layer makes (`_residual_sums`); in
+    a post-norm layer, or one without an MLP module of MLP_NAMES, the ends are the modules whose outputs
+    those adds take (through dropout or a cast).
+    In a pre-norm layer the attention end is the first module called between the attention and the MLP
+    whose output is not the MLP's input (a post-attention norm: Gemma's post_attention_layernorm before
+    its pre_feedforward_layernorm, OLMo 2's post_attention_layernorm, GLM-4's post_self_attn_layernorm),
+    else the attention itself (Llama's post_attention_layernorm is the MLP's input norm); the MLP end is
+    the MLP, or the module called after it (post_feedforward_layernorm, post_mlp_layernorm, post_norm2).
+    A module the layer calls more than once (Phi's resid_dropout, after both blocks) is never an end."""
     calls: dict[int, list[nn.Module]] = {i: [] for i in indices}
     outputs: dict[int, Any] = {}  # id(module) -> its output in this forward
     mlp_inputs: dict[int, Any] = {}  # layer -> the MLP's first input
+    log = _CallLog()
+    made_by: dict[int, dict[int, nn.Module]] = {i: {} for i in indices}  # id(tensor) -> outermost module
 
     def record(i: int, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        calls[i].append(mod)
-        outputs[id(mod)] = out
+        if mod in children[i]:
+            calls[i].append(mod)
+            outputs[id(mod)] = out
         if mod is mlp_of(layers[i]):
             mlp_inputs[i] = args[0] if args else next(iter(kwargs.values()), None)
+        t = out[0] if isinstance(out, tuple) and out else out
+        if isinstance(t, torch.Tensor):
+            made_by[i][id(t)] = mod  # inner modules' hooks run first: the outermost one stays
+            log.keep.append(t)
 
-    handles = [child.register_forward_hook(lambda mod, args, kwargs, out, i=i: record(i, mod, args, kwargs, out),
-                                           with_kwargs=True)
-               for i in indices for child in layers[i].children()]
+    def enter(i: int, args: tuple, kwargs: dict) -> None:
+        log.layer, log.inputs[i] = i, args[0] if args else kwargs.get("hidden_states")
+
+    children = {i: set(layers[i].children()) for i in indices}
+    handles = [mod.register_forward_hook(lambda mod, args, kwargs, out, i=i: record(i, mod, args, kwargs, out),
+                                         with_kwargs=True)
+               for i in indices for mod in layers[i].modules() if mod is not layers[i]]
+    handles += [layers[i].register_forward_pre_hook(lambda mod, args, kwargs, i=i: enter(i, args, kwargs),
+                                                    with_kwargs=True) for i in indices]
+    handles += [layers[i].register_forward_hook(lambda *_: setattr(log, "layer", None)) for i in indices]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # leave dropout's stream as it was
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), log:  # leave dropout's stream as it was
             model(**model_kwargs)
     finally:
         for h in handles:
             h.remove()
-    ends = {}
+    ends, post_norm = {}, set()
     for i, seq in calls.items():
         layer = layers[i]
-        once = [c for c in seq if sum(c is d for d in seq) == 1]
         attn, mlp = attn_of(layer), mlp_of(layer)
+        sums = _residual_sums(log, i)
+        if sums is not None and (sums[2] or mlp is None):  # post-norm, or no MLP module (BERT-style layers)
+            a, m = (_made_by(t, log, made_by[i]) for t in sums[:2])
+            if a is None or m is None:
+                raise ValueError(f"layer {i}: the attention's or the MLP's residual contribution is no module's "
+                                 f"output")
+            ends[i] = (a, m)
+            if sums[2]:
+                post_norm.add(i)
+            continue
+        if mlp is None:
+            raise ValueError(f"layer {i} ({type(layer).__name__}): no MLP module ({', '.join(MLP_NAMES)}) and no "
+                             f"residual adds found")
+        once = [c for c in seq if sum(c is d for d in seq) == 1]
         a, m = once.index(attn), once.index(mlp)
         between = [c for c in once[a + 1:m] if outputs[id(c)] is not mlp_inputs.get(i)]
         after = once[m + 1:]
         ends[i] = (between[0] if between else attn, after[0] if after else mlp)
-    return ends
+    return ends, post_norm
+
+
+class _CallLog(torch.overrides.TorchFunctionMode):
+    """The torch calls made inside the decoder layer being run (`layer`): (layer, func, tensor arguments,
+    output) in call order; `keep` holds every tensor whose id is a key somewhere, so no id is reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer: int | None = None
+        self.inputs: dict[int, Any] = {}
+        self.calls: list[tuple[int, Any, tuple, torch.Tensor]] = []
+        self.keep: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.layer is not None and isinstance(out, torch.Tensor):
+            tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+            if tensors:
+                self.calls.append((self.layer, func, tensors, out))
+                self.keep.append(out)
+        return out
+
+
+_ADDS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+_PASS_THROUGH = ("dropout", "to", "contiguous", "clone", "type_as", "float")  # same values or a cast
+
+
+def _residual_sums(log: _CallLog, i: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """(attention's residual contribution, MLP's residual contribution, post-norm) of layer i, from its
+    torch calls: the first add of two same-shape tensors one of which is the layer input h (or a cast of
+    it) is the attention's residual sum s; the stream grows from s through calls whose first argument is
+    in it and which are no linear or attention; the next such add of a stream tensor and one that is not
+    is the MLP's. Post-norm: that stream tensor is not s itself. None: not found."""
+    h = log.inputs.get(i)
+    calls = [c for c in log.calls if c[0] == i]
+    parent = _pass_through(calls)
+
+    def passes_to(t: torch.Tensor, target: Any) -> bool:
+        while t is not target and id(t) in parent:
+            t = parent[id(t)]
+        return t is target
+
+    def add_of(call: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        _, f, ts, out = call
+        ok = f in _ADDS and len(ts) == 2 and ts[0].shape == ts[1].shape == out.shape and out.ndim == 3
+        return ts if ok else None
+
+    for k, call in enumerate(calls):
+        ts = add_of(call)
+        if ts is None or not any(passes_to(t, h) for t in ts):
+            continue
+        a = ts[1] if passes_to(ts[0], h) else ts[0]
+        s = call[3]
+        stream = {id(s)}
+        for _, f, ts2, out in calls[k + 1:]:
+            pair = add_of((i, f, ts2, out))
+            if pair is not None and sum(id(t) in stream for t in pair) == 1:
+                x = pair[0] if id(pair[0]) in stream else pair[1]
+                return a, (pair[1] if x is pair[0] else pair[0]), x is not s
+            if id(ts2[0]) in stream and out.shape == s.shape and _name(f) not in ("linear", "scaled_dot_product_attention"):
+                stream.add(id(out))
+        return None
+    return None
+
+
+def _pass_through(calls: list) -> dict[int, torch.Tensor]:
+    """id(output) -> input of the dropout and cast calls (a call returning its input, x.to(x.dtype), is none)."""
+    return {id(out): ts[0] for _, f, ts, out in calls if len(ts) == 1 and _name(f) in _PASS_THROUGH
+            and out is not ts[0]}
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+def _made_by(t: torch.Tensor, log: _CallLog, made_by: dict[int, nn.Module]) -> nn.Module | None:
+    """The outermost module whose output t is, or becomes through dropout or a cast."""
+    parent = _pass_through(log.calls)
+    while id(t) not in made_by and id(t) in parent:
+        t = parent[id(t)]
+    return made_by.get(id(t))
 
 
 def _register() -> None:

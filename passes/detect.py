@@ -135,6 +135,8 @@ class Layer:
     gm: fx.GraphModule  # the graph module whose graph holds the layer's nodes
     attn: Block | None = None
     mlp: Block | None = None
+    # post-norm (BART, BERT, GPT-1): the MLP block reads a norm of the attention's residual sum, not the sum
+    post_norm: bool = False
 
     def rel(self, node: fx.Node) -> str | None:
         """The node's module path relative to this layer ("self_attn.q_proj", "" for layer scope)."""
@@ -252,31 +254,62 @@ def _add_layer(res: DetectResult, layer: Layer, nodes: list[fx.Node]) -> None:
 
 def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
     in_layer = set(nodes)
-    adds = []
-    for n in nodes:
-        if layer.rel(n) == "" and is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
-            adds.append(n)
-    if len(adds) != 2:
-        raise CantRewrite("residual_structure", f"expected 2 residual adds in the decoder layer scope, found {len(adds)}")
-    add1, add2 = adds
+    add1, add2 = _residual_adds(layer, nodes)
     if not any(a not in in_layer for a in add1.args) and add1 in add2.args:
         _classify_parallel_sum(layer, add1, add2, in_layer)
         return
     h0 = _residual_operand(add1, in_layer, external=True)
     a = add1.args[1] if add1.args[0] is h0 else add1.args[0]
-    if add1 not in add2.args:
-        raise CantRewrite("residual_structure", "second residual add does not take the first one's result")
-    m = add2.args[1] if add2.args[0] is add1 else add2.args[0]
+    s1 = _stream_after(add1, add2, in_layer)
+    m = add2.args[1] if add2.args[0] is s1 else add2.args[0]
     layer.attn = _make_block(layer, "attn", h0, a, add1, in_layer, stop={h0})
+    layer.post_norm = s1 is not add1
     try:
-        layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0})
+        layer.mlp = _make_block(layer, "mlp", s1, m, add2, in_layer, stop={s1, add1, h0})
     except CantRewrite as e:
-        if e.kind != "residual_structure":
+        if e.kind != "residual_structure" or layer.post_norm:
             raise
         # parallel residual: the MLP reads the layer input (through its own or the shared norm)
         layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0}, reads=h0)
     _check_attention(layer.attn)
     _check_mlp(layer.mlp)
+
+
+def _residual_adds(layer: Layer, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node]:
+    """The layer's two residual adds: the tensor adds in the layer's own scope, or, where it has none
+    (BERT-style layers add the residual inside their attention-output and output modules, then
+    normalize), the adds anywhere in the layer of two same-shape (b, n, d) tensors."""
+    adds = [n for n in nodes if is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)]
+    scoped = [n for n in adds if layer.rel(n) == ""]
+    if not scoped:
+        shapes = [[shape_of(a) for a in n.args] for n in adds]
+        deep = [n for n, (x, y) in zip(adds, shapes) if x is not None and len(x) == 3 and y is not None
+                and len(y) == 3 and all(same_size(i, j) for i, j in zip(x, y))]
+        if len(deep) == 2:
+            return deep[0], deep[1]
+    if len(scoped) != 2:
+        raise CantRewrite("residual_structure", f"expected 2 residual adds in the decoder layer scope, found "
+                          f"{len(scoped)}")
+    return scoped[0], scoped[1]
+
+
+def _stream_after(add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> fx.Node:
+    """The residual stream the MLP block reads and adds to: add1 itself (pre-norm), or, in a post-norm
+    layer (BART, BERT, GPT-1: x1 = norm(h + attn(h)); out = norm(x1 + mlp(x1))), the operand of add2
+    computed from add1 by a chain of ops without linears or attention (the norm). The chain stays dense
+    as written; only the blocks are rewritten."""
+    if add1 in add2.args:
+        return add1
+    for p in add2.args:
+        chain = closure_back(p, in_layer, stop={add1})
+        shp, want = shape_of(p), shape_of(add1)
+        if (chain and any(add1 in n.all_input_nodes for n in chain)
+                and not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain)
+                and shp is not None and want is not None and len(shp) == len(want) == 3
+                and all(same_size(i, j) for i, j in zip(shp, want))):
+            return p
+    raise CantRewrite("residual_structure", "second residual add takes neither the first one's result nor a "
+                      "norm of it")
 
 
 def _classify_parallel_sum(layer: Layer, add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> None:

@@ -155,8 +155,9 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     # recompute in backward starts from m rows instead of the layer's full input. attn_mode="backward"
     # also saves the dense attention's output and log-sum-exp at the kept queries (they need every key).
     whole = mlp.whole if cfg.mlp_mode is not MlpMode.DENSE else None
+    # A post-norm layer's MLP reads norm(h + attn): its kept rows are not formed from the attention's
     sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.mlp_mode is not MlpMode.DENSE and whole is None
-                   and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD))
+                   and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD) and not layer.post_norm)
     if sparse_ckpt:
         with g.inserting_before(sdpa):
             idx = g.call_function(torch.ops.lemo.saved.default, (idx,))
@@ -194,6 +195,8 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
         saved = "full input (sparse_checkpoint=False)"
     elif whole is not None:
         saved = "full input (the MLP runs whole)"
+    elif layer.post_norm:
+        saved = "full input (post-norm layer: the MLP reads a norm of the attention's residual sum)"
     else:
         saved = f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)"
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
