@@ -530,25 +530,25 @@ def linear_scatter_add_torch(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     return h.scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), rows.to(h.dtype))
 
 
-def gather_rmsnorm_rows(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_rmsnorm_rows_impl(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The body of lemo::gather_rmsnorm_rows: the Triton kernel where it applies (_use_triton), else the twin."""
     if _use_triton(h):
         return gather_rmsnorm_triton(h, idx, ok, weight, eps)
     return gather_rmsnorm_torch(h, idx, ok, weight, eps)
 
 
-def gather_rmsnorm_backward(grad: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor,
-                            weight: torch.Tensor, eps: float,
-                            compute_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_rmsnorm_backward_impl(grad: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor,
+                                 weight: torch.Tensor, eps: float,
+                                 compute_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The body of lemo::gather_rmsnorm_backward: the Triton kernel where it applies, else the twin."""
     if _use_triton(h):
         return gather_rmsnorm_backward_triton(grad, h, idx, ok, weight, eps, compute_dweight)
     return gather_rmsnorm_backward_torch(grad, h, idx, ok, weight, eps, compute_dweight)
 
 
-def linear_scatter_add(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                       r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+def linear_scatter_add_impl(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                            r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """The body of lemo::linear_scatter_add: where Triton applies, the library GEMM and the Triton
     row pass (the Triton GEMM with the scatter epilogue under LEMO_SCATTER_GEMM=triton), else the twin."""
     if _use_triton(h):

@@ -388,7 +388,7 @@ swiglu_lora_mlp.register_autograd(_swiglu_lora_backward, setup_context=_swiglu_l
 def gather_rmsnorm_rows(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalized rows, gathered rows); see gather_rmsnorm."""
-    return row_kernels.gather_rmsnorm_rows(h, idx, ok, weight, eps)
+    return row_kernels.gather_rmsnorm_rows_impl(h, idx, ok, weight, eps)
 
 
 @gather_rmsnorm_rows.register_fake
@@ -408,7 +408,7 @@ def gather_rmsnorm(h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, weight:
 def gather_rmsnorm_backward(grad: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor,
                             weight: torch.Tensor, eps: float,
                             compute_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return row_kernels.gather_rmsnorm_backward(grad, h, idx, ok, weight, eps, compute_dweight)
+    return row_kernels.gather_rmsnorm_backward_impl(grad, h, idx, ok, weight, eps, compute_dweight)
 
 
 @gather_rmsnorm_backward.register_fake
@@ -443,7 +443,7 @@ gather_rmsnorm_rows.register_autograd(_gather_rmsnorm_bwd, setup_context=_gather
 @torch.library.custom_op("lemo::linear_scatter_add", mutates_args=())
 def linear_scatter_add(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                        r: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    return row_kernels.linear_scatter_add(h, x, w, bias, r, idx, ok)
+    return row_kernels.linear_scatter_add_impl(h, x, w, bias, r, idx, ok)
 
 
 @linear_scatter_add.register_fake
