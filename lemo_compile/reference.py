@@ -202,11 +202,15 @@ def attn_of(layer: nn.Module) -> nn.Module | None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM, PEFT-wrapped or not: the first ModuleList whose
-    entries all have an MLP (MLP_NAMES) and some an attention module (ATTN_NAMES), else the first whose
-    entries all have one of the two and some an attention module."""
+    """The decoder layers of an HF causal LM, PEFT-wrapped or not: the first ModuleList (in the model's
+    decoder, `get_decoder()`, if it has one, else anywhere) whose entries all have an MLP (MLP_NAMES) and
+    some an attention module (ATTN_NAMES), else the first whose entries all have one of the two and some
+    an attention module."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m)
+    # a multimodal model's language model first: its vision tower's layers come earlier in module order
+    decoder = base.get_decoder() if callable(getattr(base, "get_decoder", None)) else None
+    roots = [decoder, base] if isinstance(decoder, nn.Module) else [base]
+    lists = [m for root in roots for m in root.modules() if isinstance(m, nn.ModuleList) and len(m)
              and any(attention_layer(layer) for layer in m)]
     for module in lists:
         if all(mlp_of(layer) is not None for layer in module):

@@ -276,7 +276,8 @@ def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
 
 
 def _residual_adds(layer: Layer, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node]:
-    """The layer's two residual adds: the tensor adds in the layer's own scope, or, where it has none
+    """The layer's two residual adds: the tensor adds in the layer's own scope (the first two where each
+    later one adds to the one before), or, where it has none
     (BERT-style layers add the residual inside their attention-output and output modules, then
     normalize), the adds anywhere in the layer of two same-shape (b, n, d) tensors."""
     adds = [n for n in nodes if is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)]
@@ -287,6 +288,10 @@ def _residual_adds(layer: Layer, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node
                 and len(y) == 3 and all(same_size(i, j) for i, j in zip(x, y))]
         if len(deep) == 2:
             return deep[0], deep[1]
+    if len(scoped) > 2 and all(prev in nxt.args for prev, nxt in zip(scoped[1:], scoped[2:])):
+        # later residual blocks, each adding to the previous sum (Gemma 4's per-layer-input gate after
+        # the MLP), stay dense as written: the attention and the MLP are the first two
+        return scoped[0], scoped[1]
     if len(scoped) != 2:
         raise CantRewrite("residual_structure", f"expected 2 residual adds in the decoder layer scope, found "
                           f"{len(scoped)}")

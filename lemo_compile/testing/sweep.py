@@ -54,6 +54,8 @@ TINY_SIZES: dict[str, Any] = dict(
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
     shared_expert_intermediate_size=64, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
     qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+    # per-layer input embeddings (Gemma 3n / Gemma 4): a second, per-layer vocabulary table
+    vocab_size_per_layer_input=256, hidden_size_per_layer_input=16,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
     is_decoder=True,  # encoder families (BERT, RoBERTa) registered as causal LMs: causal attention
     use_cache=False,
@@ -92,7 +94,7 @@ def _sized(default: Any, **extra: Any) -> Any:
     fourth layer) keep their layer kinds, but a softmax-attention layer is moved into SPARSE_SLOT when the
     first LAYERS layers have one elsewhere: in the full-depth model such layers fall inside the default
     schedule's sparse range, in the tiny one the pattern would put them only in dense slots."""
-    kwargs = {**{k: v for k, v in TINY_SIZES.items() if hasattr(default, k)}, **extra}
+    kwargs = {**{k: v for k, v in TINY_SIZES.items() if _settable(default, k)}, **extra}
     if hasattr(default, "qk_rope_head_dim"):  # multi-head latent attention: rotary over qk_rope_head_dim,
         kwargs.update({k: kwargs[v] for k, v in (("head_dim", "qk_rope_head_dim"),  # no grouped KV heads
                                                  ("num_key_value_heads", "num_attention_heads")) if k in kwargs})
@@ -110,10 +112,23 @@ def _sized(default: Any, **extra: Any) -> Any:
     return cfg
 
 
+def _settable(config: Any, name: str) -> bool:
+    """Whether the config has `name` as a plain field: not a read-only property (Falcon's head_dim), and
+    not a per-layer attribute that refuses a global read (Gemma 4's head_dim)."""
+    prop = getattr(type(config), name, None)
+    if isinstance(prop, property) and prop.fset is None:
+        return False
+    try:
+        return hasattr(config, name)
+    except Exception:
+        return False
+
+
 def tiny_config(model_type: str, class_name: str) -> Any:
     """The tiny config `class_name` is built from: the text config of a multimodal family whose causal LM
-    takes one, else the model type's own. Unsupported for a model with other sub-models (vision or audio
-    towers would be built at full size) or a class the config does not fit."""
+    takes one, else the model type's own with every sub-config (text, vision and audio towers) given the
+    tiny sizes too; the model then runs on text alone. Unsupported for a class the config does not fit
+    (and, in build_model, where the towers stay large under names the sweep does not set)."""
     import transformers
 
     cls = getattr(transformers, class_name, None)
@@ -124,14 +139,14 @@ def tiny_config(model_type: str, class_name: str) -> Any:
     text = default.get_text_config() if hasattr(default, "get_text_config") else default
     if text is not default and isinstance(text, want):
         return _sized(text)
-    towers = sorted(k for k in (getattr(default, "sub_configs", None) or {}) if k != "text_config")
-    if towers:
-        raise Unsupported(f"{class_name}'s config has sub-configs {towers}: towers the sweep does not size "
-                          f"(vision, audio, byte encoders)")
     if not isinstance(default, want):
         raise Unsupported(f"{class_name} takes a {want.__name__}, the {model_type} config is a "
                           f"{type(default).__name__}")
-    return _sized(default, **({"text_config": _sized(text).to_dict()} if text is not default else {}))
+    subs = {k: getattr(default, k, None) for k in (getattr(default, "sub_configs", None) or {})}
+    sized = {k: _sized(sub).to_dict() for k, sub in subs.items() if sub is not None and hasattr(sub, "to_dict")}
+    if text is not default and "text_config" not in sized:
+        sized["text_config"] = _sized(text).to_dict()
+    return _sized(default, **sized)
 
 
 def build_model(model_type: str, class_name: str, seed: int = 0) -> Any:

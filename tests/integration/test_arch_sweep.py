@@ -6,13 +6,16 @@ why. No model may be silently wrong or crash under lemo only. The full sweep (ev
 from lemo_compile.testing import sweep
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+# post-norm (BART; BERT with its residual adds inside submodules), a multimodal class with vision towers the
+# sweep sizes (Gemma 3), a third residual block after the MLP (Gemma 4's per-layer input)
+MORE = ("bart", "bert", "gemma3", "gemma4_text")
 OTHERS = ("gpt2", "mamba", "arcee", "gemma2")  # no decoder layers; no attention; an MLP op; attention not SDPA
 
 
 def test_sweep_subset_is_never_silently_dense_or_wrong():
-    rows = sweep.sweep(SUPPORTED + OTHERS, timeout=120)
+    rows = sweep.sweep(SUPPORTED + MORE + OTHERS, timeout=120)
     by_type = {r["model_type"]: r for r in rows}
-    assert list(by_type) == list(SUPPORTED + OTHERS)
+    assert list(by_type) == list(SUPPORTED + MORE + OTHERS)
     figs = sweep.figures(rows)
     assert figs["arch_sweep_silent_wrong"]["value"] == 0, [r for r in rows if sweep.silent_wrong(r)]
     assert figs["arch_sweep_inexact_keep1"]["value"] == 0, [r for r in rows if sweep.inexact(r)]
@@ -23,8 +26,10 @@ def test_sweep_subset_is_never_silently_dense_or_wrong():
         assert r["layers_found"] == 4 and r["layers_sparse"] == 1 and r["exact_at_keep1"], r
     for r in rows:
         assert r["layers_sparse"] or sweep.reason(r), r
-    for mt in SUPPORTED:  # keep 0.5 against the reference, same keep sets
+    for mt in SUPPORTED + MORE:  # keep 0.5 against the reference, same keep sets
         assert by_type[mt]["exact_at_keep05"] is True, by_type[mt]
+    for mt in MORE:
+        assert by_type[mt]["layers_sparse"] == 1 and by_type[mt]["exact_at_keep1"], by_type[mt]
     assert "| llama | LlamaForCausalLM | 4 | 1 | yes | yes | yes |  |" in sweep.markdown_table(rows)
 
 
