@@ -10,6 +10,8 @@ subprocess, alternating in one invocation:
     lemo_fwd_exact   lemo, attn_mode=backward, mlp_mode=backward   (forward-exact)
     lemo_keys        lemo, attn_mode=keys,     mlp_mode=backward
     lemo_tokens_eager  lemo_tokens with inner="eager" (AOT autograd, ATen graphs run eagerly)
+    lemo_tokens_fused    lemo_tokens with the fused row kernels (LemoConfig(fused_kernels=True); by
+                     default they run with the eager inner compiler only)
     lemo_tokens_unfused  lemo_tokens without the fused row kernels (LemoConfig(fused_kernels=False))
     lemo_tokens_eager_unfused  lemo_tokens_eager without them (what the fused kernels save when no
                      compiler fuses the gather/norm/scatter chain)
@@ -48,7 +50,9 @@ VARIANTS = {
     "lemo_keys": dict(attn_mode="keys", mlp_mode="backward"),
     # the same rewrite, ATen graphs run eagerly (no Inductor): eager kernels for attention and GEMMs
     "lemo_tokens_eager": dict(attn_mode="tokens", mlp_mode="backward", inner="eager"),
-    # lemo_tokens without the fused row kernels (passes.fuse): Inductor compiles the gather/scatter
+    # lemo_tokens with and without the fused row kernels (passes.fuse): without, Inductor compiles the
+    # gather/scatter
+    "lemo_tokens_fused": dict(attn_mode="tokens", mlp_mode="backward", fused_kernels=True),
     "lemo_tokens_unfused": dict(attn_mode="tokens", mlp_mode="backward", fused_kernels=False),
     "lemo_tokens_eager_unfused": dict(attn_mode="tokens", mlp_mode="backward", inner="eager", fused_kernels=False),
     # with --ckpt: checkpointed sparse layers keep their full input (plain lemo + checkpointing)

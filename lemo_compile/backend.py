@@ -501,7 +501,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
         if cfg.segment_mlp:  # before fuse: the down projection becomes part of the segmented op
             from .passes.mlp_segment import segment_mlps
             rec.mlp_segment = segment_mlps(gm, cfg)
-        if rec.sparsified and cfg.fused_kernels:
+        if rec.sparsified and cfg.use_fused_kernels:
             from .passes.fuse import fuse
             rec.fuse = fuse(gm)
         if rec.rewritten:

@@ -77,7 +77,9 @@ class LemoConfig:
     causal_mask: bool = True
     # Fused row kernels (passes.fuse, kernels/rows.py) at both ends of each kept-row block copy:
     # gather + RMSNorm, and GEMM + residual scatter-add. Triton on CUDA, PyTorch twins elsewhere.
-    fused_kernels: bool = True
+    # None (default): only with inner="eager", where they measured 0.977x the step; under Inductor they
+    # measured 1.001x (Inductor fuses these ends itself; benchmarks/results/fused_1b_16k_v3.json).
+    fused_kernels: bool | None = None
     # Sparse activation checkpointing: a sparse layer inside an activation-checkpoint region keeps
     # only its kept rows and keep set for the recompute (attn_mode tokens or backward, the latter
     # also the dense attention's output and log-sum-exp at the kept queries; see DESIGN 2.4).
@@ -129,7 +131,7 @@ class LemoConfig:
         fix("inner", _enum("inner", Inner, self.inner))
         for name in ("enabled", "peak_cut", "fused_kernels", "sparse_checkpoint", "causal_mask", "segment_mlp",
                      "regional"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (name == "fused_kernels" and self.fused_kernels is None):
                 raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
         b = self.block_size
         if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b & (b - 1):
@@ -220,6 +222,11 @@ class LemoConfig:
         if self.dense_layers is not None:
             return frozenset(self.dense_layers)
         return frozenset(range(num_layers // 2)) | {num_layers - 1}
+
+    @property
+    def use_fused_kernels(self) -> bool:
+        """fused_kernels, its None (default) resolved: on with the eager inner compiler only."""
+        return self.inner is Inner.EAGER if self.fused_kernels is None else self.fused_kernels
 
     def replace(self, **changes: Any) -> "LemoConfig":
         fields = {f.name for f in dataclasses.fields(self)}
