@@ -277,9 +277,9 @@ def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
 
 def _residual_adds(layer: Layer, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node]:
     """The layer's two residual adds: the tensor adds in the layer's own scope (the first two where each
-    later one adds to the one before), or, where it has none
-    (BERT-style layers add the residual inside their attention-output and output modules, then
-    normalize), the adds anywhere in the layer of two same-shape (b, n, d) tensors."""
+    later one adds to the one before), or, where it has none (BERT-style layers add the residual inside
+    their attention-output and output modules, then normalize), the adds anywhere in the layer of two
+    same-shape (b, n, d) tensors."""
     adds = [n for n in nodes if is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)]
     scoped = [n for n in adds if layer.rel(n) == ""]
     if not scoped:
