@@ -129,10 +129,11 @@ class LemoConfig:
         fix("attn_mode", _enum("attn_mode", AttnMode, self.attn_mode))
         fix("mlp_mode", _enum("mlp_mode", MlpMode, self.mlp_mode))
         fix("inner", _enum("inner", Inner, self.inner))
-        for name in ("enabled", "peak_cut", "fused_kernels", "sparse_checkpoint", "causal_mask", "segment_mlp",
-                     "regional"):
-            if not isinstance(getattr(self, name), bool) and not (name == "fused_kernels" and self.fused_kernels is None):
+        for name in ("enabled", "peak_cut", "sparse_checkpoint", "causal_mask", "segment_mlp", "regional"):
+            if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.fused_kernels is not None and not isinstance(self.fused_kernels, bool):
+            raise ValueError(f"LemoConfig.fused_kernels must be a bool or None, got {self.fused_kernels!r}")
         b = self.block_size
         if not isinstance(b, int) or isinstance(b, bool) or b < 1 or b & (b - 1):
             raise ValueError(f"LemoConfig.block_size must be a power of two (e.g. 64), got {b!r}")

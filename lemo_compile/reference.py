@@ -401,9 +401,12 @@ def _block_ends(model: nn.Module, layers: nn.ModuleList, indices: list[int], mod
     for i, seq in calls.items():
         layer = layers[i]
         attn, mlp = attn_of(layer), mlp_of(layer)
-        sums = _residual_sums(log, i)
+        layer_calls = [c for c in log.calls if c[0] == i]
+        parent = _pass_through(layer_calls)
+        sums = _residual_sums(layer_calls, log.inputs.get(i), parent)
         if sums is not None and (sums[2] or mlp is None):  # post-norm, or no MLP module (BERT-style layers)
-            a, m = (_made_by(t, log, made_by[i]) for t in sums[:2])
+            owner = made_by[i]  # the outermost module whose output t is, or becomes through dropout or a cast
+            a, m = (owner.get(id(_back(t, parent, lambda x: id(x) in owner))) for t in sums[:2])
             if a is None or m is None:
                 raise ValueError(f"layer {i}: the attention's or the MLP's residual contribution is no module's "
                                  f"output")
@@ -445,41 +448,36 @@ class _CallLog(torch.overrides.TorchFunctionMode):
 
 _ADDS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
 _PASS_THROUGH = ("dropout", "to", "contiguous", "clone", "type_as", "float")  # same values or a cast
+_NOT_STREAM = ("linear", "scaled_dot_product_attention")  # a block's work, not the residual stream's
 
 
-def _residual_sums(log: _CallLog, i: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """(attention's residual contribution, MLP's residual contribution, post-norm) of layer i, from its
-    torch calls: the first add of two same-shape tensors one of which is the layer input h (or a cast of
-    it) is the attention's residual sum s; the stream grows from s through calls whose first argument is
-    in it and which are no linear or attention; the next such add of a stream tensor and one that is not
-    is the MLP's. Post-norm: that stream tensor is not s itself. None: not found."""
-    h = log.inputs.get(i)
-    calls = [c for c in log.calls if c[0] == i]
-    parent = _pass_through(calls)
+def _residual_sums(calls: list, h: Any, parent: dict[int, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """(attention's residual contribution, MLP's residual contribution, post-norm) of a layer, from its
+    torch calls (`_CallLog.calls` of that layer; h its input; parent `_pass_through(calls)`): the first add
+    of two same-shape tensors one of which is h (or a cast of it) is the attention's residual sum s; the
+    stream grows from s through calls whose first argument is in it and which are no linear or attention;
+    the next such add of a stream tensor and one that is not is the MLP's. Post-norm: that stream tensor
+    is not s itself. None: not found."""
+    def from_h(t: torch.Tensor) -> bool:
+        return _back(t, parent, lambda x: x is h) is h
 
-    def passes_to(t: torch.Tensor, target: Any) -> bool:
-        while t is not target and id(t) in parent:
-            t = parent[id(t)]
-        return t is target
-
-    def add_of(call: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-        _, f, ts, out = call
+    def add_of(f: Any, ts: tuple, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         ok = f in _ADDS and len(ts) == 2 and ts[0].shape == ts[1].shape == out.shape and out.ndim == 3
         return ts if ok else None
 
-    for k, call in enumerate(calls):
-        ts = add_of(call)
-        if ts is None or not any(passes_to(t, h) for t in ts):
+    for k, (_, f, ts, s) in enumerate(calls):
+        ts = add_of(f, ts, s)
+        if ts is None or not any(from_h(t) for t in ts):
             continue
-        a = ts[1] if passes_to(ts[0], h) else ts[0]
-        s = call[3]
+        a = ts[1] if from_h(ts[0]) else ts[0]
         stream = {id(s)}
-        for _, f, ts2, out in calls[k + 1:]:
-            pair = add_of((i, f, ts2, out))
+        for _, f2, ts2, out in calls[k + 1:]:
+            pair = add_of(f2, ts2, out)
             if pair is not None and sum(id(t) in stream for t in pair) == 1:
                 x = pair[0] if id(pair[0]) in stream else pair[1]
                 return a, (pair[1] if x is pair[0] else pair[0]), x is not s
-            if id(ts2[0]) in stream and out.shape == s.shape and _name(f) not in ("linear", "scaled_dot_product_attention"):
+            if id(ts2[0]) in stream and out.shape == s.shape and _name(f2) not in _NOT_STREAM:
                 stream.add(id(out))
         return None
     return None
@@ -495,12 +493,11 @@ def _name(func: Any) -> str:
     return getattr(func, "__name__", str(func))
 
 
-def _made_by(t: torch.Tensor, log: _CallLog, made_by: dict[int, nn.Module]) -> nn.Module | None:
-    """The outermost module whose output t is, or becomes through dropout or a cast."""
-    parent = _pass_through(log.calls)
-    while id(t) not in made_by and id(t) in parent:
+def _back(t: torch.Tensor, parent: dict[int, torch.Tensor], found: Callable[[torch.Tensor], bool]) -> torch.Tensor:
+    """Follow t back through dropout and casts (`parent`) until `found` holds or no call made it."""
+    while not found(t) and id(t) in parent:
         t = parent[id(t)]
-    return made_by.get(id(t))
+    return t
 
 
 def _register() -> None:

@@ -283,9 +283,7 @@ def _residual_adds(layer: Layer, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node
     adds = [n for n in nodes if is_add(n) and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)]
     scoped = [n for n in adds if layer.rel(n) == ""]
     if not scoped:
-        shapes = [[shape_of(a) for a in n.args] for n in adds]
-        deep = [n for n, (x, y) in zip(adds, shapes) if x is not None and len(x) == 3 and y is not None
-                and len(y) == 3 and all(same_size(i, j) for i, j in zip(x, y))]
+        deep = [n for n in adds if _same_bnd(*n.args)]
         if len(deep) == 2:
             return deep[0], deep[1]
     if len(scoped) > 2 and all(prev in nxt.args for prev, nxt in zip(scoped[1:], scoped[2:])):
@@ -307,14 +305,17 @@ def _stream_after(add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> fx.No
         return add1
     for p in add2.args:
         chain = closure_back(p, in_layer, stop={add1})
-        shp, want = shape_of(p), shape_of(add1)
         if (chain and any(add1 in n.all_input_nodes for n in chain)
-                and not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain)
-                and shp is not None and want is not None and len(shp) == len(want) == 3
-                and all(same_size(i, j) for i, j in zip(shp, want))):
+                and not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain) and _same_bnd(p, add1)):
             return p
     raise CantRewrite("residual_structure", "second residual add takes neither the first one's result nor a "
                       "norm of it")
+
+
+def _same_bnd(x: fx.Node, y: fx.Node) -> bool:
+    """Whether x and y are (b, n, d) tensors of the same size."""
+    sx, sy = shape_of(x), shape_of(y)
+    return sx is not None and sy is not None and len(sx) == len(sy) == 3 and all(map(same_size, sx, sy))
 
 
 def _classify_parallel_sum(layer: Layer, add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> None:
