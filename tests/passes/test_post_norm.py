@@ -139,3 +139,24 @@ def test_checkpointed_post_norm_layer_saves_its_full_input_and_stays_exact(model
     _assert_close(tuple(got), want)
     saves = [d["checkpoint_saves"] for r in recs for d in r.sparsify.layers]
     assert saves == ["full input (post-norm layer: the MLP reads a norm of the attention's residual sum)"], saves
+
+
+def test_left_padding_and_all_ignored_labels(model):
+    """Row 1 left-padded by 37 tokens, row 2 with every label ignored: finite, equal to the dense model at
+    keep 1.0 and to the reference at keep 0.5 (default modes)."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, model.config.vocab_size, (3, N), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[2] = -100
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    dense = _step(model, model, batch)
+    got = _compiled(model, LemoConfig(inner="eager", keep_ratio=1.0, predictor="random"), batch)[:2]
+    assert torch.isfinite(got[0]) and all(torch.isfinite(v).all() for v in got[1].values())
+    _assert_close(got, dense, rtol=1e-4)
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, predictor="random")
+    *got, recs = _compiled(model, cfg, batch)
+    assert [d["layer"] for r in recs for d in r.sparsify.layers] == [2]
+    _assert_close(tuple(got), _step(model, lambda **b: reference_forward(model, cfg, **b).output, batch))
