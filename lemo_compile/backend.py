@@ -48,6 +48,7 @@ class CompileRecord:
     peak_cut: Any = None  # passes.peak_cut.PeakCutResult
     fuse: Any = None  # passes.fuse.FuseResult
     causal: Any = None  # passes.causal.CausalResult
+    eager_attention: Any = None  # passes.common.PassResult of passes.eager_attention
     masks: Any = None  # passes.masks.MasksResult
     mlp_segment: Any = None  # passes.mlp_segment.MlpSegmentResult
     regions: Any = None  # passes.regions.RegionsResult (regional compilation)
@@ -147,6 +148,7 @@ class CompileRecord:
         return (self.sparsified or bool(self.peak_cut and self.peak_cut.losses)
                 or bool(self.mlp_segment and self.mlp_segment.mlps)
                 or bool(self.causal and self.causal.counters["sdpa_made_causal"])
+                or bool(self.eager_attention and self.eager_attention.counters["attention_rewritten"])
                 or bool(self.masks and self.masks.structured))
 
 
@@ -481,6 +483,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
     del RECORDS[:-_MAX_RECORDS]
     if cfg.enabled:
         rec.before = gm.print_readable(print_output=False)
+        if cfg.eager_attention:
+            from .passes.eager_attention import sdpa_from_eager
+            rec.eager_attention = sdpa_from_eager(gm)
         if cfg.causal_mask:
             from .passes.causal import make_causal
             from .passes.masks import structure_masks

@@ -75,6 +75,11 @@ class LemoConfig:
     # from one input (a 2-D attention_mask: padding; packed position_ids: documents) as segment ids, with
     # attention per segment and no n x n mask (passes.masks). False leaves every mask as HF builds it.
     causal_mask: bool = True
+    # Attention written out as tensor ops (q @ k^T, scale, additive mask, softmax, p @ v: models with no
+    # SDPA path, or loaded with attn_implementation="eager") becomes one SDPA call where that is the same
+    # function (passes.eager_attention), so its layers can be sparse and lose their n x n temporaries.
+    # False leaves such attention as written (and its layers dense, with the reason in the record).
+    eager_attention: bool = True
     # Fused row kernels (passes.fuse, kernels/rows.py) at both ends of each kept-row block copy:
     # gather + RMSNorm, and GEMM + residual scatter-add. Triton on CUDA, PyTorch twins elsewhere.
     # None (default): only with inner="eager", where they measured 0.977x the step; under Inductor they
@@ -129,7 +134,8 @@ class LemoConfig:
         fix("attn_mode", _enum("attn_mode", AttnMode, self.attn_mode))
         fix("mlp_mode", _enum("mlp_mode", MlpMode, self.mlp_mode))
         fix("inner", _enum("inner", Inner, self.inner))
-        for name in ("enabled", "peak_cut", "sparse_checkpoint", "causal_mask", "segment_mlp", "regional"):
+        for name in ("enabled", "peak_cut", "sparse_checkpoint", "causal_mask", "eager_attention", "segment_mlp",
+                     "regional"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LemoConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.fused_kernels is not None and not isinstance(self.fused_kernels, bool):

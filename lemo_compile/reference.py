@@ -131,8 +131,9 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
             return random_scores(layer, cfg.seed, x.shape[0], num_blocks(x.shape[1], cfg.block_size), x.device)
 
     run = _Run(cfg=cfg, scorer=scorer, token_valid=token_valid, given=keep_sets, fractions=fractions,
-               segments=segments, sliding={i: getattr(attn_of(layers[i]), "sliding_window", None)
-                                           or _model_window(model) for i in fractions})
+               segments=segments, explicit_mask=getattr(model.config, "_attn_implementation", None) != "sdpa",
+               sliding={i: getattr(attn_of(layers[i]), "sliding_window", None) or _model_window(model)
+                        for i in fractions})
     _register()
     ends, post_norm = _block_ends(model, layers, sorted(fractions), model_kwargs)
     with contextlib.ExitStack() as stack:
@@ -150,6 +151,10 @@ def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None =
         _ACTIVE.append(run)
         stack.callback(_ACTIVE.pop)
         output = model(**model_kwargs)
+    silent = sorted(set(fractions) - run.attn_ran)
+    if silent:  # its attention is written into the model (eager-only architectures): it ran dense
+        raise NotImplementedError(f"the attention of sparse layer(s) {silent} does not go through transformers' "
+                                  f"attention interface, so reference_forward cannot make it sparse")
     return ReferenceOutput(output, dict(sorted(run.keep_sets.items())))
 
 
@@ -290,6 +295,8 @@ class _Run:
     attn_layer: dict[int, int] = dataclasses.field(default_factory=dict)  # id(self_attn) -> layer
     kept: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (b, n) bool
     keep_sets: dict[int, KeepSet] = dataclasses.field(default_factory=dict)
+    attn_ran: set[int] = dataclasses.field(default_factory=set)  # sparse layers whose attention came through here
+    explicit_mask: bool = False  # the model's own attention is not SDPA: build every mask as a tensor
 
     def norm_hook(self, layer: int):
         def hook(module: nn.Module, args: Any, x: torch.Tensor) -> None:
@@ -505,12 +512,23 @@ def _register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _reference_attention)
     # Without a mask function under the same name, the model would build no mask at all.
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
     _registered = True
+
+
+def _mask(*args: Any, **kwargs: Any):
+    """SDPA's mask; always a tensor for a model that does not run SDPA itself: a None mask leaves causality
+    to the module's is_causal flag, which some eager-only models never set (BigBird-Pegasus's decoder
+    attention: False) while their own eager mask is causal. SDPA models keep HF's None (bit-exact runs)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _ACTIVE and _ACTIVE[-1].explicit_mask:
+        kwargs = {**kwargs, "allow_is_causal_skip": False}
+    return sdpa_mask(*args, **kwargs)
 
 
 def _sdpa(*args: Any, **kwargs: Any):
@@ -531,6 +549,7 @@ def _reference_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         raise NotImplementedError(f"attention dropout ({dropout}) in sparse layer {layer} is not supported")
     if layer not in run.kept:
         raise RuntimeError(f"layer {layer}'s attention ran before its input_layernorm chose a keep set")
+    run.attn_ran.add(layer)
     return sparse_attention(run.cfg.attn_mode, module, query, key, value, attention_mask, run.kept[layer],
                             scaling=scaling, **kwargs), None
 

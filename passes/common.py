@@ -44,6 +44,8 @@ class PassResult:
         self.counters[f"skip_{kind}"] += 1
 
 
+EAGER_REFUSAL = "lemo_eager_attention_refused"  # node meta: why passes.eager_attention left a softmax
+
 ADD_TARGETS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, "add", "add_")
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import (MOVES, CantRewrite, PassResult, attention_dropout, closure_back, is_add, is_call, same_size,
+from .common import (EAGER_REFUSAL, MOVES, CantRewrite, PassResult, attention_dropout, closure_back, is_add, is_call, same_size,
                      shape_of, value_of)
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -434,9 +434,14 @@ def _check_attention(blk: Block) -> None:
     if len(sdpas) != 1:
         others = sorted({str(getattr(n.target, "__name__", n.target)) for n in blk.nodes
                          if is_call(n, torch.matmul, torch.bmm, F.softmax, torch.softmax, "softmax")})
+        eager = next((n.meta[EAGER_REFUSAL] for n in blk.nodes if EAGER_REFUSAL in n.meta), None)
+        if eager is not None:
+            raise CantRewrite("unknown_attention", f"eager attention ({', '.join(others)}) that SDPA cannot "
+                                                   f"express: {eager}")
         raise CantRewrite("unknown_attention",
                           f"attention block has {len(sdpas)} scaled_dot_product_attention calls "
-                          f"(ops seen: {others or 'none'}); only attn_implementation='sdpa' is supported")
+                          f"(ops seen: {others or 'none'}); only SDPA attention, or eager attention that "
+                          f"equals it, is supported")
     sdpa = sdpas[0]
     blk.sdpa = sdpa
     mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)

@@ -1,0 +1,223 @@
+"""Eager attention written out as tensor ops becomes one scaled_dot_product_attention call.
+
+Models without an SDPA path (RoFormer, RemBERT, Megatron-BERT, GPT-NeoX-Japanese, CPM-Ant, ...) and models
+loaded with `attn_implementation="eager"` compute attention as
+
+    s = q @ k^T [* c | / c]... [+ mask] [- rowmax(s)] ; p = softmax(s, -1) [.to(dtype)] [dropout(p=0 or eval)] ; o = p @ v
+
+Detection recognizes attention by its SDPA call, so such layers stayed dense. This pass replaces each chain
+it can prove equal to `F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c)` (k = the
+transpose of the matmul's right operand): the same function of q, k, v and the mask, up to rounding.
+Everything downstream then treats the layer like any SDPA model, and the n x n score and probability
+tensors of the eager chain are gone from dense layers too.
+
+A chain is left alone, with the reason, when it holds anything SDPA cannot express: a soft cap (tanh)
+on the scores, attention sinks (the scores read twice), a scale or mask computed as a product with a
+tensor, attention dropout while training, batched 3-D (bmm) attention, a float mask whose dtype is
+not the queries'.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .common import EAGER_REFUSAL, CantRewrite, PassResult, eliminate_dead_code, graph_modules, is_call, value_of
+
+SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
+MATMUL = (torch.matmul, operator.matmul, torch.Tensor.matmul, "matmul")
+BMM = (torch.bmm, torch.Tensor.bmm, "bmm")
+DROPOUT = (F.dropout, torch.dropout)
+SCALE = {operator.mul: 1, torch.mul: 1, "mul": 1, operator.truediv: -1, torch.div: -1, "div": -1,
+         "__truediv__": -1, torch.true_divide: -1}
+CASTS = ("float", "half", "bfloat16", "type_as", "contiguous")
+
+
+def sdpa_from_eager(gm: fx.GraphModule) -> PassResult:
+    """Rewrite every provable eager attention chain of the root graph and checkpoint bodies (see module doc)."""
+    res = PassResult("eager_attention")
+    for mod in graph_modules(gm):
+        changed = False
+        for sm in [n for n in mod.graph.nodes if is_call(n, *SOFTMAX)]:
+            try:
+                _rewrite(mod.graph, sm)
+            except CantRewrite as e:
+                res.skip(e.kind, _where(sm), e.detail)
+                sm.meta[EAGER_REFUSAL] = e.detail  # detect names it where it finds no SDPA
+                continue
+            res.counters["attention_rewritten"] += 1
+            changed = True
+        if changed:
+            eliminate_dead_code(mod.graph)
+            mod.graph.lint()
+            mod.recompile()
+    if res.counters["attention_rewritten"]:
+        gm.recompile()
+    return res
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return f"{list(stack.values())[-1][0]} ({node.name})" if stack else node.name
+
+
+def _only_user(node: fx.Node, what: str) -> fx.Node:
+    if len(node.users) != 1:
+        raise CantRewrite("eager_attention", f"the {what} {node.name} is read {len(node.users)} times (attention "
+                                             f"sinks or weights returned?); SDPA cannot express that")
+    return next(iter(node.users))
+
+
+def _const(x: Any, what: str) -> float:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    raise CantRewrite("eager_attention", f"the scores are scaled by {x} ({what}), not a number known at compile time")
+
+
+def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
+    dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
+    scores = sm.args[0]
+    ndim = len(value_of(scores).shape) if isinstance(value_of(scores), torch.Tensor) else None
+    if dim not in (-1, None if ndim is None else ndim - 1):
+        raise CantRewrite("eager_attention", f"softmax over dim {dim}, not the last")
+    _only_user(scores, "scores")
+    scale, mask, qk = _scores(scores)
+    _only_user(qk, "scores")
+    pv = _probabilities(sm)
+    q, kt, v = qk.args[0], qk.args[1], pv.args[1]
+    if pv.args[0] is v:
+        raise CantRewrite("eager_attention", "the probabilities are the matmul's right operand")
+    vals = [value_of(t) for t in (q, kt, v)]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in vals):
+        raise CantRewrite("eager_attention", "queries, keys and values are not all 4-D (batch, heads, tokens, dim)")
+    if not (vals[0].shape[:2] == vals[1].shape[:2] == vals[2].shape[:2]):
+        raise CantRewrite("eager_attention", f"queries {tuple(vals[0].shape)}, keys^T {tuple(vals[1].shape)} and "
+                                             f"values {tuple(vals[2].shape)} differ in batch or heads")
+    if mask is not None:
+        mv = value_of(mask)
+        if not isinstance(mv, torch.Tensor):
+            raise CantRewrite("eager_attention", f"the mask {mask} is not a tensor")
+        if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
+            raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
+    with g.inserting_before(pv):
+        k = g.call_method("transpose", (kt, -2, -1))
+        k.meta.update({key: val for key, val in kt.meta.items() if key not in ("example_value", "val")})
+        k.meta["example_value"] = vals[1].transpose(-2, -1)
+        out = g.call_function(F.scaled_dot_product_attention, (q, k, v),
+                              {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale})
+    out.meta.update(pv.meta)
+    pv.replace_all_uses_with(out)
+
+
+def _scores(node: fx.Node) -> tuple[float, fx.Node | None, fx.Node]:
+    """Walk back from the softmax input to the q @ k^T matmul: (scale, additive mask or None, matmul)."""
+    scale, mask = 1.0, None
+    while True:
+        if is_call(node, *MATMUL):
+            return scale, mask, node
+        if is_call(node, *BMM):
+            raise CantRewrite("eager_attention", "batched 3-D (bmm) attention; only 4-D matmul attention becomes SDPA")
+        if node.op not in ("call_function", "call_method"):
+            raise CantRewrite("eager_attention", f"the scores come from {node.op} {node.name}, not q @ k^T")
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if is_call(node, *SCALE) and len(tensors) == 1:
+            sign = next(s for t, s in SCALE.items() if is_call(node, t))
+            other = node.args[1] if node.args[0] is tensors[0] else node.args[0]
+            if sign < 0 and node.args[0] is not tensors[0]:
+                raise CantRewrite("eager_attention", f"{node.name} divides a number by the scores")
+            scale *= _const(other, node.name) ** sign
+            nxt = tensors[0]
+        elif is_call(node, operator.add, torch.add, "add", "__add__") and len(tensors) == 2 and mask is None:
+            a, b = tensors
+            a_scores = _reaches_matmul(a)
+            if a_scores == _reaches_matmul(b):
+                raise CantRewrite("eager_attention", f"{node.name} adds two tensors made from the scores, or none")
+            nxt, mask = (a, b) if a_scores else (b, a)
+            if mask is not None and scale != 1.0:  # mask added after the scale: fine; before it: the mask is scaled
+                raise CantRewrite("eager_attention", f"the mask {mask.name} is added before a scale of the scores")
+        elif _is_cast(node):
+            nxt = node.args[0]
+        elif _row_max_shift(node):  # s - max(s, -1): softmax does not change; SDPA does the same inside
+            nxt = node.args[0]
+            if len(nxt.users) == 2:
+                node = nxt
+                continue
+        else:
+            raise CantRewrite("eager_attention", f"op {_op(node)} between q @ k^T and the softmax")
+        _only_user(nxt, "scores")
+        node = nxt
+
+
+def _row_max_shift(node: fx.Node) -> bool:
+    """node = s - max(s, dim=-1, keepdim=True)[0] (or .amax): the shift that keeps exp() in range."""
+    if not (is_call(node, operator.sub, torch.sub, "sub") and len(node.args) == 2):
+        return False
+    s, m = node.args
+    if not isinstance(m, fx.Node) or len(m.users) != 1:
+        return False
+    if is_call(m, operator.getitem) and m.args[1] == 0:
+        m = m.args[0]
+    if not (is_call(m, torch.max, "max", torch.amax, "amax") and m.args[0] is s):
+        return False
+    dim = m.kwargs.get("dim", m.args[1] if len(m.args) > 1 else None)
+    keep = m.kwargs.get("keepdim", m.args[2] if len(m.args) > 2 else False)
+    return dim in (-1, (-1,), [-1]) and keep is True
+
+
+def _reaches_matmul(node: fx.Node, depth: int = 12) -> bool:
+    """Is a q @ k^T matmul among the first `depth` producers of node (the scores side of the mask add)?"""
+    todo, seen = [(node, 0)], set()
+    while todo:
+        n, d = todo.pop()
+        if n in seen or d > depth:
+            continue
+        seen.add(n)
+        if is_call(n, *MATMUL, *BMM):
+            return True
+        todo.extend((a, d + 1) for a in n.all_input_nodes)
+    return False
+
+
+def _probabilities(sm: fx.Node) -> fx.Node:
+    """Walk forward from the softmax to the p @ v matmul through casts and a dropout that does nothing."""
+    node = sm
+    while True:
+        user = _only_user(node, "probabilities" if node is not sm else "softmax")
+        if is_call(user, *MATMUL):
+            if user.args[0] is not node:
+                raise CantRewrite("eager_attention", "the probabilities are the matmul's right operand")
+            return user
+        if is_call(user, *BMM):
+            raise CantRewrite("eager_attention", "batched 3-D (bmm) attention; only 4-D matmul attention becomes SDPA")
+        if is_call(user, *DROPOUT):
+            _no_dropout(user)
+        elif not _is_cast(user):
+            raise CantRewrite("eager_attention", f"op {_op(user)} between the softmax and p @ v")
+        node = user
+
+
+def _no_dropout(node: fx.Node) -> None:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    names = ("training", "train")
+    training = next((node.kwargs[k] for k in names if k in node.kwargs), node.args[2] if len(node.args) > 2 else True)
+    if training is False or p == 0 or p == 0.0:
+        return
+    raise CantRewrite("attention_dropout", f"attention dropout p={p} while training ({node.name}); set the "
+                                           f"model's attention dropout to 0 for lemo to use SDPA here")
+
+
+def _is_cast(node: fx.Node) -> bool:
+    if is_call(node, *CASTS):
+        return True
+    if is_call(node, "to"):
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        return all(isinstance(a, (torch.dtype, bool)) for a in rest) and bool(rest)
+    return False
+
+
+def _op(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))

@@ -1,0 +1,209 @@
+"""Eager attention (q @ k^T, scale, mask, softmax, p @ v written out) becomes SDPA (passes.eager_attention,
+issue 31): the rewritten graph computes the same values, what SDPA cannot express is left with a reason,
+and a Llama loaded with attn_implementation="eager" then gets sparse layers equal to the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lemo_compile
+from lemo_compile import LemoConfig
+from lemo_compile.backend import clear_records
+from lemo_compile.passes.eager_attention import sdpa_from_eager
+from lemo_compile.reference import reference_forward
+from lemo_compile.testing.models import random_batch, tiny_model, trainable_grads
+
+B, H, N, D = 2, 3, 37, 8  # 37: no multiple of anything
+
+
+def _mask():
+    """Additive float mask (B, 1, N, N): causal, row 1 right-padded by 5 tokens (its last rows see nothing
+    but the causal part of what is left), -1e9 for masked entries as HF's eager masks use finfo.min."""
+    allowed = torch.ones(N, N).tril().bool().expand(B, 1, N, N).clone()
+    allowed[1, :, :, N - 5:] = False
+    return torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def _qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g) for _ in range(3)]
+
+
+def plain(q, k, v, m):
+    s = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + m
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(p, p=0.1, training=False), v)
+
+
+def divided(q, k, v, m):  # BERT / RoFormer: divide by sqrt(d), then add
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)
+    return torch.matmul(torch.softmax(s + m, dim=-1), v)
+
+
+def prescaled_shifted(q, k, v, m):  # query scaled first; max subtracted before the softmax (MiMo)
+    s = torch.matmul(q * 0.5, k.transpose(-2, -1)) + m
+    s = s - s.max(dim=-1, keepdim=True).values
+    return torch.matmul(s.softmax(-1), v)
+
+
+def no_mask(q, k, v, m):
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.3, -1), v)
+
+
+def soft_capped(q, k, v, m):  # Gemma 2
+    s = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+    s = torch.tanh(s / 50.0) * 50.0 + m
+    return torch.matmul(torch.softmax(s, -1), v)
+
+
+def sinks(q, k, v, m):  # scores read twice (GPT-OSS style sinks)
+    s = torch.matmul(q, k.transpose(2, 3)) + m
+    return torch.matmul(torch.softmax(s, -1), v) * torch.sigmoid(torch.logsumexp(s, -1, keepdim=True))
+
+
+def mask_then_scale(q, k, v, m):  # the mask is scaled too: not SDPA's (qk^T) * c + mask
+    return torch.matmul(torch.softmax((torch.matmul(q, k.transpose(2, 3)) + m) * 0.3, -1), v)
+
+
+def dropout_training(q, k, v, m):
+    return torch.matmul(F.dropout(torch.softmax(torch.matmul(q, k.transpose(2, 3)) + m, -1), 0.1, True), v)
+
+
+def batched_3d(q, k, v, m):  # BART-era attention over (batch x heads, n, d)
+    q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q, k, v))
+    return torch.bmm(torch.softmax(torch.bmm(q3, k3.transpose(1, 2)), -1), v3)
+
+
+def _captured(fn):
+    """The Dynamo graph of fn (example values in its meta, as lemo's passes see it)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*_qkv(), _mask())
+    (gm,) = graphs
+    return gm
+
+
+@pytest.mark.parametrize("fn", [plain, divided, prescaled_shifted, no_mask])
+def test_provable_chains_become_one_sdpa_with_the_same_values(fn):
+    gm = _captured(fn)
+    res = sdpa_from_eager(gm)
+    assert res.counters["attention_rewritten"] == 1 and not res.skips
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert F.scaled_dot_product_attention in targets
+    assert not any(t in (F.softmax, torch.softmax) for t in targets)
+    args = (*_qkv(seed=1), _mask())
+    torch.testing.assert_close(_call(gm, args), fn(*args), rtol=1e-5, atol=1e-6)
+
+
+def _call(gm, args):
+    """gm on (q, k, v, m) whatever order Dynamo lifted them in (placeholders L_q_, L_k_, ...)."""
+    named = dict(zip("qkvm", args))
+    return gm(*(named[n.name[2]] for n in gm.graph.nodes if n.op == "placeholder"))[0]
+
+
+@pytest.mark.parametrize("fn,kind,words", [
+    (soft_capped, "eager_attention", "tanh"),
+    (sinks, "eager_attention", "read 2 times"),
+    (mask_then_scale, "eager_attention", "added before a scale"),
+    (dropout_training, "attention_dropout", "p=0.1 while training"),
+    (batched_3d, "eager_attention", "bmm"),
+])
+def test_what_sdpa_cannot_express_is_left_as_written_with_the_reason(fn, kind, words):
+    gm = _captured(fn)
+    before = gm.code
+    res = sdpa_from_eager(gm)
+    assert res.counters["attention_rewritten"] == 0
+    (skip,) = res.skips
+    assert skip.kind == kind and words in skip.detail, str(skip)
+    assert gm.code == before
+
+
+def test_a_mask_of_another_dtype_is_refused():
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(plain, backend=lambda gm, ex: graphs.append(gm) or gm, fullgraph=True)(
+        *(t.double() for t in _qkv()), _mask())
+    res = sdpa_from_eager(graphs[0])
+    assert res.skips and "torch.float32 mask on torch.float64 queries" in res.skips[0].detail
+
+
+# -- a whole model -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eager_llama():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def _step(model, run, batch):
+    model.zero_grad(set_to_none=True)
+    out = run(**batch)
+    out.loss.backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+def _compiled(model, cfg, batch):
+    torch._dynamo.reset()
+    clear_records()
+    loss, grads = _step(model, torch.compile(model, backend=lemo_compile.backend(cfg)), batch)
+    return loss, grads, lemo_compile.records()
+
+
+def _close(got, want, rtol=1e-5):
+    (l1, g1), (l0, g0) = got, want
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    floor = 1e-2 * max(g.abs().max().item() for g in g0.values())
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=rtol, atol=rtol * max(g0[k].abs().max().item(), floor), msg=k)
+
+
+def _batch(model):
+    """Row 0 full, row 1 left-padded by 70 tokens (its first rows see no key but themselves: HF's eager
+    mask is finfo.min there, SDPA's result for such rows must match) and its labels partly ignored."""
+    batch = random_batch(model.config.vocab_size, 2, 150, seed=3)
+    batch["attention_mask"][1, :70] = 0
+    batch["input_ids"][1, :70] = 0
+    batch["labels"][1, :90] = -100
+    return batch
+
+
+@pytest.mark.parametrize("attn_mode,mlp_mode", [("backward", "backward"), ("tokens", "tokens"), ("keys", "dense")])
+def test_eager_llama_is_sparse_and_equals_the_reference(eager_llama, attn_mode, mlp_mode):
+    batch = _batch(eager_llama)
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, attn_mode=attn_mode, mlp_mode=mlp_mode, predictor="random")
+    *got, recs = _compiled(eager_llama, cfg, batch)
+    (rec,) = [r for r in recs if r.detect and r.detect.layers]
+    assert rec.eager_attention.counters["attention_rewritten"] == 4
+    assert [d["layer"] for d in rec.sparsify.layers] == [2]
+    want = _step(eager_llama, lambda **b: reference_forward(eager_llama, cfg, **b).output, batch)
+    assert all(torch.isfinite(g).all() for g in got[1].values())
+    _close(tuple(got), want)
+
+
+def test_eager_llama_at_keep_one_equals_its_own_eager_run(eager_llama):
+    batch = _batch(eager_llama)
+    got = _compiled(eager_llama, LemoConfig(inner="eager", keep_ratio=1.0), batch)[:2]
+    _close(got, _step(eager_llama, eager_llama, batch))
+
+
+def test_switched_off_it_leaves_eager_layers_dense_and_says_why(eager_llama):
+    batch = _batch(eager_llama)
+    cfg = LemoConfig(inner="eager", keep_ratio=0.5, eager_attention=False)
+    with pytest.warns(UserWarning, match="trains dense"):
+        *got, recs = _compiled(eager_llama, cfg, batch)
+    assert not any(r.sparsified for r in recs)
+    assert any("scaled_dot_product_attention" in str(s) for r in recs if r.detect for s in r.detect.skips)
+    _close(tuple(got), _step(eager_llama, eager_llama, batch))
