@@ -11,9 +11,12 @@ transpose of the matmul's right operand): the same function of q, k, v and the m
 Everything downstream then treats the layer like any SDPA model, and the n x n score and probability
 tensors of the eager chain are gone from dense layers too.
 
+Scores computed over (batch x heads) rows with bmm / baddbmm (BART-era models, GPT-NeoX-Japanese) count
+too, when the queries, keys and values are views of 4-D tensors and the output is viewed back to 4-D.
+
 A chain is left alone, with the reason, when it holds anything SDPA cannot express: a soft cap (tanh)
 on the scores, attention sinks (the scores read twice), a scale or mask computed as a product with a
-tensor, attention dropout while training, batched 3-D (bmm) attention, a float mask whose dtype is
+tensor, a mask added before a scale, attention dropout while training, a float mask whose dtype is
 not the queries'.
 """
 
@@ -26,11 +29,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import EAGER_REFUSAL, CantRewrite, PassResult, eliminate_dead_code, graph_modules, is_call, value_of
+from .common import (EAGER_REFUSAL, CantRewrite, PassResult, eliminate_dead_code, graph_modules, is_call, same_size,
+                     value_of)
 
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
 MATMUL = (torch.matmul, operator.matmul, torch.Tensor.matmul, "matmul")
 BMM = (torch.bmm, torch.Tensor.bmm, "bmm")
+BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm, "baddbmm")
 DROPOUT = (F.dropout, torch.dropout)
 SCALE = {operator.mul: 1, torch.mul: 1, "mul": 1, operator.truediv: -1, torch.div: -1, "div": -1,
          "__truediv__": -1, torch.true_divide: -1}
@@ -88,43 +93,82 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
     scale, mask, qk = _scores(scores)
     _only_user(qk, "scores")
     pv = _probabilities(sm)
-    q, kt, v = qk.args[0], qk.args[1], pv.args[1]
-    if pv.args[0] is v:
-        raise CantRewrite("eager_attention", "the probabilities are the matmul's right operand")
-    vals = [value_of(t) for t in (q, kt, v)]
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in vals):
-        raise CantRewrite("eager_attention", "queries, keys and values are not all 4-D (batch, heads, tokens, dim)")
-    if not (vals[0].shape[:2] == vals[1].shape[:2] == vals[2].shape[:2]):
-        raise CantRewrite("eager_attention", f"queries {tuple(vals[0].shape)}, keys^T {tuple(vals[1].shape)} and "
+    q, kt = qk.args[-2:]  # matmul / bmm (q, k^T); baddbmm (zeros, q, k^T)
+    q, k, v = _heads(q, "queries"), _keys(g, kt), _heads(pv.args[1], "values")
+    vals = [value_of(t) for t in (q, k, v)]
+    if not all(same_size(a, b) for t in vals[1:] for a, b in zip(t.shape[:2], vals[0].shape[:2])):
+        raise CantRewrite("eager_attention", f"queries {tuple(vals[0].shape)}, keys {tuple(vals[1].shape)} and "
                                              f"values {tuple(vals[2].shape)} differ in batch or heads")
     if mask is not None:
         mv = value_of(mask)
-        if not isinstance(mv, torch.Tensor):
-            raise CantRewrite("eager_attention", f"the mask {mask} is not a tensor")
+        if not isinstance(mv, torch.Tensor) or mv.dim() > 4:
+            raise CantRewrite("eager_attention", f"the mask {mask} is not a tensor SDPA can broadcast over "
+                                                 f"(batch, heads, queries, keys)")
         if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
             raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
-    with g.inserting_before(pv):
-        k = g.call_method("transpose", (kt, -2, -1))
-        k.meta.update({key: val for key, val in kt.meta.items() if key not in ("example_value", "val")})
-        k.meta["example_value"] = vals[1].transpose(-2, -1)
+    target = pv if value_of(pv).dim() == 4 else _four_d_view(pv, vals)
+    with g.inserting_before(target):
         out = g.call_function(F.scaled_dot_product_attention, (q, k, v),
                               {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale})
-    out.meta.update(pv.meta)
-    pv.replace_all_uses_with(out)
+    out.meta.update(target.meta)
+    target.replace_all_uses_with(out)
+
+
+def _heads(node: fx.Node, what: str) -> fx.Node:
+    """The 4-D (batch, heads, tokens, dim) tensor behind node: node itself, or the tensor a 3-D
+    (batch x heads, tokens, dim) view of it was made from (BART-era attention)."""
+    val = value_of(node)
+    if isinstance(val, torch.Tensor) and val.dim() == 4:
+        return node
+    src = node.args[0] if is_call(node, "view", "reshape", torch.reshape) else None
+    sv = value_of(src)
+    if (isinstance(val, torch.Tensor) and val.dim() == 3 and isinstance(sv, torch.Tensor) and sv.dim() == 4
+            and same_size(sv.shape[0] * sv.shape[1], val.shape[0]) and all(map(same_size, sv.shape[2:], val.shape[1:]))):
+        return src
+    raise CantRewrite("eager_attention", f"the {what} {node.name} are not 4-D (batch, heads, tokens, dim), nor a "
+                                         f"(batch x heads) view of such a tensor")
+
+
+def _keys(g: fx.Graph, kt: fx.Node) -> fx.Node:
+    """The keys (batch, heads, tokens, dim) whose transpose is kt: the transpose's input, or a new transpose."""
+    val = value_of(kt)
+    if is_call(kt, "transpose", torch.transpose) and isinstance(val, torch.Tensor):
+        dims = {d % val.dim() for d in kt.args[1:3] if isinstance(d, int)}
+        if dims == {val.dim() - 2, val.dim() - 1}:
+            return _heads(kt.args[0], "keys")
+    if not (isinstance(val, torch.Tensor) and val.dim() == 4):
+        raise CantRewrite("eager_attention", f"the keys^T {kt.name} are not a 4-D tensor or a transpose of keys")
+    with g.inserting_after(kt):
+        k = g.call_method("transpose", (kt, -2, -1))
+    k.meta.update({key: v for key, v in kt.meta.items() if key not in ("example_value", "val")})
+    k.meta["example_value"] = val.transpose(-2, -1)
+    return k
+
+
+def _four_d_view(pv: fx.Node, vals: list) -> fx.Node:
+    """The 3-D p @ v output's one reader, a view back to (batch, heads, tokens, dim): SDPA's output replaces it."""
+    user = _only_user(pv, "attention output")
+    uv = value_of(user)
+    want = (*vals[0].shape[:3], vals[2].shape[-1])
+    if not (is_call(user, "view", "reshape", torch.reshape) and isinstance(uv, torch.Tensor) and uv.dim() == 4
+            and all(map(same_size, uv.shape, want))):
+        raise CantRewrite("eager_attention", f"the (batch x heads) attention output {pv.name} is not viewed back "
+                                             f"to (batch, heads, tokens, dim)")
+    return user
 
 
 def _scores(node: fx.Node) -> tuple[float, fx.Node | None, fx.Node]:
     """Walk back from the softmax input to the q @ k^T matmul: (scale, additive mask or None, matmul)."""
     scale, mask = 1.0, None
     while True:
-        if is_call(node, *MATMUL):
+        if is_call(node, *MATMUL, *BMM):
             return scale, mask, node
-        if is_call(node, *BMM):
-            raise CantRewrite("eager_attention", "batched 3-D (bmm) attention; only 4-D matmul attention becomes SDPA")
+        if is_call(node, *BADDBMM):
+            return scale * _zero_base(node), mask, node
         if node.op not in ("call_function", "call_method"):
             raise CantRewrite("eager_attention", f"the scores come from {node.op} {node.name}, not q @ k^T")
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if is_call(node, *SCALE) and len(tensors) == 1:
+        if is_call(node, *SCALE) and len(tensors) == 1 and len(node.args) == 2:
             sign = next(s for t, s in SCALE.items() if is_call(node, t))
             other = node.args[1] if node.args[0] is tensors[0] else node.args[0]
             if sign < 0 and node.args[0] is not tensors[0]:
@@ -137,9 +181,12 @@ def _scores(node: fx.Node) -> tuple[float, fx.Node | None, fx.Node]:
             if a_scores == _reaches_matmul(b):
                 raise CantRewrite("eager_attention", f"{node.name} adds two tensors made from the scores, or none")
             nxt, mask = (a, b) if a_scores else (b, a)
+            if value_of(node) is None or value_of(node).dim() != 4:
+                raise CantRewrite("eager_attention", f"{node.name} adds the mask to scores that are not 4-D "
+                                                     f"(batch, heads, queries, keys)")
             if mask is not None and scale != 1.0:  # mask added after the scale: fine; before it: the mask is scaled
                 raise CantRewrite("eager_attention", f"the mask {mask.name} is added before a scale of the scores")
-        elif _is_cast(node):
+        elif _is_cast(node) or is_call(node, "view", "reshape", torch.reshape) or _min_clamp(node):
             nxt = node.args[0]
         elif _row_max_shift(node):  # s - max(s, -1): softmax does not change; SDPA does the same inside
             nxt = node.args[0]
@@ -150,6 +197,25 @@ def _scores(node: fx.Node) -> tuple[float, fx.Node | None, fx.Node]:
             raise CantRewrite("eager_attention", f"op {_op(node)} between q @ k^T and the softmax")
         _only_user(nxt, "scores")
         node = nxt
+
+
+def _zero_base(node: fx.Node) -> float:
+    """alpha of baddbmm(zeros, q, k^T, beta=.., alpha=..) (GPT-NeoX-Japanese): alpha * q @ k^T."""
+    base = node.args[0]
+    if not is_call(base, torch.zeros, torch.zeros_like, "new_zeros", "zero_"):
+        raise CantRewrite("eager_attention", f"baddbmm adds {base} to the scores, not zeros")
+    return _const(node.kwargs.get("alpha", 1), node.name)
+
+
+def _min_clamp(node: fx.Node) -> bool:
+    """torch.max(s, torch.tensor(finfo.min)) (XGLM): a no-op for finite scores; a masked entry stays
+    at the bottom of the range either way, so the softmax is the same."""
+    if not (is_call(node, torch.max, torch.maximum, "max", "maximum") and len(node.args) == 2):
+        return False
+    lo = node.args[1]  # Dynamo writes torch.tensor(x) as torch.full((), x)
+    value = (lo.args[0] if is_call(lo, torch.tensor) and lo.args else
+             lo.args[1] if is_call(lo, torch.full) and len(lo.args) > 1 and tuple(lo.args[0]) == () else None)
+    return value in {torch.finfo(t).min for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _row_max_shift(node: fx.Node) -> bool:
@@ -176,7 +242,7 @@ def _reaches_matmul(node: fx.Node, depth: int = 12) -> bool:
         if n in seen or d > depth:
             continue
         seen.add(n)
-        if is_call(n, *MATMUL, *BMM):
+        if is_call(n, *MATMUL, *BMM, *BADDBMM):
             return True
         todo.extend((a, d + 1) for a in n.all_input_nodes)
     return False
@@ -187,15 +253,13 @@ def _probabilities(sm: fx.Node) -> fx.Node:
     node = sm
     while True:
         user = _only_user(node, "probabilities" if node is not sm else "softmax")
-        if is_call(user, *MATMUL):
+        if is_call(user, *MATMUL, *BMM):
             if user.args[0] is not node:
                 raise CantRewrite("eager_attention", "the probabilities are the matmul's right operand")
             return user
-        if is_call(user, *BMM):
-            raise CantRewrite("eager_attention", "batched 3-D (bmm) attention; only 4-D matmul attention becomes SDPA")
         if is_call(user, *DROPOUT):
             _no_dropout(user)
-        elif not _is_cast(user):
+        elif not (_is_cast(user) or is_call(user, "view", "reshape", torch.reshape)):  # views keep row-major order
             raise CantRewrite("eager_attention", f"op {_op(user)} between the softmax and p @ v")
         node = user
 

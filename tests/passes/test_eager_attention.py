@@ -73,9 +73,28 @@ def dropout_training(q, k, v, m):
     return torch.matmul(F.dropout(torch.softmax(torch.matmul(q, k.transpose(2, 3)) + m, -1), 0.1, True), v)
 
 
-def batched_3d(q, k, v, m):  # BART-era attention over (batch x heads, n, d)
+def batched_3d(q, k, v, m):  # BART-era attention over (batch x heads, n, d), mask added in 4-D
+    q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q * 0.3, k, v))  # BART scales the query projection
+    s = torch.bmm(q3, k3.transpose(1, 2)).view(B, H, N, N) + m
+    s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min)).view(B * H, N, N)  # XGLM's clamp
+    return torch.bmm(torch.softmax(s, -1), v3).view(B, H, N, D)
+
+
+def baddbmm_scaled(q, k, v, m):  # GPT-NeoX-Japanese: alpha * q @ k^T over (batch x heads), then 4-D
+    q3, k3 = (t.reshape(B * H, N, D) for t in (q, k))
+    s = torch.baddbmm(torch.zeros(B * H, N, N), q3, k3.transpose(1, 2), beta=1.0, alpha=0.25)
+    return torch.matmul(F.softmax(s.view(B, H, N, N) + m, dim=-1), v)
+
+
+def batched_3d_mask_3d(q, k, v, m):  # a mask over (batch x heads) rows: SDPA would broadcast it otherwise
     q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q, k, v))
-    return torch.bmm(torch.softmax(torch.bmm(q3, k3.transpose(1, 2)), -1), v3)
+    s = torch.bmm(q3, k3.transpose(1, 2)) + m.expand(B, H, N, N).reshape(B * H, N, N)
+    return torch.bmm(torch.softmax(s, -1), v3).view(B, H, N, D)
+
+
+def batched_3d_left_3d(q, k, v, m):  # output never viewed back to (batch, heads, n, d)
+    q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q, k, v))
+    return torch.bmm(torch.softmax(torch.bmm(q3, k3.transpose(1, 2)), -1), v3) * 2
 
 
 def _captured(fn):
@@ -92,7 +111,7 @@ def _captured(fn):
     return gm
 
 
-@pytest.mark.parametrize("fn", [plain, divided, prescaled_shifted, no_mask])
+@pytest.mark.parametrize("fn", [plain, divided, prescaled_shifted, no_mask, batched_3d, baddbmm_scaled])
 def test_provable_chains_become_one_sdpa_with_the_same_values(fn):
     gm = _captured(fn)
     res = sdpa_from_eager(gm)
@@ -115,7 +134,8 @@ def _call(gm, args):
     (sinks, "eager_attention", "read 2 times"),
     (mask_then_scale, "eager_attention", "added before a scale"),
     (dropout_training, "attention_dropout", "p=0.1 while training"),
-    (batched_3d, "eager_attention", "bmm"),
+    (batched_3d_mask_3d, "eager_attention", "not 4-D"),
+    (batched_3d_left_3d, "eager_attention", "not viewed back"),
 ])
 def test_what_sdpa_cannot_express_is_left_as_written_with_the_reason(fn, kind, words):
     gm = _captured(fn)
