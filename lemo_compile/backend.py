@@ -89,6 +89,10 @@ class CompileRecord:
         """How this graph's attention ran: masks carried as segments (lemo::segment_attention), made
         is_causal, or kept as tensors (SDPA's masked kernel)."""
         parts = []
+        ea = self.eager_attention
+        if ea and (ea.counters["attention_rewritten"] or ea.skips):
+            parts.append(f"eager attention: {ea.counters['attention_rewritten']} chains made SDPA"
+                         + (f", {len(ea.skips)} left as written ({ea.skips[0].detail})" if ea.skips else ""))
         if self.masks and self.masks.structured:
             kinds = "/".join(sorted(set(self.masks.structured.values())))
             parts.append(f"segments ({kinds}): {self.masks.counters['segment_attention']} segment_attention calls")

@@ -34,7 +34,7 @@ def format_record(rec: Any, graphs: bool = False) -> str:
             lines.append(f"      {layer.mlp.describe()}")
         for s in det.skips + (rec.sparsify.skips if rec.sparsify else []):
             lines.append(f"  skipped {s}")
-    if getattr(rec, "masks", None) is not None or getattr(rec, "causal", None) is not None:
+    if any(getattr(rec, name, None) is not None for name in ("masks", "causal", "eager_attention")):
         lines.append(f"  attention: {rec.attention_path}")
     if det is not None and det.layers:
         lines.append(f"  loss: {rec.loss_path}")
