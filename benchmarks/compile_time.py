@@ -214,6 +214,11 @@ def main():
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.seq = args.seq or (256 if args.tiny else 8192)
+    modes = args.modes.split(",")
+    if "warm" in modes and ("cold" not in modes or modes.index("cold") > modes.index("warm")):
+        # the cache is this invocation's own temporary directory: without a cold run before it, "warm"
+        # would compile from nothing and report a cold time as the warm one
+        ap.error("--modes warm needs cold before it in the same invocation (e.g. --modes cold,warm)")
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
@@ -221,7 +226,7 @@ def main():
     doc = {"benchmark": "compile_time", "command": "python " + " ".join(sys.argv), "env": environment(),
            "config": {"arch": args.arch, "seq": args.seq, "steps": args.steps, "tiny": args.tiny}, "results": results}
     with tempfile.TemporaryDirectory() as cache:
-        for mode in args.modes.split(","):
+        for mode in modes:
             results.append(_run(mode, args, cache if mode in ("cold", "warm") else tempfile.mkdtemp()))
             r = results[-1]
             print(f"{mode}: " + json.dumps({k: r.get(k) for k in ("first_step_s", "compile_s", "graphs", "aot_autograd",
