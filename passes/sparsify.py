@@ -108,7 +108,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     _validate(attn, seq_ext)
     if mlp.whole is None and cfg.mlp_mode is not MlpMode.DENSE:
         try:
-            _validate(mlp, [])
+            _validate(mlp, {})
         except CantRewrite as e:
             mlp.whole = f"{e.kind}: {e.detail}"
     if mlp.whole is not None and mlp.reads is not None and cfg.mlp_mode is not MlpMode.DENSE:
@@ -397,9 +397,9 @@ def _probe_side(attn: Block, linear: fx.Node, target: fx.Node, hd: int):
     return "no single projection feeds both the query and the key through views only"
 
 
-def _validate(blk: Block, seq_ext: list[fx.Node]) -> None:
+def _validate(blk: Block, seq_ext: dict[fx.Node, int]) -> None:
     """Dry run of the sequence-axis tracking over the whole block; raises CantRewrite, changes nothing."""
-    axes: dict[fx.Node, Any] = {blk.residual_in: 1, **{e: 1 for e in seq_ext}}
+    axes: dict[fx.Node, Any] = {blk.residual_in: 1, **seq_ext}
     if blk.reads is not None:
         axes[blk.reads] = 1
     for node in blk.nodes:
@@ -416,20 +416,25 @@ def _weight_bias(linear: fx.Node) -> tuple[fx.Node, Any]:
     return w, b
 
 
-def _sequence_externals(blk: Block, n: Any) -> list[fx.Node]:
-    """Externals other than h and the mask that carry the sequence on axis 1 (rotary cos/sin). Parameters
-    never do, whatever their sizes (a norm weight of the hidden size when the sequence is as long)."""
-    out = []
+def _sequence_externals(blk: Block, n: Any) -> dict[fx.Node, int]:
+    """Externals other than h and the mask that carry the sequence (rotary cos/sin), with the axis they
+    carry it on: 1, or the one other axis of that size (RoFormer's (1, 1, n, d) sinusoidal positions; axis
+    0 is the batch's). Parameters never do, whatever their sizes (a norm weight of the hidden size when
+    the sequence is as long)."""
+    out = {}
     weights = {a for node in blk.nodes if is_call(node, *LINEAR_TARGETS) for a in node.args[1:]}
     for e in blk.externals:
         if e is blk.residual_in or e is blk.mask or e in weights or isinstance(value_of(e), torch.nn.Parameter):
             continue
         shp = shape_of(e)
+        axes = [i for i, s in enumerate(shp or ()) if same_size(s, n)]
         if shp is not None and len(shp) >= 2 and same_size(shp[1], n):
-            out.append(e)
-        elif shp is not None and any(same_size(s, n) for s in shp):
+            out[e] = 1
+        elif len(axes) == 1 and axes[0] >= 1:
+            out[e] = axes[0]
+        elif axes:
             raise CantRewrite("unknown_sequence_input", f"block input {e.name} {tuple(shp)} has the sequence "
-                              "length on an axis other than 1")
+                              "length on the batch axis or on several axes")
     return out
 
 
@@ -438,10 +443,10 @@ def _sequence_externals(blk: Block, n: Any) -> list[fx.Node]:
 # -------------------------------------------------------------------------------------------------
 
 
-def _gather_inputs(g: fx.Graph, h: fx.Node, seq_ext: list[fx.Node], idx: fx.Node) -> dict[fx.Node, fx.Node]:
+def _gather_inputs(g: fx.Graph, h: fx.Node, seq_ext: dict[fx.Node, int], idx: fx.Node) -> dict[fx.Node, fx.Node]:
     env = {h: g.call_function(traced.gather_seq, (h, idx, 1))}
-    for e in seq_ext:
-        env[e] = g.call_function(traced.gather_seq, (e, idx, 1))
+    for e, axis in seq_ext.items():
+        env[e] = g.call_function(traced.gather_seq, (e, idx, axis))
     return env
 
 
@@ -452,7 +457,8 @@ def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m, save_rows: bool = False) -
         if save_rows:
             x_c = env[attn.residual_in] = g.call_function(torch.ops.lemo.saved.default, (x_c,))
         mask_c = _kept_mask(g, attn.mask, idx, ok)
-        out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c))[attn.output]
+        out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c),
+                       seq_ext=seq_ext)[attn.output]
         h1 = _like(g.call_function(traced.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
     attn.residual_add.replace_all_uses_with(h1)
     return x_c, out_c
@@ -472,7 +478,7 @@ def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
             mask_k = g.call_function(traced.gather_mask, (attn.mask, None, idx, ok))
         else:
             mask_k = g.call_function(traced.causal_positions_mask, (q_pos, idx, ok))
-        _clone(g, attn, order, env, m, check_output=False)
+        _clone(g, attn, order, env, m, check_output=False, seq_ext=seq_ext)
     args = list(sdpa.args)
     args[1], args[2] = env[sdpa.args[1]], env[sdpa.args[2]]
     kwargs = dict(sdpa.kwargs)
@@ -549,7 +555,7 @@ def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool =
             return g.call_function(torch.ops.lemo.attention_kept.default,
                                    (env[q], env[k], env[v], out_g, lse_g, mask_c, pos, valid, scale))
 
-        out_c = _clone(g, attn, attn.nodes, env, m, replace={sdpa: kept_attention})[attn.output]
+        out_c = _clone(g, attn, attn.nodes, env, m, replace={sdpa: kept_attention}, seq_ext=seq_ext)[attn.output]
         a_st = _like(g.call_function(traced.straight_through_rows, (attn.output, out_c, idx, ok)), attn.output)
     sdpa.replace_all_uses_with(dense_out)
     g.erase_node(sdpa)
@@ -691,12 +697,14 @@ def _reroot(blk: Block, h: fx.Node) -> None:
 # -------------------------------------------------------------------------------------------------
 
 def _clone(g: fx.Graph, blk: Block, nodes: list[fx.Node], env: dict[fx.Node, fx.Node], m: fx.Node,
-           sdpa_patch=None, replace: dict | None = None, check_output: bool = True) -> dict[fx.Node, fx.Node]:
+           sdpa_patch=None, replace: dict | None = None, check_output: bool = True,
+           seq_ext: dict[fx.Node, int] | None = None) -> dict[fx.Node, fx.Node]:
     """Copy `nodes` (graph order) at the insertion point with env applied (env maps the inputs that
-    live on the compacted rows, sequence on axis 1), rewriting sizes on the sequence axis to m.
+    live on the compacted rows, sequence on axis 1, or on seq_ext's axis for those externals),
+    rewriting sizes on the sequence axis to m.
     `replace` maps a node to a factory of its replacement (its output keeps the sequence on axis 2,
     like an attention output). Returns env, original -> copy."""
-    axes: dict[fx.Node, Any] = {k: 1 for k in env}  # originals that live on the compacted rows
+    axes: dict[fx.Node, Any] = {k: (seq_ext or {}).get(k, 1) for k in env}  # originals on the compacted rows
     replace = replace or {}
     for node in nodes:
         if node in replace:

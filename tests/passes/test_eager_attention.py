@@ -227,3 +227,40 @@ def test_switched_off_it_leaves_eager_layers_dense_and_says_why(eager_llama):
     assert not any(r.sparsified for r in recs)
     assert any("scaled_dot_product_attention" in str(s) for r in recs if r.detect for s in r.detect.skips)
     _close(tuple(got), _step(eager_llama, eager_llama, batch))
+
+
+# -- an eager-only model whose rotary table carries the sequence on axis 2 -----------------------------
+
+
+@pytest.fixture(scope="module")
+def roformer():
+    """RoFormer's causal LM: attention written into the model (no SDPA path, no attention interface, so
+    lemo_compile.reference cannot make it sparse) and sinusoidal positions (1, 1, n, d) as a block input."""
+    import transformers
+
+    from lemo_compile.testing import sweep
+
+    cfg = sweep.tiny_config("roformer", "RoFormerForCausalLM")
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    return transformers.RoFormerForCausalLM(cfg).to(torch.float32).eval()
+
+
+@pytest.mark.parametrize("attn_mode,mlp_mode", [("tokens", "tokens"), ("backward", "backward")])
+def test_roformer_rotary_table_is_gathered_on_its_own_axis(roformer, attn_mode, mlp_mode):
+    """Every block kept (keep 0.99 of 4 blocks): the sparse layer is rewritten, its rotary table gathered
+    on axis 2, and tokens mode must equal dense; backward mode's forward equals dense at any keep."""
+    batch = random_batch(roformer.config.vocab_size, 2, 200, seed=4, pad_right=[0, 33])
+    dense = _step(roformer, roformer, batch)
+    for keep in (0.99, 0.5):
+        cfg = LemoConfig(inner="eager", keep_ratio=keep, attn_mode=attn_mode, mlp_mode=mlp_mode, predictor="random")
+        *got, recs = _compiled(roformer, cfg, batch)
+        (rec,) = [r for r in recs if r.sparsified]
+        assert [d["layer"] for d in rec.sparsify.layers] == [2]
+        assert "gather_seq" in rec.after and all(torch.isfinite(g).all() for g in got[1].values())
+        if keep == 0.99 and attn_mode == "tokens":
+            _close(tuple(got), dense)
+        if attn_mode == "backward":  # forward exact
+            torch.testing.assert_close(got[0], dense[0], rtol=1e-6, atol=0)
+            if keep == 0.5:  # ... and the gradient is not the dense one
+                assert any(not torch.allclose(got[1][k], dense[1][k]) for k in dense[1])
