@@ -417,7 +417,7 @@ def _layer_index(where: str) -> int | None:
 def _sdpa_calls(gm: fx.GraphModule) -> int:
     """scaled_dot_product_attention calls in `gm` and its higher-order-op bodies."""
     from .passes.common import graph_modules, is_call
-    from .passes.detect import SDPA_TARGETS
+    from .passes.common import SDPA_TARGETS
 
     return sum(is_call(n, *SDPA_TARGETS) for m in graph_modules(gm) for n in m.graph.nodes)
 
@@ -468,7 +468,7 @@ def _warn_if_mlp_whole(rec: CompileRecord, gm: fx.GraphModule) -> None:
 def _warn_once(gm: fx.GraphModule, why: str, message: Callable[[str], str]) -> None:
     """A UserWarning message(model) unless this model (the graph's outermost module class) was warned
     about `why` already in this process."""
-    from .passes.detect import module_stack
+    from .passes.common import module_stack
 
     model = next((st[0][1] for n in gm.graph.nodes if (st := module_stack(n))), "graph")
     if (model, why) in _warned_dense:

@@ -77,7 +77,7 @@ def _nbytes(val: Any) -> int:
 
 
 def attribute(node: fx.Node) -> tuple[str, str]:
-    from lemo_compile.passes.detect import layer_index, layer_of, module_stack
+    from lemo_compile.passes.common import layer_index, layer_of, module_stack
     lo = layer_of(node)
     if lo is None:  # outside decoder layers, or a graph compiled from one layer (children at the top)
         st = module_stack(node)

@@ -35,8 +35,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import PassResult, attention_dropout, is_call, shape_of
-from .detect import SDPA_TARGETS, subgraph_modules
+from .common import SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, shape_of, subgraph_modules
 
 
 # Largest mask evaluated whole when its rows cannot be evaluated band by band.
@@ -77,11 +76,7 @@ def make_causal(gm: fx.GraphModule) -> CausalResult:
             _set_causal(node)
             res.counters["sdpa_made_causal"] += 1
             changed.append(mod)
-    for mod in {id(m): m for m in changed}.values():
-        mod.graph.lint()
-        mod.recompile()
-    if changed:
-        gm.recompile()
+    finish(gm, changed, dead_code=False)
     return res
 
 

@@ -19,82 +19,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import (EAGER_REFUSAL, MOVES, CantRewrite, PassResult, attention_dropout, closure_back, is_add, is_call, same_size,
-                     shape_of, value_of)
+from .common import (EAGER_REFUSAL, LINEAR_TARGETS, MOVES, SDPA_TARGETS, CantRewrite, PassResult, attention_dropout,
+                     closure_back, is_add, is_call, layer_index, layer_of, module_stack, rel_path, same_size, shape_of,
+                     subgraph_modules, value_of)
 
-SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
 # Attention implementations lemo can rewrite; others (eager matmul+softmax, flex, flash kernels
 # outside the graph) are reported and left alone.
 KNOWN_ATTENTION = "sdpa"
-
-_LAYER_TAIL = re.compile(r"(?:^|\.)layers\.(\d+)$")
-_LIST_ENTRY = re.compile(r"\.(\d+)$")  # an entry of a ModuleList: transformer.h.3, bert.encoder.layer.3
-_LAYER_CLASSES = ("DecoderLayer", "Layer", "Block")  # GPT2Block, BloomBlock, BertLayer, GPTNeoXLayer
-
-
-def normalize_path(path: str) -> str:
-    """Dynamo module paths -> dotted form: L['self'].__dict__['_modules']['model'].layers[0] -> self.model.layers.0"""
-    p = path.replace(".__dict__", "").replace("['_modules']", "")
-    p = re.sub(r"\['([^']*)'\]", r".\1", p)
-    p = re.sub(r"\[(\d+)\]", r".\1", p)
-    p = p.replace("L.", "", 1) if p.startswith("L.") else p
-    return p.strip(".")
-
-
-def _cls_name(cls: Any) -> str:
-    return cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-
-
-def module_stack(node: fx.Node) -> list[tuple[str, str]]:
-    st = node.meta.get("nn_module_stack") or {}
-    return [(normalize_path(v[0]), _cls_name(v[1])) for v in st.values()]
-
-
-def _is_layer_entry(path: str, cls: str) -> bool:
-    """A decoder layer: class *DecoderLayer, path layers.N, or an entry of a module list whose class is
-    named like a layer or block (the outermost such module of a node wins)."""
-    return cls.endswith("DecoderLayer") or bool(_LAYER_TAIL.search(path)) or \
-        cls.endswith(_LAYER_CLASSES) and bool(_LIST_ENTRY.search(path))
-
-
-def layer_index(path: str) -> int | None:
-    """N of a decoder layer's path (layers.N, h.N, ...), None for a path without one."""
-    m = _LAYER_TAIL.search(path) or _LIST_ENTRY.search(path)
-    return int(m.group(1)) if m else None
-
-
-def rel_path(node: fx.Node, prefix: str) -> str | None:
-    """Path of the node's innermost module relative to the module at `prefix` ("" for that module
-    itself or for a node with no module), None for a node outside it."""
-    stack = module_stack(node)
-    if not stack:
-        return ""
-    inner = stack[-1][0]
-    if inner == prefix:
-        return ""
-    if inner.startswith(prefix + "."):
-        return inner[len(prefix) + 1:]
-    return None
-
-
-def layer_of(node: fx.Node) -> tuple[str, str, str] | None:
-    """(layer path, layer class, path of the node's innermost module relative to the layer)."""
-    stack = module_stack(node)
-    for i, (path, cls) in enumerate(stack):
-        if _is_layer_entry(path, cls):
-            inner = stack[-1][0]
-            rel = inner[len(path):].lstrip(".") if inner.startswith(path) else ""
-            return path, cls, rel
-    return None
-
 
 @dataclasses.dataclass
 class Block:
@@ -160,17 +96,6 @@ class DetectResult(PassResult):
             "lora": sum((l.attn.lora if l.attn else 0) + (l.mlp.lora if l.mlp else 0) for l in self.layers),
             "skips": len(self.skips),
         }
-
-
-def subgraph_modules(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule, fx.Node]]:
-    """Body graphs of higher-order ops (activation checkpoint, ...) referenced by get_attr nodes."""
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            sub = getattr(gm, node.target, None)
-            if isinstance(sub, fx.GraphModule):
-                out.append((node.target, sub, node))
-    return out
 
 
 def detect(gm: fx.GraphModule) -> DetectResult:

@@ -3,7 +3,9 @@
 Models without an SDPA path (RoFormer, RemBERT, Megatron-BERT, GPT-NeoX-Japanese, CPM-Ant, ...) and models
 loaded with `attn_implementation="eager"` compute attention as
 
-    s = q @ k^T [* c | / c]... [+ mask] [- rowmax(s)] ; p = softmax(s, -1) [.to(dtype)] [dropout(p=0 or eval)] ; o = p @ v
+    s = q @ k^T [* c | / c]... [+ mask] [- rowmax(s)]
+    p = softmax(s, -1) [.to(dtype)] [dropout(p=0 or eval)]
+    o = p @ v
 
 Detection recognizes attention by its SDPA call, so such layers stayed dense. This pass replaces each chain
 it can prove equal to `F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c)` (k = the
@@ -29,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import (EAGER_REFUSAL, CantRewrite, PassResult, eliminate_dead_code, graph_modules, is_call, same_size,
+from .common import (EAGER_REFUSAL, CantRewrite, PassResult, finish, graph_modules, is_call, same_size,
                      value_of)
 
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
@@ -45,8 +47,8 @@ CASTS = ("float", "half", "bfloat16", "type_as", "contiguous")
 def sdpa_from_eager(gm: fx.GraphModule) -> PassResult:
     """Rewrite every provable eager attention chain of the root graph and checkpoint bodies (see module doc)."""
     res = PassResult("eager_attention")
+    changed = []
     for mod in graph_modules(gm):
-        changed = False
         for sm in [n for n in mod.graph.nodes if is_call(n, *SOFTMAX)]:
             try:
                 _rewrite(mod.graph, sm)
@@ -55,13 +57,8 @@ def sdpa_from_eager(gm: fx.GraphModule) -> PassResult:
                 sm.meta[EAGER_REFUSAL] = e.detail  # detect names it where it finds no SDPA
                 continue
             res.counters["attention_rewritten"] += 1
-            changed = True
-        if changed:
-            eliminate_dead_code(mod.graph)
-            mod.graph.lint()
-            mod.recompile()
-    if res.counters["attention_rewritten"]:
-        gm.recompile()
+            changed.append(mod)
+    finish(gm, changed)
     return res
 
 
@@ -123,7 +120,8 @@ def _heads(node: fx.Node, what: str) -> fx.Node:
     src = node.args[0] if is_call(node, "view", "reshape", torch.reshape) else None
     sv = value_of(src)
     if (isinstance(val, torch.Tensor) and val.dim() == 3 and isinstance(sv, torch.Tensor) and sv.dim() == 4
-            and same_size(sv.shape[0] * sv.shape[1], val.shape[0]) and all(map(same_size, sv.shape[2:], val.shape[1:]))):
+            and same_size(sv.shape[0] * sv.shape[1], val.shape[0])
+            and all(map(same_size, sv.shape[2:], val.shape[1:]))):
         return src
     raise CantRewrite("eager_attention", f"the {what} {node.name} are not 4-D (batch, heads, tokens, dim), nor a "
                                          f"(batch x heads) view of such a tensor")

@@ -31,8 +31,7 @@ import torch.fx as fx
 
 from lemo_compile import ops, traced
 
-from .common import PassResult, eliminate_dead_code, graph_modules, is_call, shape_of, value_of
-from .detect import LINEAR_TARGETS
+from .common import LINEAR_TARGETS, PassResult, finish, graph_modules, is_call, shape_of, value_of
 
 
 @dataclasses.dataclass
@@ -52,12 +51,7 @@ def fuse(gm: fx.GraphModule) -> FuseResult:
                 changed[id(mod)] = mod
             elif is_call(node, traced.scatter_add_rows) and _fuse_scatter(g, node, res):
                 changed[id(mod)] = mod
-    for mod in changed.values():
-        eliminate_dead_code(mod.graph)
-        mod.graph.lint()
-        mod.recompile()
-    if changed:
-        gm.recompile()
+    finish(gm, changed.values())
     return res
 
 

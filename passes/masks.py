@@ -41,8 +41,8 @@ import torch.fx as fx
 from lemo_compile import traced
 
 from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
-from .common import CantRewrite, PassResult, attention_dropout, eliminate_dead_code, is_call, shape_of, value_of
-from .detect import SDPA_TARGETS
+from .common import (SDPA_TARGETS, CantRewrite, PassResult, attention_dropout, eliminate_dead_code, finish, is_call,
+                     shape_of, value_of)
 
 PADDING, PACKED = "padding", "packed"
 _PROBE_SEED = 1234
@@ -78,10 +78,7 @@ def structure_masks(gm: fx.GraphModule) -> MasksResult:
         res.counters[f"masks_{kind}"] += 1
         res.counters["attention_calls"] += len(sdpas)
     if res.structured:
-        for mod, _ in _graphs(gm):
-            eliminate_dead_code(mod.graph)
-            mod.graph.lint()
-            mod.recompile()
+        finish(gm, [mod for mod, _ in _graphs(gm)])
     return res
 
 
@@ -89,9 +86,8 @@ def lower_segment_attention(gm: fx.GraphModule) -> int:
     """SDPA calls whose mask is an `traced.segment_mask` node -> lemo::segment_attention. Returns how many."""
     from .sparsify import _softmax_scale
 
-    count = 0
+    count, changed = 0, []
     for mod, _ in _graphs(gm):
-        changed = False
         for node in list(mod.graph.nodes):
             if not is_call(node, *SDPA_TARGETS):
                 continue
@@ -111,14 +107,9 @@ def lower_segment_attention(gm: fx.GraphModule) -> int:
             out.meta["example_value"] = node.meta.get("example_value")
             node.replace_all_uses_with(out)
             mod.graph.erase_node(node)
-            changed = True
+            changed.append(mod)
             count += 1
-        if changed:
-            eliminate_dead_code(mod.graph)
-            mod.graph.lint()
-            mod.recompile()
-    if count:
-        gm.recompile()
+    finish(gm, changed)
     return count
 
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from lemo_compile.config import LemoConfig
 from lemo_compile.kernels import swiglu
 
-from .common import ADD_TARGETS, PassResult, eliminate_dead_code, is_call, shape_of, value_of
-from .detect import LINEAR_TARGETS, subgraph_modules
+from .common import (ADD_TARGETS, LINEAR_TARGETS, PassResult, finish, is_call, shape_of,
+                     subgraph_modules, value_of)
 
 SILU = (F.silu, torch.nn.functional.silu, torch.ops.aten.silu.default)
 MUL = (operator.mul, torch.mul, "mul")
@@ -79,9 +79,7 @@ def _segment_in(gm: fx.GraphModule, cfg: LemoConfig, res: MlpSegmentResult, wher
         res.counters["mlps_segmented"] += 1
         changed = True
     if changed:
-        eliminate_dead_code(g)
-        g.lint()
-        gm.recompile()
+        finish(gm, [gm])
     for name, sub, _ in subgraph_modules(gm):
         _segment_in(sub, cfg, res, f"{where}{name}.")
 

@@ -38,8 +38,7 @@ from lemo_compile import traced
 from lemo_compile.config import LemoConfig
 from lemo_compile.kernels import cross_entropy, linear_cross_entropy as lce_kernels
 
-from .common import PassResult, eliminate_dead_code, is_call, shape_of, value_of
-from .detect import LINEAR_TARGETS
+from .common import LINEAR_TARGETS, PassResult, finish, is_call, shape_of, value_of
 
 CE_TARGETS = (F.cross_entropy, torch.nn.functional.cross_entropy, torch._C._nn.cross_entropy_loss)
 _CASTS = ("float", "to", "contiguous", "type")
@@ -84,9 +83,7 @@ def peak_cut(gm: fx.GraphModule, cfg: LemoConfig) -> PeakCutResult:
             res.losses.append(_rewrite(g, match, cfg, res))
             res.counters["losses_segmented"] += 1
     if res.losses:
-        eliminate_dead_code(g)
-        g.lint()
-        gm.recompile()
+        finish(gm, [gm])
     return res
 
 

@@ -22,8 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import CantRewrite, is_call, op_name, same_size, shape_of, value_of
-from .detect import LINEAR_TARGETS, SDPA_TARGETS
+from .common import LINEAR_TARGETS, SDPA_TARGETS, CantRewrite, is_call, op_name, same_size, shape_of, value_of
 
 
 _ELEMENTWISE = {

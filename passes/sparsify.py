@@ -33,9 +33,9 @@ import torch.fx as fx
 from lemo_compile import ops, traced
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
-from .common import (MOVES, CantRewrite, PassResult, closure_back, eliminate_dead_code, is_call, same_size, shape_of,
-                     value_of)
-from .detect import LINEAR_TARGETS, SDPA_TARGETS, Block, DetectResult, Layer
+from .common import (LINEAR_TARGETS, MOVES, SDPA_TARGETS, CantRewrite, PassResult, closure_back, finish,
+                     is_call, same_size, shape_of, value_of)
+from .detect import Block, DetectResult, Layer
 from .masks import segments_of
 from . import seq_axis
 from .seq_axis import propagate
@@ -81,12 +81,7 @@ def sparsify(gm: fx.GraphModule, det: DetectResult, cfg: LemoConfig) -> Sparsify
         res.counters[f"mlp_{cfg.mlp_mode.value}"] += 1
         if info["mlp_whole"] is not None:
             res.counters["mlp_whole"] += 1
-    for sub in touched.values():
-        eliminate_dead_code(sub.graph)
-        sub.graph.lint()
-        sub.recompile()
-    if touched:
-        gm.recompile()
+    finish(gm, touched.values())
     return res
 
 

@@ -192,12 +192,13 @@ def test_dense_by_skip_warns_once_dense_by_schedule_never(fresh_dense_warnings):
     from lemo_compile.testing.models import tiny_config
 
     config = tiny_config("llama")
-    config._attn_implementation = "eager"  # matmul + softmax attention: detect skips every layer
+    config._attn_implementation = "eager"  # matmul + softmax attention, left as written: detect skips every layer
     eager_attn = transformers.LlamaForCausalLM(config).eval()
     batch = random_batch(256, 1, 130, seed=0)
-    first = _lemo_warnings(eager_attn, LemoConfig(inner="eager", keep_ratio=0.5), batch)
+    as_written = LemoConfig(inner="eager", keep_ratio=0.5, eager_attention=False)
+    first = _lemo_warnings(eager_attn, as_written, batch)
     assert len(first) == 1 and "trains dense" in first[0] and "[unknown_attention] layers.2" in first[0], first
-    assert _lemo_warnings(eager_attn, LemoConfig(inner="eager", keep_ratio=0.5), batch) == []  # once
+    assert _lemo_warnings(eager_attn, as_written, batch) == []  # once
     sdpa = tiny_model("llama")
     for cfg in (LemoConfig(inner="eager", keep_ratio=0.5, dense_layers=(0, 1, 2, 3)),  # the config's own choice
                 LemoConfig(inner="eager", keep_ratio=1.0),  # no sparsity asked for

@@ -78,7 +78,7 @@ def _capture_masks(model, batch):
     """Dynamo graph of the model and the distinct SDPA masks in it (HF's mask functions)."""
     from lemo_compile.passes.causal import _mask_arg
     from lemo_compile.passes.common import is_call
-    from lemo_compile.passes.detect import SDPA_TARGETS
+    from lemo_compile.passes.common import SDPA_TARGETS
 
     got = {}
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lemo_compile.passes.detect import detect, normalize_path
+from lemo_compile.passes.common import normalize_path
+from lemo_compile.passes.detect import detect
 from lemo_compile.testing.models import ARCHS, LORA_TARGETS, random_batch, tiny_model
 
 LAYERS = 4
