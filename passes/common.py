@@ -153,6 +153,23 @@ def is_add(node: Any) -> bool:
     return is_call(node, *ADD_TARGETS)
 
 
+def stream_base(node: Any) -> Any:
+    """x for node = x * g or g * x with g a gain that does not depend on the position (a number, a scalar or
+    a per-channel vector: MiniMax's alpha * h, Doge's learned per-channel residual gain); node otherwise."""
+    if not (is_call(node, operator.mul, torch.mul, "mul") and len(node.args) == 2):
+        return node
+    for x, g in (node.args, node.args[::-1]):
+        xv, gv = value_of(x), value_of(g)
+        if not isinstance(x, fx.Node) or not isinstance(xv, torch.Tensor) or xv.dim() != 3:
+            continue
+        if isinstance(g, (int, float)) and not isinstance(g, bool):
+            return x
+        if (isinstance(gv, torch.Tensor) and gv.dim() <= 1
+                and (gv.numel() == 1 or same_size(gv.shape[-1], xv.shape[-1]))):
+            return x
+    return node
+
+
 def value_of(node: Any) -> Any:
     """The fake value of a node (Dynamo: example_value; AOT: val)."""
     if not isinstance(node, fx.Node):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .common import (EAGER_REFUSAL, LINEAR_TARGETS, MOVES, SDPA_TARGETS, CantRewrite, PassResult, attention_dropout,
                      closure_back, is_add, is_call, layer_index, layer_of, module_stack, rel_path, same_size, shape_of,
-                     subgraph_modules, value_of)
+                     stream_base, subgraph_modules, value_of)
 
 # Attention implementations lemo can rewrite; others (eager matmul+softmax, flex, flash kernels
 # outside the graph) are reported and left alone.
@@ -47,6 +47,9 @@ class Block:
     # parallel-residual MLP (Cohere: h + attn(norm(h)) + mlp(norm(h))): the stream it reads, which is
     # the layer input, not the other operand of its residual add. None: it reads residual_in.
     reads: fx.Node | None = None
+    # the residual add's stream operand when it is a gain times residual_in (MiniMax: alpha * h + beta *
+    # attn; Doge: a learned per-channel gain; passes.common.stream_base), None when it is residual_in
+    stream: fx.Node | None = None
     # an MLP whose rows the rewrites cannot follow (mixture-of-experts dispatch, in-place updates): why.
     # It then runs whole, on every row as written; sparsify cuts only its output to the mode's semantics.
     whole: str | None = None
@@ -183,19 +186,33 @@ def _classify_layer(layer: Layer, nodes: list[fx.Node]) -> None:
     if not any(a not in in_layer for a in add1.args) and add1 in add2.args:
         _classify_parallel_sum(layer, add1, add2, in_layer)
         return
-    h0 = _residual_operand(add1, in_layer, external=True)
-    a = add1.args[1] if add1.args[0] is h0 else add1.args[0]
-    s1 = _stream_after(add1, add2, in_layer)
-    m = add2.args[1] if add2.args[0] is s1 else add2.args[0]
-    layer.attn = _make_block(layer, "attn", h0, a, add1, in_layer, stop={h0})
-    layer.post_norm = s1 is not add1
     try:
-        layer.mlp = _make_block(layer, "mlp", s1, m, add2, in_layer, stop={s1, add1, h0})
-    except CantRewrite as e:
-        if e.kind != "residual_structure" or layer.post_norm:
+        h0 = s0 = _residual_operand(add1, in_layer, external=True)
+    except CantRewrite:
+        h0, s0 = _scaled_stream(add1, in_layer)
+    a = add1.args[1] if add1.args[0] is s0 else add1.args[0]
+    layer.attn = _make_block(layer, "attn", h0, a, add1, in_layer, stop={h0})
+    layer.attn.stream = s0 if s0 is not h0 else None
+    try:
+        s1 = _stream_after(add1, add2, in_layer)
+        m = add2.args[1] if add2.args[0] is s1 else add2.args[0]
+        layer.post_norm = s1 is not add1
+        try:
+            layer.mlp = _make_block(layer, "mlp", s1, m, add2, in_layer, stop={s1, add1, h0})
+        except CantRewrite as e:
+            if e.kind != "residual_structure" or layer.post_norm:
+                raise
+            # parallel residual: the MLP reads the layer input (through its own or the shared norm)
+            layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0}, reads=h0)
+    except CantRewrite as e:  # the stream may enter the second add times a gain
+        scaled = _scaled_stream_after(add1, add2, in_layer) if e.kind == "residual_structure" else None
+        if scaled is None:
             raise
-        # parallel residual: the MLP reads the layer input (through its own or the shared norm)
-        layer.mlp = _make_block(layer, "mlp", add1, m, add2, in_layer, stop={add1, h0}, reads=h0)
+        s1, stream = scaled
+        m = add2.args[1] if add2.args[0] is stream else add2.args[0]
+        layer.post_norm = s1 is not add1
+        layer.mlp = _make_block(layer, "mlp", s1, m, add2, in_layer, stop={s1, stream, add1, h0})
+        layer.mlp.stream = stream
     _check_attention(layer.attn)
     _check_mlp(layer.mlp)
 
@@ -219,6 +236,40 @@ def _residual_adds(layer: Layer, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node
         raise CantRewrite("residual_structure", f"expected 2 residual adds in the decoder layer scope, found "
                           f"{len(scoped)}")
     return scoped[0], scoped[1]
+
+
+def _scaled_stream(add1: fx.Node, in_layer: set[fx.Node]) -> tuple[fx.Node, fx.Node]:
+    """(h, g * h) where the first residual add takes the stream times a gain (stream_base): h from outside the
+    layer (Doge), or computed from outside by ops without a linear or attention (MiniMax's stream is the
+    input norm's output: alpha * norm(x) + beta * attn(norm(x)))."""
+    found = []
+    for s in add1.args:
+        h = stream_base(s)
+        if h is s:
+            continue
+        chain = closure_back(h, in_layer)
+        if h not in in_layer or (not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain)
+                                 and any(a not in in_layer for n in chain for a in n.all_input_nodes)):
+            found.append((h, s))
+    if len(found) != 1:
+        raise CantRewrite("residual_structure", f"cannot tell the residual input of {add1.name}")
+    return found[0]
+
+
+def _scaled_stream_after(add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """(what the MLP reads, add2's stream operand) where that operand is a gain times add1 (Doge) or times a
+    norm of it (MiniMax); None if neither operand is."""
+    for p in add2.args:
+        base = stream_base(p)
+        if base is p:
+            continue
+        if base is add1:
+            return add1, p
+        chain = closure_back(base, in_layer, stop={add1})
+        if (chain and any(add1 in n.all_input_nodes for n in chain) and _same_bnd(base, add1)
+                and not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain)):
+            return base, p
+    return None
 
 
 def _stream_after(add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> fx.Node:

@@ -34,7 +34,7 @@ from lemo_compile import ops, traced
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
 from .common import (LINEAR_TARGETS, MOVES, SDPA_TARGETS, CantRewrite, PassResult, closure_back, finish,
-                     is_call, same_size, shape_of, value_of)
+                     is_call, same_size, shape_of, stream_base, value_of)
 from .detect import Block, DetectResult, Layer
 from .masks import segments_of
 from . import seq_axis
@@ -151,8 +151,10 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
     # also saves the dense attention's output and log-sum-exp at the kept queries (they need every key).
     whole = mlp.whole if cfg.mlp_mode is not MlpMode.DENSE else None
     # A post-norm layer's MLP reads norm(h + attn): its kept rows are not formed from the attention's
+    # Nor are they where a residual add takes the stream times a gain (MiniMax, Doge).
+    scaled = attn.stream is not None or mlp.stream is not None
     sparse_ckpt = (checkpointed and cfg.sparse_checkpoint and cfg.mlp_mode is not MlpMode.DENSE and whole is None
-                   and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD) and not layer.post_norm)
+                   and cfg.attn_mode in (AttnMode.TOKENS, AttnMode.BACKWARD) and not layer.post_norm and not scaled)
     if sparse_ckpt:
         with g.inserting_before(sdpa):
             idx = g.call_function(torch.ops.lemo.saved.default, (idx,))
@@ -192,6 +194,8 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
         saved = "full input (the MLP runs whole)"
     elif layer.post_norm:
         saved = "full input (post-norm layer: the MLP reads a norm of the attention's residual sum)"
+    elif scaled:
+        saved = "full input (a residual add takes the stream times a gain)"
     else:
         saved = f"full input (attn_mode={mode.value}, mlp_mode={mmode.value} need every row in backward)"
     return {"layer": layer.index, "name": layer.name, "keep": float(keep), "attn_mode": mode.value,
@@ -454,7 +458,8 @@ def _attn_tokens(g, attn: Block, seq_ext, idx, ok, m, save_rows: bool = False) -
         mask_c = _kept_mask(g, attn.mask, idx, ok)
         out_c = _clone(g, attn, attn.nodes, env, m, sdpa_patch=lambda node: _set_mask(node, mask_c),
                        seq_ext=seq_ext)[attn.output]
-        h1 = _like(g.call_function(traced.scatter_add_rows, (attn.residual_in, out_c, idx, ok)), attn.residual_add)
+        stream = attn.stream if attn.stream is not None else attn.residual_in  # what the residual add takes
+        h1 = _like(g.call_function(traced.scatter_add_rows, (stream, out_c, idx, ok)), attn.residual_add)
     attn.residual_add.replace_all_uses_with(h1)
     return x_c, out_c
 
@@ -616,11 +621,16 @@ def _mlp_env(g, mlp: Block, h1: fx.Node, idx, ok, rows) -> dict[fx.Node, fx.Node
     return env
 
 
+def _mlp_reads(mlp: Block, h1: fx.Node) -> fx.Node:
+    """What the MLP body reads, given its residual add's stream operand h1: h1, or x of h1 = gain * x."""
+    return stream_base(h1) if mlp.stream is not None else h1
+
+
 def _mlp_tokens(g, mlp: Block, idx, ok, m, rows=None) -> None:
     h1 = _mlp_input(mlp)
-    _reroot(mlp, h1)
+    _reroot(mlp, _mlp_reads(mlp, h1))
     with g.inserting_before(mlp.residual_add):
-        env = _mlp_env(g, mlp, h1, idx, ok, rows)
+        env = _mlp_env(g, mlp, mlp.residual_in, idx, ok, rows)
         out_c = _clone(g, mlp, mlp.nodes, env, m)[mlp.output]
         h2 = _like(g.call_function(traced.scatter_add_rows, (h1, out_c, idx, ok)), mlp.residual_add)
     mlp.residual_add.replace_all_uses_with(h2)
@@ -628,7 +638,7 @@ def _mlp_tokens(g, mlp: Block, idx, ok, m, rows=None) -> None:
 
 
 def _mlp_backward(g, mlp: Block, idx, ok, m, rows=None) -> None:
-    h1 = _mlp_input(mlp)
+    h1 = _mlp_reads(mlp, _mlp_input(mlp))
     _reroot(mlp, h1)
     with g.inserting_before(mlp.residual_add):
         env = _mlp_env(g, mlp, h1, idx, ok, rows)
