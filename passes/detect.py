@@ -226,6 +226,8 @@ def _residual_adds(layer: Layer, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node
     scoped = [n for n in adds if layer.rel(n) == ""]
     if not scoped:
         deep = [n for n in adds if _same_bnd(*n.args)]
+        # of the residual stream's width: the layer's last such add (BigBird's tanh GELU adds at MLP width)
+        deep = [n for n in deep if _same_bnd(n, deep[-1])] if deep else deep
         if len(deep) == 2:
             return deep[0], deep[1]
     if len(scoped) > 2 and all(prev in nxt.args for prev, nxt in zip(scoped[1:], scoped[2:])):
