@@ -233,3 +233,41 @@ def random_batch(vocab: int, b: int, n: int, seed: int,
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def step_grads(model: nn.Module, run: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """(loss, trainable gradients) of one run(**batch) and backward over model's parameters; the model's
+    gradients are cleared before and after."""
+    model.zero_grad(set_to_none=True)
+    out = run(**batch)
+    out.loss.backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+def lemo_step_grads(model: nn.Module, cfg: Any, batch: dict[str, torch.Tensor],
+                    sparsified_only: bool = False) -> tuple[torch.Tensor, dict, list]:
+    """step_grads of torch.compile(model) with lemo under cfg, from a fresh Dynamo state, and the compile
+    records it made (only those with sparse layers if sparsified_only)."""
+    import lemo_compile
+    from lemo_compile.backend import clear_records
+
+    torch._dynamo.reset()
+    clear_records()
+    loss, grads = step_grads(model, torch.compile(model, backend=lemo_compile.backend(cfg)), batch)
+    recs = lemo_compile.records()
+    return loss, grads, [r for r in recs if r.sparsified] if sparsified_only else recs
+
+
+def assert_step_close(got: tuple, want: tuple, rtol: float = 1e-5) -> None:
+    """Loss to 1e-6 (relative); each gradient to rtol of its largest entry, or of 1e-2 of the model's largest
+    gradient where that is more: a gradient that is 0 in exact arithmetic (a key bias: softmax ignores a
+    shift of every score) holds only rounding noise."""
+    (l1, g1), (l0, g0) = got, want
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    assert g1.keys() == g0.keys()
+    floor = 1e-2 * max(g.abs().max().item() for g in g0.values())
+    for k in g0:
+        scale = max(g0[k].abs().max().item(), floor)
+        torch.testing.assert_close(g1[k], g0[k], rtol=rtol, atol=rtol * scale, msg=k)

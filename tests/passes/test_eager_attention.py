@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lemo_compile
 from lemo_compile import LemoConfig
-from lemo_compile.backend import clear_records
 from lemo_compile.passes.eager_attention import sdpa_from_eager
 from lemo_compile.reference import reference_forward
-from lemo_compile.testing.models import random_batch, tiny_model, trainable_grads
+from lemo_compile.testing.models import assert_step_close, lemo_step_grads, random_batch, step_grads, tiny_model
+
+_step, _close = step_grads, assert_step_close
+_compiled = lemo_step_grads
 
 B, H, N, D = 2, 3, 37, 8  # 37: no multiple of anything
 
@@ -166,28 +167,10 @@ def eager_llama():
     return model
 
 
-def _step(model, run, batch):
-    model.zero_grad(set_to_none=True)
-    out = run(**batch)
-    out.loss.backward()
-    grads = trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
 
 
-def _compiled(model, cfg, batch):
-    torch._dynamo.reset()
-    clear_records()
-    loss, grads = _step(model, torch.compile(model, backend=lemo_compile.backend(cfg)), batch)
-    return loss, grads, lemo_compile.records()
 
 
-def _close(got, want, rtol=1e-5):
-    (l1, g1), (l0, g0) = got, want
-    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
-    floor = 1e-2 * max(g.abs().max().item() for g in g0.values())
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=rtol, atol=rtol * max(g0[k].abs().max().item(), floor), msg=k)
 
 
 def _batch(model):

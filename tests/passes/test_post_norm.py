@@ -5,15 +5,19 @@ to lemo_compile.reference, whose post-norm semantics are tested here to be more 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import lemo_compile
 from lemo_compile import LemoConfig
-from lemo_compile.backend import clear_records
 from lemo_compile.reference import reference_forward
 from lemo_compile.testing import sweep
-from lemo_compile.testing.models import random_batch, trainable_grads
+from lemo_compile.testing.models import assert_step_close, lemo_step_grads, random_batch, step_grads
+
+_step, _assert_close = step_grads, assert_step_close
+_compiled = functools.partial(lemo_step_grads, sparsified_only=True)
 
 N = 200  # three full 64-token blocks and a partial one
 MODELS = {"bart": "BartForCausalLM", "bert": "BertLMHeadModel"}
@@ -39,33 +43,10 @@ def _batch(model, b=2):
     return random_batch(model.config.vocab_size, b, N, seed=b, pad_right=[0, 29][:b])
 
 
-def _step(model, run, batch):
-    model.zero_grad(set_to_none=True)
-    out = run(**batch)
-    out.loss.backward()
-    grads = trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
 
 
-def _compiled(model, cfg, batch):
-    torch._dynamo.reset()
-    clear_records()
-    loss, grads = _step(model, torch.compile(model, backend=lemo_compile.backend(cfg)), batch)
-    return loss, grads, [r for r in lemo_compile.records() if r.sparsified]
 
 
-def _assert_close(got, want, rtol=1e-5):
-    """Loss to 1e-6; each gradient to rtol of its largest entry, or of 1e-2 of the model's largest gradient
-    where that is more: a key bias's gradient is 0 in exact arithmetic (softmax ignores a shift of every
-    score) and holds only rounding noise."""
-    (l1, g1), (l0, g0) = got, want
-    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
-    assert g1.keys() == g0.keys()
-    floor = 1e-2 * max(g.abs().max().item() for g in g0.values())
-    for k in g0:
-        scale = max(g0[k].abs().max().item(), floor)
-        torch.testing.assert_close(g1[k], g0[k], rtol=rtol, atol=rtol * scale, msg=k)
 
 
 @pytest.mark.parametrize("attn_mode,mlp_mode", [("backward", "backward"), ("tokens", "tokens"),

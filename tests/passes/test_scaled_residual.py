@@ -5,15 +5,18 @@ lemo_compile.reference, which keeps each gain on the stream of the rows a block 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-import lemo_compile
 from lemo_compile import LemoConfig, _compat
-from lemo_compile.backend import clear_records
 from lemo_compile.reference import reference_forward
 from lemo_compile.testing import sweep
-from lemo_compile.testing.models import random_batch, trainable_grads
+from lemo_compile.testing.models import assert_step_close, lemo_step_grads, random_batch, step_grads
+
+_step, _close = step_grads, assert_step_close
+_compiled = functools.partial(lemo_step_grads, sparsified_only=True)
 
 N = 200
 MODELS = {"beam": "BeamForCausalLM", "minimax": "MiniMaxForCausalLM"}
@@ -42,28 +45,10 @@ def model(request):
     return model
 
 
-def _step(model, run, batch):
-    model.zero_grad(set_to_none=True)
-    out = run(**batch)
-    out.loss.backward()
-    grads = trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
 
 
-def _compiled(model, cfg, batch):
-    torch._dynamo.reset()
-    clear_records()
-    loss, grads = _step(model, torch.compile(model, backend=lemo_compile.backend(cfg)), batch)
-    return loss, grads, [r for r in lemo_compile.records() if r.sparsified]
 
 
-def _close(got, want, rtol=1e-5):
-    (l1, g1), (l0, g0) = got, want
-    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
-    floor = 1e-2 * max(g.abs().max().item() for g in g0.values())
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=rtol, atol=rtol * max(g0[k].abs().max().item(), floor), msg=k)
 
 
 @pytest.mark.parametrize("attn_mode,mlp_mode", [("backward", "backward"), ("tokens", "tokens"),
