@@ -84,7 +84,7 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
     dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
     scores = sm.args[0]
     ndim = len(value_of(scores).shape) if isinstance(value_of(scores), torch.Tensor) else None
-    if dim not in (-1, None if ndim is None else ndim - 1):
+    if dim is None or dim not in (-1, None if ndim is None else ndim - 1):  # None: torch's legacy implicit dim
         raise CantRewrite("eager_attention", f"softmax over dim {dim}, not the last")
     _only_user(scores, "scores")
     scale, mask, qk = _scores(scores)
@@ -166,7 +166,7 @@ def _scores(node: fx.Node) -> tuple[float, fx.Node | None, fx.Node]:
         if node.op not in ("call_function", "call_method"):
             raise CantRewrite("eager_attention", f"the scores come from {node.op} {node.name}, not q @ k^T")
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if is_call(node, *SCALE) and len(tensors) == 1 and len(node.args) == 2:
+        if is_call(node, *SCALE) and len(tensors) == 1 and len(node.args) == 2 and not node.kwargs:
             sign = next(s for t, s in SCALE.items() if is_call(node, t))
             other = node.args[1] if node.args[0] is tensors[0] else node.args[0]
             if sign < 0 and node.args[0] is not tensors[0]:
