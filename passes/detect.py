@@ -267,11 +267,16 @@ def _scaled_stream_after(add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -
             continue
         if base is add1:
             return add1, p
-        chain = closure_back(base, in_layer, stop={add1})
-        if (chain and any(add1 in n.all_input_nodes for n in chain) and _same_bnd(base, add1)
-                and not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain)):
+        if _norm_of(base, add1, in_layer):
             return base, p
     return None
+
+
+def _norm_of(p: fx.Node, add1: fx.Node, in_layer: set[fx.Node]) -> bool:
+    """Whether p is computed from add1 by ops without a linear or attention (a norm), same (b, n, d) size."""
+    chain = closure_back(p, in_layer, stop={add1})
+    return (bool(chain) and any(add1 in n.all_input_nodes for n in chain) and _same_bnd(p, add1)
+            and not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain))
 
 
 def _stream_after(add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> fx.Node:
@@ -282,9 +287,7 @@ def _stream_after(add1: fx.Node, add2: fx.Node, in_layer: set[fx.Node]) -> fx.No
     if add1 in add2.args:
         return add1
     for p in add2.args:
-        chain = closure_back(p, in_layer, stop={add1})
-        if (chain and any(add1 in n.all_input_nodes for n in chain)
-                and not any(is_call(n, *LINEAR_TARGETS, *SDPA_TARGETS) for n in chain) and _same_bnd(p, add1)):
+        if _norm_of(p, add1, in_layer):
             return p
     raise CantRewrite("residual_structure", "second residual add takes neither the first one's result nor a "
                       "norm of it")

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import (EAGER_REFUSAL, CantRewrite, PassResult, finish, graph_modules, is_call, same_size,
+from .common import (EAGER_REFUSAL, CantRewrite, PassResult, finish, graph_modules, is_call, module_stack, same_size,
                      value_of)
 
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
@@ -63,8 +63,8 @@ def sdpa_from_eager(gm: fx.GraphModule) -> PassResult:
 
 
 def _where(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return f"{list(stack.values())[-1][0]} ({node.name})" if stack else node.name
+    stack = module_stack(node)
+    return f"{stack[-1][0]} ({node.name})" if stack else node.name
 
 
 def _only_user(node: fx.Node, what: str) -> fx.Node:
@@ -91,8 +91,10 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
     _only_user(qk, "scores")
     pv = _probabilities(sm)
     q, kt = qk.args[-2:]  # matmul / bmm (q, k^T); baddbmm (zeros, q, k^T)
-    q, k, v = _heads(q, "queries"), _keys(g, kt), _heads(pv.args[1], "values")
-    vals = [value_of(t) for t in (q, k, v)]
+    q, k, v = _heads(q, "queries"), _keys(kt), _heads(pv.args[1], "values")
+    vals = [value_of(t) for t in (q, k if k is not None else kt, v)]
+    if k is None:  # keys^T that is no transpose of keys: SDPA gets its transpose, shape (.., d, n) -> (.., n, d)
+        vals[1] = vals[1].transpose(-2, -1)
     if not all(same_size(a, b) for t in vals[1:] for a, b in zip(t.shape[:2], vals[0].shape[:2])):
         raise CantRewrite("eager_attention", f"queries {tuple(vals[0].shape)}, keys {tuple(vals[1].shape)} and "
                                              f"values {tuple(vals[2].shape)} differ in batch or heads")
@@ -104,6 +106,11 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
         if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
             raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
     target = pv if value_of(pv).dim() == 4 else _four_d_view(pv, vals)
+    if k is None:  # every check passed: only now is the graph changed
+        with g.inserting_after(kt):
+            k = g.call_method("transpose", (kt, -2, -1))
+        k.meta.update({key: v for key, v in kt.meta.items() if key not in ("example_value", "val")})
+        k.meta["example_value"] = vals[1]
     with g.inserting_before(target):
         out = g.call_function(F.scaled_dot_product_attention, (q, k, v),
                               {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale})
@@ -127,8 +134,9 @@ def _heads(node: fx.Node, what: str) -> fx.Node:
                                          f"(batch x heads) view of such a tensor")
 
 
-def _keys(g: fx.Graph, kt: fx.Node) -> fx.Node:
-    """The keys (batch, heads, tokens, dim) whose transpose is kt: the transpose's input, or a new transpose."""
+def _keys(kt: fx.Node) -> fx.Node | None:
+    """The keys (batch, heads, tokens, dim) whose transpose is kt: the transpose's input, or None where kt is
+    a 4-D tensor made otherwise (a permute), whose transpose _rewrite adds once every check has passed."""
     val = value_of(kt)
     if is_call(kt, "transpose", torch.transpose) and isinstance(val, torch.Tensor):
         dims = {d % val.dim() for d in kt.args[1:3] if isinstance(d, int)}
@@ -136,11 +144,7 @@ def _keys(g: fx.Graph, kt: fx.Node) -> fx.Node:
             return _heads(kt.args[0], "keys")
     if not (isinstance(val, torch.Tensor) and val.dim() == 4):
         raise CantRewrite("eager_attention", f"the keys^T {kt.name} are not a 4-D tensor or a transpose of keys")
-    with g.inserting_after(kt):
-        k = g.call_method("transpose", (kt, -2, -1))
-    k.meta.update({key: v for key, v in kt.meta.items() if key not in ("example_value", "val")})
-    k.meta["example_value"] = val.transpose(-2, -1)
-    return k
+    return None
 
 
 def _four_d_view(pv: fx.Node, vals: list) -> fx.Node:
