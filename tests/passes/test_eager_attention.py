@@ -178,12 +178,14 @@ def eager_llama():
 
 
 def _batch(model):
-    """Row 0 full, row 1 left-padded by 70 tokens (its first rows see no key but themselves: HF's eager
-    mask is finfo.min there, SDPA's result for such rows must match) and its labels partly ignored."""
-    batch = random_batch(model.config.vocab_size, 2, 150, seed=3)
+    """Row 0 full; row 1 left-padded by 70 tokens (its first rows see no key but themselves: HF's eager
+    mask is finfo.min there, SDPA's result for such rows must match), its labels partly ignored; row 2
+    right-padded by 41 tokens with every label ignored."""
+    batch = random_batch(model.config.vocab_size, 3, 150, seed=3, pad_right=[0, 0, 41])
     batch["attention_mask"][1, :70] = 0
     batch["input_ids"][1, :70] = 0
     batch["labels"][1, :90] = -100
+    batch["labels"][2] = -100
     return batch
 
 
