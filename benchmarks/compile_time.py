@@ -121,7 +121,10 @@ def worker(args) -> dict:
         _sync(dev)
         times.append(time.perf_counter() - t0)
         print("STEP " + json.dumps({"length": n, "seconds": times[-1], "graphs": int(counters["stats"].get("unique_graphs", 0)),
-                                    "lemo_records": len(lemo_compile.records())}), file=sys.stderr, flush=True)
+                                    "lemo_records": len(lemo_compile.records()),
+                                    # a timed-out worker keeps these lines: the reason must be in them
+                                    "recompile_reason": _last_recompile_reason(lemo_compile.records())}),
+              file=sys.stderr, flush=True)
     recs = lemo_compile.records()
     res = {"mode": args.worker, "lengths": lengths, "step_times_s": times, "first_step_s": times[0],
            "aot_autograd": dict(counters["aot_autograd"]),
@@ -136,6 +139,10 @@ def worker(args) -> dict:
         res["median_step_s"] = statistics.median(times[1:])
         res["compile_s"] = times[0] - res["median_step_s"]
     return res
+
+
+def _last_recompile_reason(recs) -> str | None:
+    return next((r.recompile_reason for r in reversed(recs) if r.recompile_reason), None)
 
 
 def _run(mode: str, args, cache: str) -> dict:

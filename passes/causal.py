@@ -20,8 +20,17 @@ evaluated for a band of rows at a time, with that arange replaced by the band's 
 the same computation restricted to those rows. Otherwise the whole mask is evaluated when it is at
 most `FULL_EVAL_BYTES`, and left alone (with a reason) when larger.
 
-Masks that read an input (a user `attention_mask`, packed-sequence `position_ids`), sliding-window
-masks, and graphs with a dynamic sequence length are left alone with a SkipReason. Call it before
+A graph with a dynamic sequence length (the second length a loop runs: Dynamo then compiles one graph
+for every length) builds the mask from that length, a symbolic size, and HF never skips it there. Its
+mask is a function of the length only, so the check runs it at several lengths: every row at the
+length traced, at small lengths (1 to 257) and at a few large ones (4K to 2M) the first, middle and
+last rows, where a sliding window, a chunked or a prefix pattern shows; the graph also gets a guard
+(length <= DYNAMIC_MAX_LENGTH), so a longer sequence compiles again and is checked again. Without this
+the dynamic graph kept an n x n mask: n^2 memory, SDPA's masked kernel, and on CUDA a new compile for
+every length (benchmarks/results/compile_time_1b_varying.json).
+
+Masks that read an input (a user `attention_mask`, packed-sequence `position_ids`) and sliding-window
+masks are left alone with a SkipReason (passes.masks reads the first kind). Call it before
 passes.detect: token elimination then works on the causal form (kept indices are sorted, so causal
 order on the compacted rows is causal order on the original positions).
 """
@@ -35,7 +44,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, shape_of, subgraph_modules
+from .common import SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, shape_of, subgraph_modules, value_of
 
 
 # Largest mask evaluated whole when its rows cannot be evaluated band by band.
@@ -46,6 +55,13 @@ BAND_ELEMENTS = 1 << 28
 
 # A mask left in place that is at least this large is worth a warning (the backend logs it).
 LARGE_MASK_BYTES = 1 << 30
+
+# Dynamic sequence lengths: masks are checked (every row) at these lengths, at the largest ones (first,
+# middle and last rows) -- a graph whose mask was proven causal so is guarded to this length at most.
+DYNAMIC_SMALL_LENGTHS = (1, 2, 3, 17, 64, 65, 257)
+DYNAMIC_LARGE_LENGTHS = (4097, 16387, 65536, 262147, 1 << 20, 1 << 21)
+DYNAMIC_MAX_LENGTH = 1 << 21
+DYNAMIC_BAND_ROWS = 16
 
 
 @dataclasses.dataclass
@@ -114,11 +130,21 @@ def _mask_arg(node: fx.Node):
     return m if isinstance(m, fx.Node) else None
 
 
+def same_size(a, b) -> bool:
+    """Two sizes are the same: equal ints, or the same symbolic size (compared as expressions: bool() of
+    a symbolic comparison would add a guard, i.e. specialize a dynamic length)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if isinstance(a, int) or isinstance(b, int) or a is None or b is None:
+        return False
+    return a is b or str(a) == str(b)
+
+
 def _why_not_square(node: fx.Node) -> str | None:
     q, k = shape_of(node.args[0]), shape_of(node.args[1])
-    if q is None or k is None or not isinstance(q[-2], int) or not isinstance(k[-2], int):
-        return "query/key lengths are not static"
-    if q[-2] != k[-2]:
+    if q is None or k is None:
+        return "query/key shapes are unknown"
+    if not same_size(q[-2], k[-2]):
         return f"query length {q[-2]} != key length {k[-2]} (is_causal would align top-left)"
     if attention_dropout(node) not in (0, 0.0):
         return "attention dropout"
@@ -129,16 +155,20 @@ def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
     if mask.graph is not gm.graph:
         return "mask is computed outside the root graph"
     shp = shape_of(mask)
-    if shp is None or len(shp) != 4 or not all(isinstance(s, int) for s in shp):
-        return "mask shape is not a static 4-D shape (dynamic sequence length?)"
-    if shp[-1] != shp[-2]:
+    if shp is None or len(shp) != 4:
+        return "mask is not 4-D"
+    if not same_size(shp[-1], shp[-2]):
         return f"mask is {shp[-2]} x {shp[-1]}, not square"
     nodes = _ancestors(mask)
     for n in nodes:
-        if n.op == "placeholder":
+        if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor):
             return f"mask depends on the input {n.name} (an attention_mask or position_ids)"
-        if n.op not in ("call_function", "call_method", "get_attr"):
+        if n.op not in ("placeholder", "call_function", "call_method", "get_attr"):
             return f"mask depends on {n.op} {n.name}"
+    if not all(isinstance(s, int) for s in shp):
+        return _why_not_causal_dynamic(gm, nodes, mask)
+    if any(n.op == "placeholder" for n in nodes):
+        return "mask reads a symbolic size, but its shape is static"
     n = shp[-1]
     bands = _row_bands(gm, nodes, mask, n)
     try:
@@ -156,6 +186,48 @@ def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
         return _compare_causal(_evaluate(gm, nodes, mask), 0)
     except Exception as e:  # anything odd: leave the mask alone
         return f"could not evaluate the mask ({type(e).__name__}: {e})"
+
+
+def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node) -> str | None:
+    """_why_not_causal for a mask whose length is symbolic (see the module doc): None, and the graph
+    guarded to DYNAMIC_MAX_LENGTH, when the mask is causal at every length checked."""
+    shp = shape_of(mask)
+    length = shp[-1]
+    scalars = {p: value_of(p) for p in nodes if p.op == "placeholder"}
+    sym = [p for p, v in scalars.items() if same_size(v, length)]
+    if len(sym) != 1 or any(same_size(shp[i], length) for i in (0, 1)):
+        return f"mask shape {tuple(shp)}: its length is not one symbolic size lemo can vary"
+    traced_length = _hint(length)
+    if traced_length is None or traced_length > DYNAMIC_MAX_LENGTH:
+        return f"mask length {length} has no hint at most {DYNAMIC_MAX_LENGTH}"
+    others = {p: _hint(v) for p, v in scalars.items() if p is not sym[0]}
+    if any(v is None for v in others.values()):
+        return "mask reads a symbolic size without a hint"
+    bands = _row_bands(gm, nodes, mask, length, inputs=(sym[0],), fixed=others)
+    if bands is None:
+        return "mask rows of a dynamic length are not row-local in one arange"
+    try:
+        for n in sorted({traced_length, *DYNAMIC_SMALL_LENGTHS, *DYNAMIC_LARGE_LENGTHS}):
+            full = n == traced_length or n in DYNAMIC_SMALL_LENGTHS
+            step = max(1, BAND_ELEMENTS // n) if full else DYNAMIC_BAND_ROWS
+            starts = range(0, n, step) if full else sorted({0, max(0, n // 2 - step // 2), max(0, n - step)})
+            for r0 in starts:
+                why = _compare_causal(bands(r0, min(step, n - r0), n), r0)
+                if why:
+                    return f"at length {n}: {why}"
+    except Exception as e:  # anything odd: leave the mask alone
+        return f"could not evaluate the mask ({type(e).__name__}: {e})"
+    # proven up to DYNAMIC_MAX_LENGTH: a guard (the comparison, made on the symbolic size) recompiles beyond
+    if not bool(length <= DYNAMIC_MAX_LENGTH):
+        return f"mask length above {DYNAMIC_MAX_LENGTH}"
+    return None
+
+
+def _hint(d) -> int | None:
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return None if hint is None else int(hint)
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:
@@ -276,11 +348,11 @@ def _propagate_rows(nodes: list[fx.Node], start: fx.Node, n: int) -> dict[fx.Nod
             pass
         else:
             return None
-        if axis is None or _right_axis(shp, axis) != n:
+        if axis is None or not same_size(_right_axis(shp, axis), n):
             return None
         for o in others:  # broadcast partners must not vary along the row axis
             oshp = shape_of(o)
-            if oshp is not None and _right_axis(oshp, axis) not in (None, 1):
+            if oshp is not None and _right_axis(oshp, axis) is not None and not same_size(_right_axis(oshp, axis), 1):
                 return None
         rows[node] = axis
     return rows
@@ -292,7 +364,7 @@ def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int, 
     the mask, or None when no arange of the subgraph indexes the mask's rows row-locally. `inputs` and
     `fixed` as in _subgraph."""
     for a in nodes:
-        if not (is_call(a, torch.arange) and shape_of(a) == (n,)):
+        if not (is_call(a, torch.arange) and len(shape_of(a) or ()) == 1 and same_size(shape_of(a)[0], n)):
             continue
         bounds = _arange_bounds(a, n)
         rows = _propagate_rows(nodes, a, n) if bounds is not None else None
@@ -309,12 +381,16 @@ def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int, 
     return None
 
 
-def _arange_bounds(node: fx.Node, n: int):
-    """(start, kwargs) of `torch.arange(n)` / `torch.arange(start, start + n)` with unit step."""
+def _arange_bounds(node: fx.Node, n):
+    """(start, kwargs) of `torch.arange(n)` / `torch.arange(start, start + n)` with unit step; n may be a
+    symbolic size (then only `torch.arange(n)`, n a graph input)."""
     args = node.args
-    if not all(isinstance(x, int) for x in args):
+    if len(args) == 1 and isinstance(args[0], fx.Node) and args[0].op == "placeholder" \
+            and same_size(value_of(args[0]), n):
+        start = 0
+    elif not all(isinstance(x, int) for x in args):
         return None
-    if len(args) == 1:
+    elif len(args) == 1:
         start = 0
     elif len(args) == 2 and args[1] - args[0] == n:
         start = args[0]

@@ -1,5 +1,6 @@
 """passes.causal: a mask that is provably causal becomes SDPA's is_causal=True (same loss and
-gradients, dense and sparse layers); masks that read inputs, sliding windows and dynamic lengths stay."""
+gradients, dense and sparse layers, static and dynamic lengths); masks that read inputs and sliding
+windows stay."""
 
 from __future__ import annotations
 
@@ -58,20 +59,79 @@ def test_causal_rewrite_inside_checkpointed_layers():
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-@pytest.mark.parametrize("case, why", [
-    ("attention_mask", "depends on the input"),       # data decides: padding is possible
-    ("dynamic", "static"),                            # the value at one length proves nothing for others
-])
-def test_masks_that_cannot_be_proven_causal_stay(case, why):
+def test_masks_that_read_an_input_stay():
     model = tiny_model("qwen2")
-    batch = random_batch(256, 1, 140, seed=6)
-    if case == "dynamic":
-        del batch["attention_mask"]
-    _, _, rec = _run(model, LemoConfig(inner="eager", keep_ratio=0.5, predictor="random", causal_mask=True), batch,
-                     dynamic=(case == "dynamic"))
+    batch = random_batch(256, 1, 140, seed=6)  # data decides: padding is possible
+    _, _, rec = _run(model, LemoConfig(inner="eager", keep_ratio=0.5, predictor="random", causal_mask=True), batch)
     assert rec.causal.counters["sdpa_made_causal"] == 0
     assert rec.causal.counters["skip_mask_not_causal"] == 4
-    assert all(why in s.detail for s in rec.causal.skips), rec.causal.skips
+    assert all("depends on the input" in s.detail for s in rec.causal.skips), rec.causal.skips
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dynamic_length_mask_made_causal(arch, monkeypatch):
+    # a dynamic-length graph (what a loop over varying lengths compiles second) builds its mask from the
+    # symbolic length; checked at many lengths, it becomes is_causal=True; Gemma3's sliding layers stay
+    model = tiny_model(arch, lora=True)
+    batch = random_batch(256, 2, 150, seed=4)
+    del batch["attention_mask"]
+    base = dict(inner="eager", keep_ratio=0.5, predictor="random")
+    l0, g0, _ = _run(model, LemoConfig(**base, causal_mask=False), batch, dynamic=True)
+    from lemo_compile.passes import causal
+    checked = []
+    dynamic_check = causal._why_not_causal_dynamic
+    monkeypatch.setattr(causal, "_why_not_causal_dynamic", lambda *a: checked.append(1) or dynamic_check(*a))
+    l1, g1, rec = _run(model, LemoConfig(**base, causal_mask=True), batch, dynamic=True)
+    assert checked  # the symbolic-length path ran
+    assert rec.causal.counters["sdpa_made_causal"] == MADE_CAUSAL[arch], rec.causal.skips
+    assert rec.sparsified
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_dynamic_length_sliding_window_longer_than_the_traced_length_stays():
+    # traced at 80 tokens, under Gemma3's window (96): the mask is causal there, but not at longer
+    # lengths, which the same dynamic graph runs; the check finds it and the sliding layers keep it
+    from lemo_compile.testing.models import GEMMA3_SLIDING_WINDOW
+
+    model = tiny_model("gemma3", lora=True)
+    cfg = LemoConfig(inner="eager", keep_ratio=1.0)  # every block kept: equal to the model itself
+    short = random_batch(256, 1, GEMMA3_SLIDING_WINDOW - 16, seed=8)
+    del short["attention_mask"]
+    _, _, rec = _run(model, cfg, short, dynamic=True)
+    assert rec.causal.counters["sdpa_made_causal"] == 2
+    assert all("at length" in s.detail and "not the causal pattern" in s.detail for s in rec.causal.skips)
+    compiled = torch.compile(model, backend=lemo_compile.backend(cfg), dynamic=True)
+    long = random_batch(256, 1, 2 * GEMMA3_SLIDING_WINDOW + 7, seed=9)
+    del long["attention_mask"]
+    from lemo_compile.testing.models import assert_step_close, step_grads
+    assert_step_close(step_grads(model, compiled, long), step_grads(model, model, long))
+
+
+def test_dynamic_length_graph_is_guarded_to_the_lengths_checked(monkeypatch):
+    # a mask proven causal up to DYNAMIC_MAX_LENGTH: longer sequences compile (and are checked) again
+    from lemo_compile.passes import causal
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(causal, "DYNAMIC_MAX_LENGTH", 200)
+    monkeypatch.setattr(causal, "DYNAMIC_LARGE_LENGTHS", (199,))
+    model = tiny_model("llama", lora=True)
+    torch._dynamo.reset()
+    clear_records()
+    counters.clear()
+    compiled = torch.compile(model, backend=lemo_compile.backend(LemoConfig(inner="eager", keep_ratio=0.5)))
+    graphs = []
+    for n in (130, 150, 190, 230):
+        batch = random_batch(256, 1, n, seed=n)
+        del batch["attention_mask"]
+        compiled(**batch).loss.backward()
+        graphs.append(int(counters["stats"]["unique_graphs"]))
+    assert graphs == [1, 2, 2, 3]  # static at 130; dynamic for 150 and 190; 230 > 200 compiles again
+    recs = lemo_compile.records()
+    assert [r.causal.counters["sdpa_made_causal"] for r in recs] == [4, 4, 0]
+    assert "200" in recs[2].recompile_reason, recs[2].recompile_reason
+    assert all("at most 200" in s.detail for s in recs[2].causal.skips)  # beyond what is checked: mask kept
 
 
 def _capture_masks(model, batch):
