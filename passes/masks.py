@@ -278,10 +278,9 @@ def _evaluator(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, src: fx.
     call): banded (HF's masks: rows row-local in one arange) or whole (small masks), symbolic sizes
     fixed to their hints; None when neither applies."""
     scalars = _scalar_inputs(nodes)
-    if all(isinstance(d, int) for d in shape_of(mask)):
-        bands = _row_bands(gm, nodes, mask, n, inputs=(src,), fixed=scalars)
-        if bands is not None:
-            return (lambda probe, r0, count: bands(r0, count, probe)), max(1, BAND_ELEMENTS // n)
+    bands = _row_bands(gm, nodes, mask, shape_of(mask)[-1], inputs=(src,), fixed=scalars)
+    if bands is not None:
+        return (lambda probe, r0, count: bands(r0, count, probe)), max(1, BAND_ELEMENTS // n)
     if _hint(shape_of(mask)[0]) * n * n > FULL_EVAL_BYTES:
         return None
     fn = _subgraph(gm, nodes, mask, inputs=(src,), fixed=scalars)

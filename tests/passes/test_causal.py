@@ -277,3 +277,20 @@ def test_large_mask_left_in_place_is_a_warning(monkeypatch, caplog):
         lines = [r for r in caplog.records if "keep an explicit mask tensor" in r.getMessage()]
         assert len(lines) == 1 and lines[0].levelno == level, [r.getMessage() for r in caplog.records]
         assert "0.00 GiB" in lines[0].getMessage() and "not row-local" in lines[0].getMessage()
+
+
+def test_dynamic_length_peak_has_no_quadratic_term():
+    # explain(dynamic=True) of a batch without padding: with the mask made causal the symbolic peak
+    # grows linearly in the length (doubling 1M tokens less than doubles it); kept, the n x n mask ~4x
+    batch = random_batch(256, 1, 200, seed=11)
+    del batch["attention_mask"]
+
+    def growth(cfg):
+        ex = lemo_compile.explain(tiny_model("llama", lora=True), **batch, config=cfg, dynamic=True)
+        peak = max((r.memory for r in ex.records if r.memory is not None), key=lambda e: e.peak_hint).peak_bytes
+        (s,) = peak.free_symbols
+        return float(peak.subs(s, 1 << 21) / peak.subs(s, 1 << 20))
+
+    cfg = LemoConfig(inner="eager", dense_layers=(0,))
+    assert growth(cfg) < 2.01
+    assert growth(cfg.replace(causal_mask=False)) > 3.5

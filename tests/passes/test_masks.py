@@ -261,3 +261,17 @@ def test_segment_calls_send_short_segments_to_the_twin_in_bounded_batches():
             assert count * h * length * length <= budget
     assert sorted(flash_lengths) == [(1, 200), (1, 600), (3, 130)]
     assert torch.equal(seen, (seg != 0).long())
+
+
+def test_dynamic_length_masks_are_read_band_by_band(monkeypatch):
+    """A dynamic-length graph's padding mask is read a band of rows at a time, as a static one is: with
+    whole-mask evaluation off it is still carried as segments (before, symbolic sizes always evaluated
+    the whole n x n mask, and a mask over FULL_EVAL_BYTES stayed a tensor)."""
+    from lemo_compile.passes import masks
+
+    monkeypatch.setattr(masks, "FULL_EVAL_BYTES", 0)
+    batch = padded_batch("left", n=256)
+    ex = lemo_compile.explain(tiny_model("llama", lora=True), **batch,
+                              config=LemoConfig(inner="eager", dense_layers=(0,)), dynamic=True)
+    rec = next(r for r in ex.records if r.masks is not None)
+    assert list(rec.masks.structured.values()) == ["padding"], rec.masks.skips
