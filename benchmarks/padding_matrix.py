@@ -1,4 +1,4 @@
-"""The padding matrix (issue 26, DESIGN 2 item 9): every padded-batch case, counted.
+"""The padding matrix (issue 26, docs/design.md §2.1): every padded-batch case, counted.
 
 Runs lemo_compile.testing.padding.run_case over architectures x padding kinds (left, right past
 Gemma3's sliding window, a fully padded row between two padded ones, packed documents with a

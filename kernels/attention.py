@@ -241,7 +241,7 @@ def attention_kept_backward_torch(grad_out: torch.Tensor, q: torch.Tensor, k: to
                                   out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                                   scale: float, *, pos: torch.Tensor | None = None,
                                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dropped-term attention gradient over kept queries x kept keys (DESIGN 2, attn_mode backward).
+    """Dropped-term attention gradient over kept queries x kept keys (docs/design.md §2, attn_mode backward).
 
     P_ij = exp(scale q_i.k_j + bias_ij - lse_i) with the dense lse; D_i = dO_i . O_i with the dense O;
     dS = P (dO v^T - D); dq = scale dS k; dk = scale dS^T q; dv = P^T dO. Shapes (b, H, m, hd); k/v may

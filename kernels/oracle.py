@@ -1,4 +1,4 @@
-"""Oracle of block informativeness for one decoder layer (DESIGN 2.1; issue: predictors and calibration).
+"""Oracle of block informativeness for one decoder layer (docs/design.md §3; issue: predictors and calibration).
 
 For calibration and evaluation of the block predictors only, never in the training step. From a layer's
 queries q (b, hq, n, d) and keys k (b, hkv, n, d) (GQA: query head h reads key head h // (hq // hkv)),

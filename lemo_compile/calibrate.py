@@ -1,4 +1,4 @@
-"""Calibration of block predictors (DESIGN 2.1; issue: predictors and calibration).
+"""Calibration of block predictors (docs/design.md §3; issue: predictors and calibration).
 
 Offline, model frozen, eager: run the model over real text, record per decoder layer the block means
 of the normalized hidden states the predictor reads, and the layer's oracle (kernels/oracle.py, from

@@ -87,7 +87,7 @@ class LemoConfig:
     fused_kernels: bool | None = None
     # Sparse activation checkpointing: a sparse layer inside an activation-checkpoint region keeps
     # only its kept rows and keep set for the recompute (attn_mode tokens or backward, the latter
-    # also the dense attention's output and log-sum-exp at the kept queries; see DESIGN 2.4).
+    # also the dense attention's output and log-sum-exp at the kept queries; see docs/design.md §2.2).
     sparse_checkpoint: bool = True
     # Fraction of the activations AOT autograd's min-cut partitioner may keep for backward; below
     # 1.0 it recomputes the rest (torch._functorch.config.activation_memory_budget, applied to lemo's

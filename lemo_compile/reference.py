@@ -1,4 +1,4 @@
-"""Plain eager PyTorch reference of the sparse-layer semantics (DESIGN 2), the oracle of every test.
+"""Plain eager PyTorch reference of the sparse-layer semantics (docs/design.md §2), the oracle of every test.
 
 No model source is patched. For the duration of one call, `reference_forward`
 
@@ -94,7 +94,7 @@ def scorer_for(model: nn.Module, cfg: LemoConfig) -> Scorer | None:
 
 def reference_forward(model: nn.Module, cfg: LemoConfig, scorer: Scorer | None = None,
                       keep_sets: dict[int, KeepSet] | None = None, **model_kwargs: Any) -> ReferenceOutput:
-    """Run `model(**model_kwargs)` with the sparse layers of `cfg` (DESIGN 2).
+    """Run `model(**model_kwargs)` with the sparse layers of `cfg` (docs/design.md §2).
 
     scorer: block scores of a sparse layer; default: `random_scores(layer, cfg.seed, ...)` whatever
     `cfg.predictor` says. keep_sets: layer -> (token_index, in_range) to use instead of scoring (for
@@ -166,7 +166,7 @@ def _input_hook(norm_hook: Callable) -> Callable:
 
 
 def _segments(mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """Segment ids (DESIGN 2 item 9) of a padded batch (from its 2-D attention_mask) or of packed
+    """Segment ids (docs/design.md §2.1) of a padded batch (from its 2-D attention_mask) or of packed
     documents (position_ids without an attention_mask), as passes.masks derives them; None otherwise.
     Sparse layers of full (not sliding-window) attention choose keep sets per document from them."""
     from .traced import segments_from_padding, segments_from_positions

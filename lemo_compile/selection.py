@@ -3,7 +3,7 @@
 Everything here is plain PyTorch shared by the compiled graph (through `lemo::` ops) and by
 `lemo_compile.reference`, so both pick exactly the same tokens from the same scores.
 
-Conventions (DESIGN 2, item 3):
+Conventions (docs/design.md §2, item 2):
 - `n` tokens form `nb = ceil(n / B)` blocks; the last may be partial.
 - A layer keeps `k = ceil(keep * nb)` blocks (at least 1, at least the forced blocks): a function of
   `n` only, so every shape is static for a given length, and a backed symbolic size under dynamic
@@ -132,7 +132,7 @@ def keep_set(scores: torch.Tensor, token_valid: torch.Tensor, block: int, keep: 
              forced: Sequence[int], seg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole rule: scores (b, nb), token_valid (b, n) -> (token_index, in_range), each (b, m).
 
-    With segment ids seg (b, n) (a padded or packed batch, DESIGN 2 item 9) the real tokens are those of
+    With segment ids seg (b, n) (a padded or packed batch, docs/design.md §2.1) the real tokens are those of
     a segment, every document's first block is forced (its attention sink) and the blocks are ranked
     within their document (share_scores), so each document keeps about its share; the count kept, k,
     is still a function of n only. Forced blocks beyond k (more documents than kept blocks) are dropped

@@ -94,7 +94,7 @@ def positions_like(idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def causal_positions_mask(q_pos: torch.Tensor, idx_k: torch.Tensor, in_range_k: torch.Tensor,
                           seg_q: torch.Tensor | None = None) -> torch.Tensor:
     """(b, 1, nq, mk) bool: query at position q_pos sees kept key idx_k if idx_k <= q_pos and the key is
-    in range. With segments (DESIGN 2 item 9) `in_range_k` is the keys' segment ids (int, 0 = none)
+    in range. With segments (docs/design.md §2.1) `in_range_k` is the keys' segment ids (int, 0 = none)
     and `seg_q` the queries': a query sees only keys of its own segment."""
     allowed = (idx_k[:, None, :] <= q_pos[:, :, None]) & (in_range_k[:, None, :] != 0)
     if seg_q is not None:
@@ -122,7 +122,7 @@ def straight_through_rows(dense: torch.Tensor, rows: torch.Tensor, idx: torch.Te
     return dense.detach().scatter_add(1, idx.unsqueeze(-1).expand(rows.shape), delta.to(dense.dtype))
 
 
-# -- masks carried as segments (passes.masks; DESIGN 2 item 9) -------------------------------------
+# -- masks carried as segments (passes.masks; docs/design.md §2.1) -------------------------------------
 # A (b, n) int tensor of segment ids stands for the model's causal mask: 0 = a padding token, k >= 1 =
 # the k-th document of its row. Query i may attend key j iff seg_i == seg_j != 0 and j <= i. A padding
 # query sees no key (its attention output is 0); the model's mask may let it see earlier real keys, but

@@ -4,7 +4,7 @@ A padded or packed batch makes Hugging Face build a (b, 1, n, n) mask from one i
 `attention_mask` (causal and key padding) or packed `position_ids` (causal within each document,
 transformers' packed-sequence rule: a new document wherever a position does not follow the previous
 one). This pass reads such a mask, checks what it means, and replaces it with segment ids, a (b, n)
-int tensor (DESIGN 2 item 9; `traced.segments_from_padding`, `traced.segments_from_positions`):
+int tensor (docs/design.md §2.1; `traced.segments_from_padding`, `traced.segments_from_positions`):
 
     mask = <ops on the attention_mask input and constants>          # n x n
     out  = scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -145,7 +145,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
         idx = g.call_function(operator.getitem, (ks, 0))
         ok = g.call_function(operator.getitem, (ks, 1))
         m = g.call_method("size", (idx, 1))
-    # Sparse checkpointing (DESIGN 2.4): inside an activation-checkpoint body, the keep set and the
+    # Sparse checkpointing (docs/design.md §2.2): inside an activation-checkpoint body, the keep set and the
     # kept rows are marked saved, and the kept rows of the MLP's input are formed from them, so the
     # recompute in backward starts from m rows instead of the layer's full input. attn_mode="backward"
     # also saves the dense attention's output and log-sum-exp at the kept queries (they need every key).
@@ -650,7 +650,7 @@ def _mlp_backward(g, mlp: Block, idx, ok, m, rows=None) -> None:
 
 def _mlp_whole(g, mlp: Block, idx, ok, mode: MlpMode) -> fx.Node | None:
     """An MLP the kept rows cannot be followed through (mlp.whole says why) runs on every row, as written,
-    and only its output is cut to the mode's semantics (DESIGN 2): in tokens mode the residual stream gets
+    and only its output is cut to the mode's semantics (docs/design.md §2): in tokens mode the residual stream gets
     its update at the kept rows only (returned: the new residual add); in backward mode the forward is
     unchanged and gradient enters the MLP at the kept rows only. Exact to the reference; it saves neither
     MLP compute nor MLP activations, only the attention's."""

@@ -1,4 +1,4 @@
-"""Padded batches never give NaN, and match their oracle (DESIGN 2, item 9; issue 26).
+"""Padded batches never give NaN, and match their oracle (docs/design.md §2.1; issue 26).
 
 Every case: a tiny model, a batch of 3 sequences of 200 tokens padded differently (left padding of
 0, 1 and 70 tokens; right padding of 0, 37 and 150, past the tiny Gemma3's 96-token sliding window;

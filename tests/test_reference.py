@@ -1,4 +1,4 @@
-"""Tests of lemo_compile.reference, the eager oracle of DESIGN 2, on the tiny models of every arch."""
+"""Tests of lemo_compile.reference, the eager oracle of docs/design.md §2, on the tiny models of every arch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Padded batches and the padding test matrix (DESIGN 2, item 9): shared by `tests/test_padding.py`
+"""Padded batches and the padding test matrix (docs/design.md §2.1): shared by `tests/test_padding.py`
 and `benchmarks/padding_matrix.py`, which runs every case and counts the non-finite ones.
 
 A case compiles a tiny model of one architecture with lemo, runs one forward and backward on a padded
