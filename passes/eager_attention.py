@@ -15,6 +15,9 @@ tensors of the eager chain are gone from dense layers too.
 
 Scores computed over (batch x heads) rows with bmm / baddbmm (BART-era models, GPT-NeoX-Japanese) count
 too, when the queries, keys and values are views of 4-D tensors and the output is viewed back to 4-D.
+A mask applied as `torch.where(m, s, c)` with c at the bottom of the float range (GPT-Neo) becomes the
+additive mask `where(m, 0, c)` (plus any additive mask after it): s + c rounds to c for every finite
+score, so the masked entries, and whole masked rows, are the same as in the eager chain.
 
 A chain is left alone, with the reason, when it holds anything SDPA cannot express: a soft cap (tanh)
 on the scores, attention sinks (the scores read twice), a scale or mask computed as a product with a
@@ -81,13 +84,15 @@ def _const(x: Any, what: str) -> float:
 
 
 def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
+    # (a single-entry list: _scores records a where-mask, built only once every check has passed)
     dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
     scores = sm.args[0]
     ndim = len(value_of(scores).shape) if isinstance(value_of(scores), torch.Tensor) else None
     if dim is None or dim not in (-1, None if ndim is None else ndim - 1):  # None: torch's legacy implicit dim
         raise CantRewrite("eager_attention", f"softmax over dim {dim}, not the last")
     _only_user(scores, "scores")
-    scale, mask, qk = _scores(scores)
+    where: list = []
+    scale, mask, qk = _scores(scores, where)
     _only_user(qk, "scores")
     pv = _probabilities(sm)
     q, kt = qk.args[-2:]  # matmul / bmm (q, k^T); baddbmm (zeros, q, k^T)
@@ -98,24 +103,51 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
     if not all(same_size(a, b) for t in vals[1:] for a, b in zip(t.shape[:2], vals[0].shape[:2])):
         raise CantRewrite("eager_attention", f"queries {tuple(vals[0].shape)}, keys {tuple(vals[1].shape)} and "
                                              f"values {tuple(vals[2].shape)} differ in batch or heads")
-    if mask is not None:
-        mv = value_of(mask)
+    if len({t.dtype for t in vals}) != 1:  # GPT-Neo casts q and k to fp32; SDPA takes one dtype
+        raise CantRewrite("eager_attention", f"queries, keys and values of dtypes {[t.dtype for t in vals]}")
+    for m in [mask] + [w[0] for w in where]:
+        if m is None:
+            continue
+        mv = value_of(m)
         if not isinstance(mv, torch.Tensor) or mv.dim() > 4:
-            raise CantRewrite("eager_attention", f"the mask {mask} is not a tensor SDPA can broadcast over "
+            raise CantRewrite("eager_attention", f"the mask {m} is not a tensor SDPA can broadcast over "
                                                  f"(batch, heads, queries, keys)")
         if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
             raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
+    if where and (value_of(where[0][0]).dtype != torch.bool or value_of(where[0][1]).dtype != vals[0].dtype):
+        raise CantRewrite("eager_attention", f"torch.where over scores with a {value_of(where[0][0]).dtype} "
+                                             f"condition and a {value_of(where[0][1]).dtype} fill")
     target = pv if value_of(pv).dim() == 4 else _four_d_view(pv, vals)
     if k is None:  # every check passed: only now is the graph changed
         with g.inserting_after(kt):
             k = g.call_method("transpose", (kt, -2, -1))
         k.meta.update({key: v for key, v in kt.meta.items() if key not in ("example_value", "val")})
         k.meta["example_value"] = vals[1]
+    if where:
+        mask = _where_mask(g, target, *where[0], mask)
     with g.inserting_before(target):
         out = g.call_function(F.scaled_dot_product_attention, (q, k, v),
                               {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale})
     out.meta.update(target.meta)
     target.replace_all_uses_with(out)
+
+
+def _where_mask(g: fx.Graph, before: fx.Node, cond: fx.Node, fill: fx.Node, add: fx.Node | None) -> fx.Node:
+    """where(cond, 0, fill) [+ add]: the additive mask equal to masking the scores with where(cond, s, fill)."""
+    with g.inserting_before(before):
+        mask = g.call_function(torch.where, (cond, 0.0, fill))
+        mask.meta["example_value"] = _fake(torch.where, value_of(cond), 0.0, value_of(fill))
+        if add is not None:
+            mask_sum = g.call_function(operator.add, (mask, add))
+            mask_sum.meta["example_value"] = _fake(operator.add, value_of(mask), value_of(add))
+            mask = mask_sum
+    return mask
+
+
+def _fake(fn, *vals):
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
+    with mode:
+        return fn(*vals)
 
 
 def _heads(node: fx.Node, what: str) -> fx.Node:
@@ -159,8 +191,9 @@ def _four_d_view(pv: fx.Node, vals: list) -> fx.Node:
     return user
 
 
-def _scores(node: fx.Node) -> tuple[float, fx.Node | None, fx.Node]:
-    """Walk back from the softmax input to the q @ k^T matmul: (scale, additive mask or None, matmul)."""
+def _scores(node: fx.Node, where: list) -> tuple[float, fx.Node | None, fx.Node]:
+    """Walk back from the softmax input to the q @ k^T matmul: (scale, additive mask or None, matmul); a
+    where-mask found on the way is appended to `where` as (condition, fill)."""
     scale, mask = 1.0, None
     while True:
         if is_call(node, *MATMUL, *BMM):
@@ -188,6 +221,17 @@ def _scores(node: fx.Node) -> tuple[float, fx.Node | None, fx.Node]:
                                                      f"(batch, heads, queries, keys)")
             if mask is not None and scale != 1.0:  # mask added after the scale: fine; before it: the mask is scaled
                 raise CantRewrite("eager_attention", f"the mask {mask.name} is added before a scale of the scores")
+        elif is_call(node, torch.where, "where") and len(node.args) == 3 and not node.kwargs and not where:
+            cond, nxt, fill = node.args
+            if not (isinstance(cond, fx.Node) and isinstance(nxt, fx.Node) and _range_bottom(fill)):
+                raise CantRewrite("eager_attention", f"{node.name} is a torch.where over the scores that is not "
+                                                     f"a mask (fill at the bottom of the float range)")
+            if _reaches_matmul(cond) or scale != 1.0:
+                raise CantRewrite("eager_attention", f"{node.name} masks scores with a condition made from them, "
+                                                     f"or before a scale")
+            if value_of(node) is None or value_of(node).dim() != 4:
+                raise CantRewrite("eager_attention", f"{node.name} masks scores that are not 4-D")
+            where.append((cond, fill))
         elif _is_cast(node) or is_call(node, "view", "reshape", torch.reshape) or _min_clamp(node):
             nxt = node.args[0]
         elif _row_max_shift(node):  # s - max(s, -1): softmax does not change; SDPA does the same inside
@@ -218,6 +262,16 @@ def _min_clamp(node: fx.Node) -> bool:
     value = (lo.args[0] if is_call(lo, torch.tensor) and lo.args else
              lo.args[1] if is_call(lo, torch.full) and len(lo.args) > 1 and tuple(lo.args[0]) == () else None)
     return value in {torch.finfo(t).min for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _range_bottom(fill: Any) -> bool:
+    """A 0-d constant tensor (torch.tensor(x) / torch.full((), x)) with x <= half the lowest float32: the
+    value masked scores take; -inf too."""
+    if not isinstance(fill, fx.Node):
+        return False
+    value = (fill.args[0] if is_call(fill, torch.tensor) and fill.args else
+             fill.args[1] if is_call(fill, torch.full) and len(fill.args) > 1 and tuple(fill.args[0]) == () else None)
+    return isinstance(value, float) and value <= torch.finfo(torch.float32).min / 2
 
 
 def _row_max_shift(node: fx.Node) -> bool:

@@ -63,6 +63,17 @@ TINY_SIZES: dict[str, Any] = dict(
 )
 
 
+# Defaults some configs ship that cannot build a model at all (a field left None that the modelling code
+# multiplies or indexes, a layer pattern fixed at the full depth); a real checkpoint's config sets them.
+# A dict value for a sub-config name is merged into that sub-config.
+CONFIG_FIXES: dict[str, dict[str, Any]] = {
+    "dots1": dict(n_shared_experts=1),
+    "lfm2_moe": dict(layer_types=["conv", "conv", "full_attention", "conv"]),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0)),  # modelling reads attn_config.rope_theta
+}
+
+
 class Unsupported(Exception):
     """The sweep cannot build or run this model without lemo (its own limits, not lemo's)."""
 
@@ -127,8 +138,8 @@ def _settable(config: Any, name: str) -> bool:
 def tiny_config(model_type: str, class_name: str) -> Any:
     """The tiny config `class_name` is built from: the text config of a multimodal family whose causal LM
     takes one, else the model type's own with every sub-config (text, vision and audio towers) given the
-    tiny sizes too; the model then runs on text alone. Unsupported for a class the config does not fit
-    (and, in build_model, where the towers stay large under names the sweep does not set)."""
+    tiny sizes too; the model then runs on text alone. Unsupported (in build_model) where the towers stay
+    large under names the sweep does not set."""
     import transformers
 
     cls = getattr(transformers, class_name, None)
@@ -139,13 +150,14 @@ def tiny_config(model_type: str, class_name: str) -> Any:
     text = default.get_text_config() if hasattr(default, "get_text_config") else default
     if text is not default and isinstance(text, want):
         return _sized(text)
-    if not isinstance(default, want):
-        raise Unsupported(f"{class_name} takes a {want.__name__}, the {model_type} config is a "
-                          f"{type(default).__name__}")
+    # a model type whose own config feeds another family's class (EXAONE, InternLM3: the Llama code) is
+    # built as transformers builds it, from its own config
     subs = {k: getattr(default, k, None) for k in (getattr(default, "sub_configs", None) or {})}
     sized = {k: _sized(sub).to_dict() for k, sub in subs.items() if sub is not None and hasattr(sub, "to_dict")}
     if text is not default and "text_config" not in sized:
         sized["text_config"] = _sized(text).to_dict()
+    for k, v in CONFIG_FIXES.get(model_type, {}).items():
+        sized[k] = {**sized[k], **v} if isinstance(v, dict) and k in sized else v
     return _sized(default, **sized)
 
 

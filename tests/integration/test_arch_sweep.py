@@ -8,26 +8,32 @@ from lemo_compile.testing import sweep
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 # post-norm (BART; BERT with its residual adds inside submodules), a multimodal class with vision towers the
 # sweep sizes (Gemma 3), a third residual block after the MLP (Gemma 4's per-layer input)
-MORE = ("bart", "bert", "gemma3", "gemma4_text")
+# (EXAONE: the Llama class built from its own config)
+MORE = ("bart", "bert", "gemma3", "gemma4_text", "exaone")
+# attention written into the model, so the reference cannot make it sparse: exact at keep 1.0 only
+# (GPT-Neo: a torch.where mask on fp32 scores, made SDPA by passes.eager_attention)
+OWN_ATTENTION = ("gpt_neo",)
 OTHERS = ("gpt2", "mamba", "arcee", "gemma2")  # no decoder layers; no attention; an MLP op; attention not SDPA
 
 
 def test_sweep_subset_is_never_silently_dense_or_wrong():
-    rows = sweep.sweep(SUPPORTED + MORE + OTHERS, timeout=120)
+    rows = sweep.sweep(SUPPORTED + MORE + OWN_ATTENTION + OTHERS, timeout=120)
     by_type = {r["model_type"]: r for r in rows}
-    assert list(by_type) == list(SUPPORTED + MORE + OTHERS)
+    assert list(by_type) == list(SUPPORTED + MORE + OWN_ATTENTION + OTHERS)
     figs = sweep.figures(rows)
     assert figs["arch_sweep_silent_wrong"]["value"] == 0, [r for r in rows if sweep.silent_wrong(r)]
     assert figs["arch_sweep_inexact_keep1"]["value"] == 0, [r for r in rows if sweep.inexact(r)]
     assert figs["arch_sweep_crashes"]["value"] == 0, [r["error"] for r in rows if r["error"]]
     assert all(r["error"] is None for r in rows), [(r["model_type"], r["error"]) for r in rows if r["error"]]
-    for mt in SUPPORTED + MORE:
+    for mt in SUPPORTED + MORE + OWN_ATTENTION:
         r = by_type[mt]
         assert r["layers_found"] == 4 and r["layers_sparse"] == 1 and r["exact_at_keep1"], r
     for r in rows:
         assert r["layers_sparse"] or sweep.reason(r), r
     for mt in SUPPORTED + MORE:  # keep 0.5 against the reference, same keep sets
         assert by_type[mt]["exact_at_keep05"] is True, by_type[mt]
+    for mt in OWN_ATTENTION:
+        assert "reference cannot run it" in by_type[mt]["keep05_note"], by_type[mt]
     assert "| llama | LlamaForCausalLM | 4 | 1 | yes | yes | yes |  |" in sweep.markdown_table(rows)
 
 

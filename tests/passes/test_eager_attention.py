@@ -102,6 +102,26 @@ def batched_3d_left_3d(q, k, v, m):  # output never viewed back to (batch, heads
     return torch.bmm(torch.softmax(torch.bmm(q3, k3.transpose(1, 2)), -1), v3) * 2
 
 
+def where_masked(q, k, v, m):  # GPT-Neo: scores in fp32, causal torch.where with finfo.min, then the mask
+    s = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2))
+    causal = torch.ones(N, N, dtype=torch.bool).tril()[None, None]
+    s = torch.where(causal, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype)) + m
+    return torch.matmul(torch.softmax(s, -1).to(v.dtype), v)
+
+
+def where_full_row(q, k, v, m):  # scaled, then where; row 3 sees no key: uniform, in both forms
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.3
+    allowed = torch.ones(N, N, dtype=torch.bool).tril()
+    allowed[3] = False
+    return torch.matmul(torch.softmax(torch.where(allowed, s, torch.tensor(-3.4e38)), -1), v)
+
+
+def where_small_fill(q, k, v, m):  # a fill of -1e4 is a bias, not a mask: s + c differs from c
+    s = torch.matmul(q, k.transpose(-1, -2))
+    causal = torch.ones(N, N, dtype=torch.bool).tril()[None, None]
+    return torch.matmul(torch.softmax(torch.where(causal, s, torch.tensor(-1e4)), -1), v)
+
+
 def _captured(fn):
     """The Dynamo graph of fn (example values in its meta, as lemo's passes see it)."""
     graphs = []
@@ -116,7 +136,8 @@ def _captured(fn):
     return gm
 
 
-@pytest.mark.parametrize("fn", [plain, divided, prescaled_shifted, permuted_keys, no_mask, batched_3d, baddbmm_scaled])
+@pytest.mark.parametrize("fn", [plain, divided, prescaled_shifted, permuted_keys, no_mask, batched_3d, baddbmm_scaled,
+                                where_masked, where_full_row])
 def test_provable_chains_become_one_sdpa_with_the_same_values(fn):
     gm = _captured(fn)
     res = sdpa_from_eager(gm)
@@ -141,6 +162,7 @@ def _call(gm, args):
     (dropout_training, "attention_dropout", "p=0.1 while training"),
     (batched_3d_mask_3d, "eager_attention", "not 4-D"),
     (batched_3d_left_3d, "eager_attention", "not viewed back"),
+    (where_small_fill, "eager_attention", "bottom of the float range"),
 ])
 def test_what_sdpa_cannot_express_is_left_as_written_with_the_reason(fn, kind, words):
     gm = _captured(fn)
