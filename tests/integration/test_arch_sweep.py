@@ -8,8 +8,8 @@ from lemo_compile.testing import sweep
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 # post-norm (BART; BERT with its residual adds inside submodules), a multimodal class with vision towers the
 # sweep sizes (Gemma 3), a third residual block after the MLP (Gemma 4's per-layer input)
-# (EXAONE: the Llama class built from its own config)
-MORE = ("bart", "bert", "gemma3", "gemma4_text", "exaone")
+# (EXAONE: the Llama class built from its own config; transformers 5.17 does not register it)
+MORE = ("bart", "bert", "gemma3", "gemma4_text") + tuple(t for t in ("exaone",) if t in sweep.causal_lm_classes())
 # attention written into the model, so the reference cannot make it sparse: exact at keep 1.0 only
 # (GPT-Neo: a torch.where mask on fp32 scores, made SDPA by passes.eager_attention)
 OWN_ATTENTION = ("gpt_neo",)
