@@ -44,7 +44,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, shape_of, subgraph_modules, value_of
+from .common import (SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, same_size, shape_of, subgraph_modules,
+                     value_of)
 
 
 # Largest mask evaluated whole when its rows cannot be evaluated band by band.
@@ -128,16 +129,6 @@ def _nbytes(node: fx.Node) -> int:
 def _mask_arg(node: fx.Node):
     m = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     return m if isinstance(m, fx.Node) else None
-
-
-def same_size(a, b) -> bool:
-    """Two sizes are the same: equal ints, or the same symbolic size (compared as expressions: bool() of
-    a symbolic comparison would add a guard, i.e. specialize a dynamic length)."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    if isinstance(a, int) or isinstance(b, int) or a is None or b is None:
-        return False
-    return a is b or str(a) == str(b)
 
 
 def _why_not_square(node: fx.Node) -> str | None:

@@ -30,14 +30,23 @@ def _run(model, cfg, batch, dynamic=None, ckpt=False):
     return out.loss.detach(), grads, rec
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_causal_rewrite_exact_dense_and_sparse(arch):
+def test_causal_rewrite_exact_dense_and_sparse(arch, dynamic, monkeypatch):
+    # dynamic: the graph a loop over varying lengths compiles second builds its mask from the symbolic
+    # length; checked at many lengths, it becomes is_causal=True too (Gemma3's sliding layers stay)
+    from lemo_compile.passes import causal
+
+    checked = []
+    dynamic_check = causal._why_not_causal_dynamic
+    monkeypatch.setattr(causal, "_why_not_causal_dynamic", lambda *a: checked.append(1) or dynamic_check(*a))
     model = tiny_model(arch, lora=True)
     batch = random_batch(256, 2, 150, seed=4)
     del batch["attention_mask"]  # no padding: HF builds its mask from positions only
     base = dict(inner="eager", keep_ratio=0.5, predictor="random")
-    l0, g0, rec0 = _run(model, LemoConfig(**base, causal_mask=False), batch)
-    l1, g1, rec1 = _run(model, LemoConfig(**base, causal_mask=True), batch)
+    l0, g0, rec0 = _run(model, LemoConfig(**base, causal_mask=False), batch, dynamic=dynamic)
+    l1, g1, rec1 = _run(model, LemoConfig(**base, causal_mask=True), batch, dynamic=dynamic)
+    assert bool(checked) == dynamic  # the symbolic-length path ran exactly when the length is dynamic
     assert rec0.causal is None
     assert rec1.causal.counters["sdpa_made_causal"] == MADE_CAUSAL[arch]
     assert rec1.sparsified
@@ -66,28 +75,6 @@ def test_masks_that_read_an_input_stay():
     assert rec.causal.counters["sdpa_made_causal"] == 0
     assert rec.causal.counters["skip_mask_not_causal"] == 4
     assert all("depends on the input" in s.detail for s in rec.causal.skips), rec.causal.skips
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_dynamic_length_mask_made_causal(arch, monkeypatch):
-    # a dynamic-length graph (what a loop over varying lengths compiles second) builds its mask from the
-    # symbolic length; checked at many lengths, it becomes is_causal=True; Gemma3's sliding layers stay
-    model = tiny_model(arch, lora=True)
-    batch = random_batch(256, 2, 150, seed=4)
-    del batch["attention_mask"]
-    base = dict(inner="eager", keep_ratio=0.5, predictor="random")
-    l0, g0, _ = _run(model, LemoConfig(**base, causal_mask=False), batch, dynamic=True)
-    from lemo_compile.passes import causal
-    checked = []
-    dynamic_check = causal._why_not_causal_dynamic
-    monkeypatch.setattr(causal, "_why_not_causal_dynamic", lambda *a: checked.append(1) or dynamic_check(*a))
-    l1, g1, rec = _run(model, LemoConfig(**base, causal_mask=True), batch, dynamic=True)
-    assert checked  # the symbolic-length path ran
-    assert rec.causal.counters["sdpa_made_causal"] == MADE_CAUSAL[arch], rec.causal.skips
-    assert rec.sparsified
-    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_dynamic_length_sliding_window_longer_than_the_traced_length_stays():
