@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from . import _compat
+from .passes.common import size_hint
 
 _ATTN = ("self_attn", "input_layernorm", "attn", "attention", "ln_1")
 _MLP = ("mlp", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
@@ -50,10 +51,7 @@ class SavedValue:
 
 
 def _hint(x: Any) -> int:
-    if isinstance(x, int):
-        return x
-    h = getattr(getattr(x, "node", None), "hint", None)
-    return int(h) if h is not None else 0
+    return size_hint(x) or 0  # 0 for a symbolic size without a hint
 
 
 def exchanged_bytes(graph: fx.Graph) -> int:

@@ -44,8 +44,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import (SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, same_size, shape_of, subgraph_modules,
-                     value_of)
+from .common import (SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, same_size, shape_of, size_hint,
+                     subgraph_modules, value_of)
 
 
 # Largest mask evaluated whole when its rows cannot be evaluated band by band.
@@ -188,10 +188,10 @@ def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.N
     sym = [p for p, v in scalars.items() if same_size(v, length)]
     if len(sym) != 1 or any(same_size(shp[i], length) for i in (0, 1)):
         return f"mask shape {tuple(shp)}: its length is not one symbolic size lemo can vary"
-    traced_length = _hint(length)
+    traced_length = size_hint(length)
     if traced_length is None or traced_length > DYNAMIC_MAX_LENGTH:
         return f"mask length {length} has no hint at most {DYNAMIC_MAX_LENGTH}"
-    others = {p: _hint(v) for p, v in scalars.items() if p is not sym[0]}
+    others = {p: size_hint(v) for p, v in scalars.items() if p is not sym[0]}
     if any(v is None for v in others.values()):
         return "mask reads a symbolic size without a hint"
     bands = _row_bands(gm, nodes, mask, length, inputs=(sym[0],), fixed=others)
@@ -208,17 +208,10 @@ def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.N
                     return f"at length {n}: {why}"
     except Exception as e:  # anything odd: leave the mask alone
         return f"could not evaluate the mask ({type(e).__name__}: {e})"
-    # proven up to DYNAMIC_MAX_LENGTH: a guard (the comparison, made on the symbolic size) recompiles beyond
-    if not bool(length <= DYNAMIC_MAX_LENGTH):
-        return f"mask length above {DYNAMIC_MAX_LENGTH}"
+    # proven up to DYNAMIC_MAX_LENGTH: the comparison, evaluated on the symbolic size, becomes a guard
+    # (true at the traced length), so a longer sequence compiles again
+    bool(length <= DYNAMIC_MAX_LENGTH)
     return None
-
-
-def _hint(d) -> int | None:
-    if isinstance(d, int):
-        return d
-    hint = getattr(getattr(d, "node", None), "hint", None)
-    return None if hint is None else int(hint)
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:

@@ -177,6 +177,23 @@ def value_of(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def fake_apply(fn: Any, *args: Any) -> Any:
+    """fn applied to the fake values of args (nodes or constants) under their fake mode: the example value
+    of a node a pass inserts."""
+    vals = [value_of(a) for a in args]
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
+    with mode:
+        return fn(*vals)
+
+
+def size_hint(d: Any) -> int | None:
+    """A size as an int: itself, or the value a symbolic size had when traced; None when it has none."""
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return None if hint is None else int(hint)
+
+
 def attention_dropout(sdpa: fx.Node) -> Any:
     """The dropout probability of a scaled_dot_product_attention node (positional or keyword). Under
     torch.compile(dynamic=True) a module's float arrives as a graph input; its value is read under a

@@ -34,8 +34,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import (EAGER_REFUSAL, CantRewrite, PassResult, finish, graph_modules, is_call, module_stack, same_size,
-                     value_of)
+from .common import (EAGER_REFUSAL, CantRewrite, PassResult, fake_apply, finish, graph_modules, is_call, module_stack,
+                     same_size, value_of)
 
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
 MATMUL = (torch.matmul, operator.matmul, torch.Tensor.matmul, "matmul")
@@ -84,15 +84,13 @@ def _const(x: Any, what: str) -> float:
 
 
 def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
-    # (a single-entry list: _scores records a where-mask, built only once every check has passed)
     dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
     scores = sm.args[0]
     ndim = len(value_of(scores).shape) if isinstance(value_of(scores), torch.Tensor) else None
     if dim is None or dim not in (-1, None if ndim is None else ndim - 1):  # None: torch's legacy implicit dim
         raise CantRewrite("eager_attention", f"softmax over dim {dim}, not the last")
     _only_user(scores, "scores")
-    where: list = []
-    scale, mask, qk = _scores(scores, where)
+    scale, mask, where, qk = _scores(scores)
     _only_user(qk, "scores")
     pv = _probabilities(sm)
     q, kt = qk.args[-2:]  # matmul / bmm (q, k^T); baddbmm (zeros, q, k^T)
@@ -105,7 +103,7 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
                                              f"values {tuple(vals[2].shape)} differ in batch or heads")
     if len({t.dtype for t in vals}) != 1:  # GPT-Neo casts q and k to fp32; SDPA takes one dtype
         raise CantRewrite("eager_attention", f"queries, keys and values of dtypes {[t.dtype for t in vals]}")
-    for m in [mask] + [w[0] for w in where]:
+    for m in (mask, where[0] if where else None):
         if m is None:
             continue
         mv = value_of(m)
@@ -114,9 +112,14 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
                                                  f"(batch, heads, queries, keys)")
         if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
             raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
-    if where and (value_of(where[0][0]).dtype != torch.bool or value_of(where[0][1]).dtype != vals[0].dtype):
-        raise CantRewrite("eager_attention", f"torch.where over scores with a {value_of(where[0][0]).dtype} "
-                                             f"condition and a {value_of(where[0][1]).dtype} fill")
+    if where and mask is not None and _reads_input(mask):
+        # measured: GPT-Neo with a padded batch, default modes at keep 1.0, loss off the model by 1e-4 (the
+        # rewritten chain alone is exact, and so is tokens mode); until that is understood, refused
+        raise CantRewrite("eager_attention", "a torch.where mask together with a mask read from an input "
+                                             "(padding): not yet exact in the backward mode")
+    if where and (value_of(where[0]).dtype != torch.bool or value_of(where[1]).dtype != vals[0].dtype):
+        raise CantRewrite("eager_attention", f"torch.where over scores with a {value_of(where[0]).dtype} "
+                                             f"condition and a {value_of(where[1]).dtype} fill")
     target = pv if value_of(pv).dim() == 4 else _four_d_view(pv, vals)
     if k is None:  # every check passed: only now is the graph changed
         with g.inserting_after(kt):
@@ -124,7 +127,7 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
         k.meta.update({key: v for key, v in kt.meta.items() if key not in ("example_value", "val")})
         k.meta["example_value"] = vals[1]
     if where:
-        mask = _where_mask(g, target, *where[0], mask)
+        mask = _where_mask(g, target, *where, mask)
     with g.inserting_before(target):
         out = g.call_function(F.scaled_dot_product_attention, (q, k, v),
                               {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale})
@@ -136,18 +139,12 @@ def _where_mask(g: fx.Graph, before: fx.Node, cond: fx.Node, fill: fx.Node, add:
     """where(cond, 0, fill) [+ add]: the additive mask equal to masking the scores with where(cond, s, fill)."""
     with g.inserting_before(before):
         mask = g.call_function(torch.where, (cond, 0.0, fill))
-        mask.meta["example_value"] = _fake(torch.where, value_of(cond), 0.0, value_of(fill))
+        mask.meta["example_value"] = fake_apply(torch.where, cond, 0.0, fill)
         if add is not None:
             mask_sum = g.call_function(operator.add, (mask, add))
-            mask_sum.meta["example_value"] = _fake(operator.add, value_of(mask), value_of(add))
+            mask_sum.meta["example_value"] = fake_apply(operator.add, mask, add)
             mask = mask_sum
     return mask
-
-
-def _fake(fn, *vals):
-    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
-    with mode:
-        return fn(*vals)
 
 
 def _heads(node: fx.Node, what: str) -> fx.Node:
@@ -191,15 +188,15 @@ def _four_d_view(pv: fx.Node, vals: list) -> fx.Node:
     return user
 
 
-def _scores(node: fx.Node, where: list) -> tuple[float, fx.Node | None, fx.Node]:
-    """Walk back from the softmax input to the q @ k^T matmul: (scale, additive mask or None, matmul); a
-    where-mask found on the way is appended to `where` as (condition, fill)."""
-    scale, mask = 1.0, None
+def _scores(node: fx.Node) -> tuple[float, fx.Node | None, tuple[fx.Node, fx.Node] | None, fx.Node]:
+    """Walk back from the softmax input to the q @ k^T matmul: (scale, additive mask or None, where-mask
+    (condition, fill) or None, matmul). Nothing is changed: _rewrite builds the masks once every check passed."""
+    scale, mask, where = 1.0, None, None
     while True:
         if is_call(node, *MATMUL, *BMM):
-            return scale, mask, node
+            return scale, mask, where, node
         if is_call(node, *BADDBMM):
-            return scale * _zero_base(node), mask, node
+            return scale * _zero_base(node), mask, where, node
         if node.op not in ("call_function", "call_method"):
             raise CantRewrite("eager_attention", f"the scores come from {node.op} {node.name}, not q @ k^T")
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
@@ -221,7 +218,7 @@ def _scores(node: fx.Node, where: list) -> tuple[float, fx.Node | None, fx.Node]
                                                      f"(batch, heads, queries, keys)")
             if mask is not None and scale != 1.0:  # mask added after the scale: fine; before it: the mask is scaled
                 raise CantRewrite("eager_attention", f"the mask {mask.name} is added before a scale of the scores")
-        elif is_call(node, torch.where, "where") and len(node.args) == 3 and not node.kwargs and not where:
+        elif is_call(node, torch.where, "where") and len(node.args) == 3 and not node.kwargs and where is None:
             cond, nxt, fill = node.args
             if not (isinstance(cond, fx.Node) and isinstance(nxt, fx.Node) and _range_bottom(fill)):
                 raise CantRewrite("eager_attention", f"{node.name} is a torch.where over the scores that is not "
@@ -231,7 +228,7 @@ def _scores(node: fx.Node, where: list) -> tuple[float, fx.Node | None, fx.Node]
                                                      f"or before a scale")
             if value_of(node) is None or value_of(node).dim() != 4:
                 raise CantRewrite("eager_attention", f"{node.name} masks scores that are not 4-D")
-            where.append((cond, fill))
+            where = (cond, fill)
         elif _is_cast(node) or is_call(node, "view", "reshape", torch.reshape) or _min_clamp(node):
             nxt = node.args[0]
         elif _row_max_shift(node):  # s - max(s, -1): softmax does not change; SDPA does the same inside
@@ -262,6 +259,20 @@ def _min_clamp(node: fx.Node) -> bool:
     value = (lo.args[0] if is_call(lo, torch.tensor) and lo.args else
              lo.args[1] if is_call(lo, torch.full) and len(lo.args) > 1 and tuple(lo.args[0]) == () else None)
     return value in {torch.finfo(t).min for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _reads_input(node: fx.Node) -> bool:
+    """Whether a tensor graph input (an attention_mask, position_ids) is among node's producers."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _range_bottom(fill: Any) -> bool:

@@ -41,8 +41,8 @@ import torch.fx as fx
 from lemo_compile import traced
 
 from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
-from .common import (SDPA_TARGETS, CantRewrite, PassResult, attention_dropout, eliminate_dead_code, finish, is_call,
-                     shape_of, value_of)
+from .common import (SDPA_TARGETS, CantRewrite, PassResult, attention_dropout, eliminate_dead_code, fake_apply, finish,
+                     is_call, shape_of, size_hint, value_of)
 
 PADDING, PACKED = "padding", "packed"
 _PROBE_SEED = 1234
@@ -255,13 +255,11 @@ def _read(gm: fx.GraphModule, mask: fx.Node) -> tuple[str | None, fx.Node | str]
 
 
 def _hint(d) -> int:
-    """A size as an int: itself, or the value a symbolic size had when traced."""
-    if isinstance(d, int):
-        return d
-    hint = getattr(getattr(d, "node", None), "hint", None)
+    """size_hint, raising where a symbolic size has no hint (the mask is then left alone)."""
+    hint = size_hint(d)
     if hint is None:
         raise ValueError(f"size {d} has no hint")
-    return int(hint)
+    return hint
 
 
 def _scalar_inputs(nodes: list[fx.Node]) -> dict[fx.Node, int]:
@@ -360,28 +358,20 @@ def _matches(evaluate, probe: torch.Tensor, kind: str, mb: int, n: int) -> bool:
 # -- rewriting ---------------------------------------------------------------------------------------
 
 
-def _fake(node: fx.Node, fn, *args) -> torch.Tensor:
-    """fn applied to the fake values of args (under their fake mode): a new node's example value."""
-    vals = [value_of(a) if isinstance(a, fx.Node) else a for a in args]
-    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))  # the tensors' own mode
-    with mode:
-        return fn(*vals)
-
-
 def _rewrite(gm: fx.GraphModule, mask: fx.Node, kind: str, src: fx.Node) -> None:
     g = gm.graph
     with g.inserting_after(mask):
         if kind == PADDING:
             seg = g.call_function(traced.segments_from_padding, (src,))
-            seg.meta["example_value"] = _fake(seg, traced.segments_from_padding, src)
+            seg.meta["example_value"] = fake_apply(traced.segments_from_padding, src)
         else:
             b = shape_of(mask)[0]
             b = b if isinstance(b, int) else None  # a symbolic batch: position_ids carry it
             seg = g.call_function(traced.segments_from_positions, (src, b))
-            seg.meta["example_value"] = _fake(seg, traced.segments_from_positions, src, b)
+            seg.meta["example_value"] = fake_apply(traced.segments_from_positions, src, b)
     with g.inserting_after(seg):
         smask = g.call_function(traced.segment_mask, (seg,))
-        smask.meta["example_value"] = _fake(smask, traced.segment_mask, seg)
+        smask.meta["example_value"] = fake_apply(traced.segment_mask, seg)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in mask.meta:
             seg.meta[key] = smask.meta[key] = mask.meta[key]

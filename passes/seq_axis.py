@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import LINEAR_TARGETS, SDPA_TARGETS, CantRewrite, is_call, op_name, same_size, shape_of, value_of
+from .common import LINEAR_TARGETS, SDPA_TARGETS, CantRewrite, is_call, op_name, same_size, shape_of, size_hint, value_of
 
 
 _ELEMENTWISE = {
@@ -334,7 +334,7 @@ def probe_axis(node: fx.Node, axes: dict, fail) -> int:
     for a in node.all_input_nodes:
         v = value_of(a)
         if isinstance(v, torch.Tensor):
-            shape = [_hint(s) for s in v.shape]
+            shape = [size_hint(s) for s in v.shape]
             if None in shape:
                 fail("unsupported op (an input has a size without a hint)")
             if a in axes:
@@ -373,13 +373,6 @@ def is_collective(target: Any) -> bool:
     if "c10d" in op_name(target).split("::")[0]:
         return True
     return (getattr(target, "__module__", None) or "").startswith("torch.distributed")
-
-
-def _hint(s: Any) -> int | None:
-    if isinstance(s, int):
-        return s
-    hint = getattr(getattr(s, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
 
 
 def _random(shape: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -275,3 +275,26 @@ def test_dynamic_length_masks_are_read_band_by_band(monkeypatch):
                               config=LemoConfig(inner="eager", dense_layers=(0,)), dynamic=True)
     rec = next(r for r in ex.records if r.masks is not None)
     assert list(rec.masks.structured.values()) == ["padding"], rec.masks.skips
+
+
+@pytest.mark.parametrize("kind", ["left", "right", "empty_row", "packed"])
+def test_dynamic_length_padded_and_packed_batches_equal_the_model(monkeypatch, kind):
+    """A dynamic-length graph's padded / packed mask read band by band (whole evaluation off) is carried
+    as segments and, at keep_ratio 1.0, gives the model's own loss and gradients: left padding (queries
+    that see no key), right padding, a fully padded row whose labels are all ignored, packed documents."""
+    from lemo_compile.backend import clear_records
+    from lemo_compile.passes import masks
+    from lemo_compile.testing.models import assert_step_close, step_grads
+
+    monkeypatch.setattr(masks, "FULL_EVAL_BYTES", 0)
+    model = tiny_model("llama", lora=True)
+    batch = padded_batch(kind)
+    torch._dynamo.reset()
+    clear_records()
+    compiled = torch.compile(model, backend=lemo_compile.backend(LemoConfig(inner="eager", keep_ratio=1.0)),
+                             dynamic=True)
+    got = step_grads(model, compiled, batch)
+    assert torch.isfinite(got[0]) and all(torch.isfinite(g).all() for g in got[1].values())
+    rec = next(r for r in lemo_compile.records() if r.masks is not None and r.masks.structured)
+    assert list(rec.masks.structured.values()) == ["packed" if kind == "packed" else "padding"]
+    assert_step_close(got, step_grads(model, model, batch))
