@@ -489,7 +489,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig):
         rec.before = gm.print_readable(print_output=False)
         if cfg.eager_attention:
             from .passes.eager_attention import sdpa_from_eager
-            rec.eager_attention = sdpa_from_eager(gm)
+            rec.eager_attention = sdpa_from_eager(gm, example_inputs)
         if cfg.causal_mask:
             from .passes.causal import make_causal
             from .passes.masks import structure_masks

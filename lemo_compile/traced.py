@@ -125,8 +125,11 @@ def straight_through_rows(dense: torch.Tensor, rows: torch.Tensor, idx: torch.Te
 # -- masks carried as segments (passes.masks; docs/design.md §2.1) -------------------------------------
 # A (b, n) int tensor of segment ids stands for the model's causal mask: 0 = a padding token, k >= 1 =
 # the k-th document of its row. Query i may attend key j iff seg_i == seg_j != 0 and j <= i. A padding
-# query sees no key (its attention output is 0); the model's mask may let it see earlier real keys, but
-# no real token reads a padding row and its label is ignore_index, so loss and gradients are the same.
+# query sees no key (its attention output is 0). No real token reads a padding row, and HF's loss reads
+# one only where its next token is real: the last left pad, which sees no key in the model's mask either
+# (SDPA gives 0 under a bool mask; float masks are not made segments, passes.masks.FLOAT_PADDING), and
+# the last pad of a hole inside a row, which the model lets see earlier real keys: not exact (a batch
+# with padding between real tokens; HF collators pad at one end).
 
 
 def segments_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:

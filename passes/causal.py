@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from .common import (SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, same_size, shape_of, size_hint,
-                     subgraph_modules, value_of)
+                     subgraph_modules, value_of, written_in_place)
 
 
 # Largest mask evaluated whole when its rows cannot be evaluated band by band.
@@ -151,6 +151,8 @@ def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
     if not same_size(shp[-1], shp[-2]):
         return f"mask is {shp[-2]} x {shp[-1]}, not square"
     nodes = _ancestors(mask)
+    if (w := written_in_place(nodes)) is not None:
+        return f"mask is written in place by {w.name}"
     for n in nodes:
         if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor):
             return f"mask depends on the input {n.name} (an attention_mask or position_ids)"

@@ -276,6 +276,18 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def written_in_place(nodes: Iterable[fx.Node]) -> fx.Node | None:
+    """An in-place op outside `nodes` (x[i] = v, x.masked_fill_(...)) that writes the storage of one of
+    them: their values then depend on more than their producers, and evaluating those alone is wrong."""
+    nodes = set(nodes)
+    for n in nodes:
+        for a in _aliases(n):
+            for u in a.users:
+                if u not in nodes and _mutates(u) and u.args and u.args[0] is a:
+                    return u
+    return None
+
+
 def _functorch_state(node: fx.Node) -> bool:
     """A call that changes functorch's interpreter stack (vmap's _vmap_increment_nesting and
     _vmap_decrement_nesting, with no users, in Mamba's selective scan under torch.vmap): FX does not

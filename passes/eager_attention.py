@@ -17,7 +17,10 @@ Scores computed over (batch x heads) rows with bmm / baddbmm (BART-era models, G
 too, when the queries, keys and values are views of 4-D tensors and the output is viewed back to 4-D.
 A mask applied as `torch.where(m, s, c)` with c at the bottom of the float range (GPT-Neo) becomes the
 additive mask `where(m, 0, c)` (plus any additive mask after it): s + c rounds to c for every finite
-score, so the masked entries, and whole masked rows, are the same as in the eager chain.
+score, so the masked entries are the same as in the eager chain. Only where every query keeps a key: in a
+row that sees none the values agree but the gradients do not (the where passes none to the scores it
+masks), so the condition and mask must be constants the pass can evaluate (GPT-Neo's causal buffer, or
+HF's padding mask, are inputs: refused).
 
 A chain is left alone, with the reason, when it holds anything SDPA cannot express: a soft cap (tanh)
 on the scores, attention sinks (the scores read twice), a scale or mask computed as a product with a
@@ -28,14 +31,16 @@ not the queries'.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .causal import FULL_EVAL_BYTES, _ancestors, _subgraph
 from .common import (EAGER_REFUSAL, CantRewrite, PassResult, fake_apply, finish, graph_modules, is_call, module_stack,
-                     same_size, value_of)
+                     same_size, value_of, written_in_place)
 
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
 MATMUL = (torch.matmul, operator.matmul, torch.Tensor.matmul, "matmul")
@@ -47,14 +52,16 @@ SCALE = {operator.mul: 1, torch.mul: 1, "mul": 1, operator.truediv: -1, torch.di
 CASTS = ("float", "half", "bfloat16", "type_as", "contiguous")
 
 
-def sdpa_from_eager(gm: fx.GraphModule) -> PassResult:
-    """Rewrite every provable eager attention chain of the root graph and checkpoint bodies (see module doc)."""
+def sdpa_from_eager(gm: fx.GraphModule, example_inputs: Sequence = ()) -> PassResult:
+    """Rewrite every provable eager attention chain of the root graph and checkpoint bodies (see module doc).
+    example_inputs: the root graph's inputs, whose module buffers a torch.where mask may be read from."""
     res = PassResult("eager_attention")
     changed = []
+    buffers = _buffers(gm, example_inputs)
     for mod in graph_modules(gm):
         for sm in [n for n in mod.graph.nodes if is_call(n, *SOFTMAX)]:
             try:
-                _rewrite(mod.graph, sm)
+                _rewrite(mod.graph, sm, buffers if mod is gm else {})
             except CantRewrite as e:
                 res.skip(e.kind, _where(sm), e.detail)
                 sm.meta[EAGER_REFUSAL] = e.detail  # detect names it where it finds no SDPA
@@ -83,7 +90,17 @@ def _const(x: Any, what: str) -> float:
     raise CantRewrite("eager_attention", f"the scores are scaled by {x} ({what}), not a number known at compile time")
 
 
-def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
+def _buffers(gm: fx.GraphModule, example_inputs: Sequence) -> dict[fx.Node, torch.Tensor]:
+    """Placeholder -> value of the root graph's inputs that are module buffers (Dynamo names them after
+    their source, `..._buffers_<name>_`), where a real tensor was given for them."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(example_inputs):
+        return {}
+    return {n: t for n, t in zip(phs, example_inputs) if "_buffers_" in n.name and isinstance(t, torch.Tensor)
+            and not isinstance(t, torch._subclasses.FakeTensor)}
+
+
+def _rewrite(g: fx.Graph, sm: fx.Node, buffers: dict) -> None:
     dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
     scores = sm.args[0]
     ndim = len(value_of(scores).shape) if isinstance(value_of(scores), torch.Tensor) else None
@@ -112,11 +129,10 @@ def _rewrite(g: fx.Graph, sm: fx.Node) -> None:
                                                  f"(batch, heads, queries, keys)")
         if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
             raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
-    if where and mask is not None and _reads_input(mask):
-        # measured: GPT-Neo with a padded batch, default modes at keep 1.0, loss off the model by 1e-4 (the
-        # rewritten chain alone is exact, and so is tokens mode); until that is understood, refused
-        raise CantRewrite("eager_attention", "a torch.where mask together with a mask read from an input "
-                                             "(padding): not yet exact in the backward mode")
+    why = (_why_a_row_may_be_empty(g, where[0], mask, buffers) if where else
+           _why_an_input_mask_may_leave_a_query_no_key(g, mask, buffers) if mask is not None else None)
+    if why:
+        raise CantRewrite("eager_attention", why)
     if where and (value_of(where[0]).dtype != torch.bool or value_of(where[1]).dtype != vals[0].dtype):
         raise CantRewrite("eager_attention", f"torch.where over scores with a {value_of(where[0]).dtype} "
                                              f"condition and a {value_of(where[1]).dtype} fill")
@@ -261,18 +277,57 @@ def _min_clamp(node: fx.Node) -> bool:
     return value in {torch.finfo(t).min for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
-def _reads_input(node: fx.Node) -> bool:
-    """Whether a tensor graph input (an attention_mask, position_ids) is among node's producers."""
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
+def _why_an_input_mask_may_leave_a_query_no_key(g: fx.Graph, mask: fx.Node, buffers: dict) -> str | None:
+    """None unless the additive mask reads an input and may leave a query no key (padding: not a packed
+    mask, where every token sees itself). A query that sees no key has every score at the mask value: the
+    eager softmax averages every value alike, SDPA's fused backward recomputes the probabilities from a
+    log-sum-exp that rounds to the mask value (measured on CPU: parameter gradients off by 3e3), and
+    passes.masks cannot make its segments (FLOAT_PADDING). HF's loss reads that row (the last left pad)."""
+    from .masks import PACKED, _read
+
+    inputs = [n for n in _ancestors(mask) if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor)
+              and n not in buffers]
+    if not inputs:
+        return None
+    kind, _ = _read(g.owning_module, mask)
+    if kind == PACKED:
+        return None
+    return (f"the mask ({mask.name}) reads the input {inputs[0].name} and may leave a query no key (left "
+            f"padding), whose eager softmax SDPA's fused backward does not reproduce")
+
+
+def _why_a_row_may_be_empty(g: fx.Graph, cond: fx.Node, add: fx.Node | None, buffers: dict) -> str | None:
+    """None when every query keeps a key under where(cond, s, fill) [+ add], proven by evaluating cond and
+    add, built from shapes, constants and module buffers (`buffers`: placeholder -> its tensor at compile
+    time; GPT-Neo's causal buffer). A query that sees no key gets a uniform softmax over scores at the
+    bottom of the range; the model's torch.where passes that row's gradient only to the scores it kept,
+    SDPA's additive mask to every score of the row (measured: GPT-Neo with left padding, where the last pad
+    token predicts the first real one, parameter gradients off by up to 4e2 at an equal loss)."""
+    keep = None
+    for what, m in (("condition", cond), ("added mask", add)):
+        if m is None:
             continue
-        seen.add(n)
-        if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor):
-            return True
-        todo.extend(n.all_input_nodes)
-    return False
+        nodes = _ancestors(m)
+        inputs = tuple(n for n in nodes if n.op == "placeholder")
+        if any(n not in buffers for n in inputs):
+            name = next(n.name for n in inputs if n not in buffers)
+            return (f"the torch.where {what} ({m.name}) reads the input {name} (padding?): a query it leaves no "
+                    f"key would get gradient through the keys torch.where masks")
+        if (w := written_in_place(nodes)) is not None:
+            return f"the torch.where {what} ({m.name}) is written in place by {w.name}"
+        if value_of(m).numel() * 4 > FULL_EVAL_BYTES:
+            return f"the torch.where {what} ({m.name}) is too large to check at compile time"
+        try:
+            with torch.no_grad():
+                value = _subgraph(g.owning_module, nodes, m, inputs=inputs)(*(buffers[n] for n in inputs))
+        except Exception as e:  # anything odd: not proven
+            return f"could not evaluate the torch.where {what} {m.name}: ({type(e).__name__}: {e})"
+        value = value.bool() if m is cond else value > torch.finfo(value.dtype).min / 2
+        keep = value if keep is None else keep & value
+    if not keep.any(-1).all():
+        return ("a query sees no key under the torch.where mask: SDPA would pass its gradient to the keys "
+                "torch.where masks")
+    return None
 
 
 def _range_bottom(fill: Any) -> bool:

@@ -24,8 +24,9 @@ What "checks" means: the mask's subgraph must read exactly one input tensor, of 
 evaluated on probe inputs (padding on the left, on the right, in holes, none; or packed documents of
 random lengths, one-token documents included) and must equal what the segments stand for on every
 row of a real token (a padding row of the model's mask may see earlier real keys; the segments give it
-none: no real token reads a padding row, and its label is ignore_index, so loss and gradients are the
-same). Sliding-window masks, masks that read two inputs, and anything else that does not match are
+none). No real token reads a padding row; HF's loss reads one, the last left pad (its logits predict the
+first real token), whose query sees no key: SDPA gives it 0 under a bool mask, as the segments do, but
+under a float mask it averages every value, so float padding masks are left alone (`FLOAT_PADDING`). Sliding-window masks, masks that read two inputs, and anything else that does not match are
 left alone with a SkipReason (attention then keeps the tensor, as before). Masks must be at most
 `FULL_EVAL_BYTES` per probe unless their rows can be evaluated a band at a time (HF's can).
 """
@@ -42,9 +43,14 @@ from lemo_compile import traced
 
 from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
 from .common import (SDPA_TARGETS, CantRewrite, PassResult, attention_dropout, eliminate_dead_code, fake_apply, finish,
-                     is_call, shape_of, size_hint, value_of)
+                     is_call, shape_of, size_hint, value_of, written_in_place)
 
 PADDING, PACKED = "padding", "packed"
+# A left-padded query sees no key. Under a bool mask SDPA gives it 0, as the segments do; under a float
+# mask (finfo.min) its scores all round to the mask value and the model averages every value alike. HF's
+# loss reads that row (the last pad token predicts the first real one), so the segments would change it.
+FLOAT_PADDING = ("a float padding mask: a query that sees no key (left padding) averages every value in the "
+                 "model and gets 0 from segments, and HF's loss reads the last pad token's output")
 _PROBE_SEED = 1234
 
 
@@ -226,6 +232,8 @@ def _read(gm: fx.GraphModule, mask: fx.Node) -> tuple[str | None, fx.Node | str]
     if mshape is None or len(mshape) != 4:
         return None, "mask is not 4-D"
     nodes = _ancestors(mask)
+    if (w := written_in_place(nodes)) is not None:
+        return None, f"mask is written in place by {w.name}"
     inputs = [n for n in nodes if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor)]
     for n in nodes:
         if n.op not in ("placeholder", "call_function", "call_method", "get_attr"):
@@ -247,6 +255,8 @@ def _read(gm: fx.GraphModule, mask: fx.Node) -> tuple[str | None, fx.Node | str]
         device = value_of(src).device
         for kind in (PADDING, PACKED):
             if all(_matches(evaluate, probe, kind, mb, n) for probe in _probes(kind, b, n, device)):
+                if kind == PADDING and value_of(mask).is_floating_point():
+                    return None, FLOAT_PADDING
                 return kind, src
     except Exception as e:  # anything odd: the mask stays
         return None, f"could not evaluate the mask ({type(e).__name__}: {e})"

@@ -247,6 +247,33 @@ def test_mask_that_is_not_row_local_needs_whole_evaluation(monkeypatch, whole_li
         assert res.largest_mask_left == 0
 
 
+class _CausalThenClearedInPlace(torch.nn.Module):
+    """A causal mask with one key then cleared in place: its producers alone say causal, the write does not."""
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        mask[:, 5] = False
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+
+def test_mask_written_in_place_is_not_proven_causal():
+    from lemo_compile.passes import causal
+
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    got = {}
+
+    def backend(gm, example_inputs):
+        got["res"] = causal.make_causal(gm)
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(_CausalThenClearedInPlace(), backend=backend)(q, k, v)
+    torch.testing.assert_close(out, _CausalThenClearedInPlace()(q, k, v))
+    res = got["res"]
+    assert res.counters["sdpa_made_causal"] == 0 and "written in place" in res.skips[0].detail, res.skips
+
+
 def test_large_mask_left_in_place_is_a_warning(monkeypatch, caplog):
     # the user learns from one log line that attention keeps an n x n mask (as in the 128K run)
     import logging
