@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import num_blocks
+from .selection import num_blocks, pad_tokens
 
 _MASK31 = (1 << 31) - 1
 
@@ -35,8 +35,8 @@ def block_mean(x: torch.Tensor, token_valid: torch.Tensor | None, block: int) ->
     b, n, d = x.shape
     nb = num_blocks(n, block)
     w = torch.ones(b, n, device=x.device, dtype=torch.float32) if token_valid is None else token_valid.float()
-    xp = torch.nn.functional.pad(x.float() * w.unsqueeze(-1), (0, 0, 0, nb * block - n))
-    wp = torch.nn.functional.pad(w, (0, nb * block - n))
+    xp = pad_tokens(x.float() * w.unsqueeze(-1), nb * block - n)
+    wp = pad_tokens(w, nb * block - n)
     s = xp.view(b, nb, block, d).sum(2)
     c = wp.view(b, nb, block).sum(2).clamp(min=1.0)
     return s / c.unsqueeze(-1)

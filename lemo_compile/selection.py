@@ -54,12 +54,22 @@ def resolve_forced(forced: Sequence[int], nb: int) -> list[int]:
     return out
 
 
+def pad_tokens(t: torch.Tensor, after, before=0, value=0) -> torch.Tensor:
+    """t (b, n, ...) with `before` and `after` entries of `value` added on the token axis (1), by
+    torch.cat. Not F.pad: its kernel needs concrete sizes, and lemo runs these functions outside Dynamo
+    too (fake propagation of the rewritten graph's metadata), where a symbolic pad made CPU raise and
+    CUDA specialize the length (a new graph at every length). No branch on the sizes either: a guard
+    on `pad != 0` would split multiples of the block from other lengths."""
+    shape = (t.shape[0], before, *t.shape[2:]), (t.shape[0], after, *t.shape[2:])
+    return torch.cat([t.new_full(shape[0], value), t, t.new_full(shape[1], value)], 1)
+
+
 def block_validity(token_valid: torch.Tensor, block: int) -> torch.Tensor:
     """(b, n) bool -> (b, nb) bool: a block is real if any of its tokens is."""
     b, n = token_valid.shape
     nb = num_blocks(n, block)
     pad = nb * block - n
-    tv = torch.nn.functional.pad(token_valid.to(torch.int8), (0, pad))
+    tv = pad_tokens(token_valid.to(torch.int8), pad)
     return tv.view(b, nb, block).amax(-1) > 0
 
 
@@ -101,10 +111,10 @@ def document_blocks(seg: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
     b, n = seg.shape
     nb = num_blocks(n, block)
     pad = nb * block - n
-    s = torch.nn.functional.pad(seg, (0, pad)).view(b, nb, block)
-    prev = torch.nn.functional.pad(seg, (1, 0))[:, :n]
+    s = pad_tokens(seg, pad).view(b, nb, block)
+    prev = pad_tokens(seg, 0, 1)[:, :n]
     starts = (seg != 0) & (seg != prev)
-    has_start = torch.nn.functional.pad(starts.to(torch.int8), (0, pad)).view(b, nb, block).amax(-1) > 0
+    has_start = pad_tokens(starts.to(torch.int8), pad).view(b, nb, block).amax(-1) > 0
     first_real = torch.argmax((s != 0).to(torch.int8), dim=-1, keepdim=True)  # 0 for an all-padding block
     return s.gather(-1, first_real).squeeze(-1), has_start
 

@@ -112,3 +112,27 @@ def test_packed_document_count_changes_do_not_recompile():
     assert compiled[0] > 0 and compiled[1:] == [compiled[0]] * 3, compiled
     recs = [r for r in lemo_compile.records() if r.detect and r.detect.layers]
     assert recs and all(r.sparsify.counters["sparse_layers"] == 3 for r in recs)
+
+
+def test_block_functions_keep_a_symbolic_length_symbolic():
+    """lemo's block functions run outside Dynamo too (fake propagation of the rewritten graph's metadata,
+    inner="inductor"): on a symbolic length they must neither fail (F.pad did on CPU) nor specialize it (it
+    did on CUDA: the varying-length loop compiled a new graph at every length on an H100)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from lemo_compile.predictors import block_mean
+    from lemo_compile.selection import block_validity, document_blocks
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    dyn = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    x = mode.from_tensor(torch.randn(2, 200, 8), symbolic_context=dyn)
+    n = x.shape[1]
+    with mode:
+        valid = x[..., 0] > -1.0
+        outs = [block_mean(x, valid, 64), block_validity(valid, 64), *document_blocks(valid.to(torch.int32), 64)]
+    (sym,) = n.node.expr.free_symbols
+    assert sym not in env.replacements, env.replacements
+    for out in outs:
+        assert isinstance(out.shape[1], torch.SymInt) and out.shape[1].node.expr.free_symbols == {sym}
