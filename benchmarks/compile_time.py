@@ -132,6 +132,7 @@ def worker(args) -> dict:
            "cache_reasons": cache_log.reasons,
            "graphs": int(counters["stats"].get("unique_graphs", 0)),
            "lemo_records": len(recs), "recompile_reasons": [r.recompile_reason for r in recs if r.recompile_reason],
+           "metadata_skipped": [r.metadata_skipped for r in recs if getattr(r, "metadata_skipped", None)],
            "attention_paths": [getattr(r, "attention_path", None) for r in recs],
            "sparse_layers": sum(len(r.sparsify.layers) for r in recs if r.sparsify is not None),
            "shared_layers": sum(r.regions.layers_shared for r in recs if getattr(r, "regions", None) is not None),

@@ -43,7 +43,7 @@ def main() -> None:
         step(input_ids=ids, labels=ids).loss.backward()
         recs = lemo_compile.records()
         print(f"STEP length {n}: graphs {counters['stats'].get('unique_graphs', 0)}, lemo records {len(recs)}, "
-              f"reason {recs[-1].recompile_reason if recs else None}", flush=True)
+              f"reason {recs[-1].recompile_reason if recs else None}, metadata skipped {recs[-1].metadata_skipped if recs else None}", flush=True)
 
 
 if __name__ == "__main__":

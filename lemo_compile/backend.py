@@ -54,6 +54,7 @@ class CompileRecord:
     regions: Any = None  # passes.regions.RegionsResult (regional compilation)
     left_alone: str | None = None  # why nothing was rewritten
     recompile_reason: str | None = None  # why Dynamo compiled this frame again (its first failed guard)
+    metadata_skipped: str | None = None  # why the inserted nodes got no fake values (AOT's cache then bypassed)
     before: str = ""  # readable graph before the rewrite
     after: str = ""  # ... and after
     aot_graphs: list[str] = dataclasses.field(default_factory=list)  # "forward"/"backward" passes ran on
@@ -168,7 +169,7 @@ def clear_records() -> None:
     RECORDS.clear()
 
 
-def _fill_example_values(gm: fx.GraphModule) -> None:
+def _fill_example_values(gm: fx.GraphModule, rec: CompileRecord) -> None:
     """Give the nodes lemo's rewrites inserted the fake values Dynamo's own nodes carry
     (meta["example_value"]), by fake propagation from the placeholders' values: AOT autograd's cache
     refuses a graph in which a method is called on a value without one (and then compiles it afresh
@@ -184,7 +185,8 @@ def _fill_example_values(gm: fx.GraphModule) -> None:
     try:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
     except Exception as e:  # a report-level loss only: the graph then bypasses AOT autograd's cache
-        log.debug("lemo: fake propagation for cache metadata failed: %s: %s", type(e).__name__, e)
+        rec.metadata_skipped = f"{type(e).__name__}: {e}"[:300]
+        log.info("lemo: fake propagation for cache metadata failed: %s", rec.metadata_skipped)
         return
     for n in gm.graph.nodes:
         if "example_value" not in n.meta and "val" in n.meta:
@@ -550,7 +552,7 @@ def _inner(gm: fx.GraphModule, example_inputs: list, cfg: LemoConfig, rec: Compi
     joint = JointPasses(cfg, rec)
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     if cfg.inner is Inner.INDUCTOR and rec.rewritten:
-        _fill_example_values(gm)  # before share_layers: fake propagation through a shared body rewrites its metadata
+        _fill_example_values(gm, rec)  # before share_layers: fake propagation through a shared body rewrites its metadata
         if cfg.regional and not cfg.offload:
             from .passes.regions import share_layers
             rec.regions = share_layers(gm)

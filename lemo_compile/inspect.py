@@ -15,6 +15,8 @@ def format_record(rec: Any, graphs: bool = False) -> str:
              f"mlp_mode={rec.config.mlp_mode.value} keep_ratio={rec.config.keep_ratio} predictor={rec.config.predictor}"]
     if getattr(rec, "recompile_reason", None):
         lines.append(f"  recompiled: {rec.recompile_reason}")
+    if getattr(rec, "metadata_skipped", None):
+        lines.append(f"  fake values of inserted nodes not filled (AOT autograd's cache bypassed): {rec.metadata_skipped}")
     det = rec.detect
     if det is not None:
         s = det.summary()
