@@ -58,10 +58,11 @@ def sdpa_from_eager(gm: fx.GraphModule, example_inputs: Sequence = ()) -> PassRe
     res = PassResult("eager_attention")
     changed = []
     buffers = _buffers(gm, example_inputs)
+    checked: dict = {}  # (where condition, mask) -> why not: HF shares one mask among all layers
     for mod in graph_modules(gm):
         for sm in [n for n in mod.graph.nodes if is_call(n, *SOFTMAX)]:
             try:
-                _rewrite(mod.graph, sm, buffers if mod is gm else {})
+                _rewrite(mod.graph, sm, buffers if mod is gm else {}, checked)
             except CantRewrite as e:
                 res.skip(e.kind, _where(sm), e.detail)
                 sm.meta[EAGER_REFUSAL] = e.detail  # detect names it where it finds no SDPA
@@ -100,7 +101,7 @@ def _buffers(gm: fx.GraphModule, example_inputs: Sequence) -> dict[fx.Node, torc
             and not isinstance(t, torch._subclasses.FakeTensor)}
 
 
-def _rewrite(g: fx.Graph, sm: fx.Node, buffers: dict) -> None:
+def _rewrite(g: fx.Graph, sm: fx.Node, buffers: dict, checked: dict) -> None:
     dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
     scores = sm.args[0]
     ndim = len(value_of(scores).shape) if isinstance(value_of(scores), torch.Tensor) else None
@@ -129,8 +130,11 @@ def _rewrite(g: fx.Graph, sm: fx.Node, buffers: dict) -> None:
                                                  f"(batch, heads, queries, keys)")
         if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
             raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
-    why = (_why_a_row_may_be_empty(g, where[0], mask, buffers) if where else
-           _why_an_input_mask_may_leave_a_query_no_key(g, mask, buffers) if mask is not None else None)
+    key = (where[0] if where else None, mask)
+    if key not in checked:
+        checked[key] = (_why_a_row_may_be_empty(g, where[0], mask, buffers) if where else
+                        _why_an_input_mask_may_leave_a_query_no_key(g, mask, buffers) if mask is not None else None)
+    why = checked[key]
     if why:
         raise CantRewrite("eager_attention", why)
     if where and (value_of(where[0]).dtype != torch.bool or value_of(where[1]).dtype != vals[0].dtype):
@@ -283,13 +287,13 @@ def _why_an_input_mask_may_leave_a_query_no_key(g: fx.Graph, mask: fx.Node, buff
     eager softmax averages every value alike, SDPA's fused backward recomputes the probabilities from a
     log-sum-exp that rounds to the mask value (measured on CPU: parameter gradients off by 3e3), and
     passes.masks cannot make its segments (FLOAT_PADDING). HF's loss reads that row (the last left pad)."""
-    from .masks import PACKED, _read
+    from .masks import PACKED, read_mask
 
     inputs = [n for n in _ancestors(mask) if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor)
               and n not in buffers]
     if not inputs:
         return None
-    kind, _ = _read(g.owning_module, mask)
+    kind, _ = read_mask(g.owning_module, mask)
     if kind == PACKED:
         return None
     return (f"the mask ({mask.name}) reads the input {inputs[0].name} and may leave a query no key (left "

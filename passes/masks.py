@@ -74,7 +74,7 @@ def structure_masks(gm: fx.GraphModule) -> MasksResult:
         if mask.op == "placeholder" or is_call(mask, traced.segment_mask):
             continue
         why = _why_not_sdpa_only(gm, mask, sdpas)
-        kind, src = (None, None) if why else _read(gm, mask)
+        kind, src = (None, None) if why else read_mask(gm, mask)
         if kind is None:
             res.skip("mask_kept", mask.name, why or src)
             res.largest_mask_left = max(res.largest_mask_left, _nbytes(mask))
@@ -224,7 +224,7 @@ def _body_reads_only_sdpa(body: fx.GraphModule, call: fx.Node, mask: fx.Node) ->
     return any(a is mask for a in call.args[1:])
 
 
-def _read(gm: fx.GraphModule, mask: fx.Node) -> tuple[str | None, fx.Node | str]:
+def read_mask(gm: fx.GraphModule, mask: fx.Node) -> tuple[str | None, fx.Node | str]:
     """("padding" | "packed", the input it reads), or (None, why not)."""
     if mask.graph is not gm.graph:
         return None, "mask is computed outside the root graph"
