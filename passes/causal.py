@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from .common import (SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, same_size, shape_of, size_hint,
-                     subgraph_modules, value_of, written_in_place)
+                     producers, subgraph_modules, value_of)
 
 
 # Largest mask evaluated whole when its rows cannot be evaluated band by band.
@@ -150,9 +150,9 @@ def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
         return "mask is not 4-D"
     if not same_size(shp[-1], shp[-2]):
         return f"mask is {shp[-2]} x {shp[-1]}, not square"
-    nodes = _ancestors(mask)
-    if (w := written_in_place(nodes)) is not None:
-        return f"mask is written in place by {w.name}"
+    nodes = producers(mask)
+    if isinstance(nodes, str):
+        return f"mask {nodes}"
     for n in nodes:
         if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor):
             return f"mask depends on the input {n.name} (an attention_mask or position_ids)"

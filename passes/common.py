@@ -238,7 +238,10 @@ def same_size(a: Any, b: Any) -> bool:
 
 _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "transpose",
                            "permute", "t", "narrow", "select", "diagonal", "unflatten", "flatten", "as_strided",
-                           "__getitem__", "unfold", "split", "chunk", "unbind"})
+                           "__getitem__", "unfold", "split", "chunk", "unbind",
+                           # may return the tensor itself (same dtype, already contiguous): count as aliases
+                           "detach", "to", "type", "type_as", "bool", "float", "int", "long", "half", "bfloat16",
+                           "double", "contiguous", "reshape_as"})
 
 
 def _mutates(node: fx.Node) -> bool:
@@ -276,16 +279,30 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def written_in_place(nodes: Iterable[fx.Node]) -> fx.Node | None:
-    """An in-place op outside `nodes` (x[i] = v, x.masked_fill_(...)) that writes the storage of one of
-    them: their values then depend on more than their producers, and evaluating those alone is wrong."""
-    nodes = set(nodes)
-    for n in nodes:
+def producers(out: fx.Node) -> list[fx.Node] | str:
+    """What out's value depends on, in graph order: its producers and, transitively, the in-place ops
+    (x[i] = v, x.masked_fill_(...)) that write their storage before out is computed, with their own
+    producers; or why not (a write to out's own storage after it, which out's readers see). Evaluating
+    the producers alone misses such writes."""
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    own = _aliases(out)
+    seen: set[fx.Node] = set()
+    todo = [out]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
         for a in _aliases(n):
             for u in a.users:
-                if u not in nodes and _mutates(u) and u.args and u.args[0] is a:
-                    return u
-    return None
+                if u in seen or not (_mutates(u) and u.args and u.args[0] is a):
+                    continue
+                if order[u] < order[out]:
+                    todo.append(u)
+                elif a in own:
+                    return f"is written in place by {u.name} after it is computed"
+    return sorted(seen, key=order.__getitem__)
 
 
 def _functorch_state(node: fx.Node) -> bool:

@@ -17,10 +17,13 @@ Scores computed over (batch x heads) rows with bmm / baddbmm (BART-era models, G
 too, when the queries, keys and values are views of 4-D tensors and the output is viewed back to 4-D.
 A mask applied as `torch.where(m, s, c)` with c at the bottom of the float range (GPT-Neo) becomes the
 additive mask `where(m, 0, c)` (plus any additive mask after it): s + c rounds to c for every finite
-score, so the masked entries are the same as in the eager chain. Only where every query keeps a key: in a
-row that sees none the values agree but the gradients do not (the where passes none to the scores it
-masks), so the condition and mask must be constants the pass can evaluate (GPT-Neo's causal buffer, or
-HF's padding mask, are inputs: refused).
+score, so the masked entries are the same as in the eager chain.
+
+Every chain with a mask is rewritten only where every query keeps a key (`_why_a_query_may_see_no_key`):
+a query that sees none (left padding) gets a uniform softmax in the model, which SDPA does not reproduce
+(no gradient through a torch.where's masked scores; the fused backward's log-sum-exp). Proven for causal
+masks, packed masks, and masks evaluated at compile time from constants and module buffers (GPT-Neo's
+causal buffer); a padding mask read from an input is refused, with the reason.
 
 A chain is left alone, with the reason, when it holds anything SDPA cannot express: a soft cap (tanh)
 on the scores, attention sinks (the scores read twice), a scale or mask computed as a product with a
@@ -30,6 +33,7 @@ not the queries'.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -38,9 +42,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .causal import FULL_EVAL_BYTES, _ancestors, _subgraph
-from .common import (EAGER_REFUSAL, CantRewrite, PassResult, fake_apply, finish, graph_modules, is_call, module_stack,
-                     same_size, value_of, written_in_place)
+from .causal import FULL_EVAL_BYTES, _ancestors, _graphs, _subgraph, _why_not_causal
+from .common import (EAGER_REFUSAL, CantRewrite, PassResult, fake_apply, finish, is_call, module_stack,
+                     producers, same_size, shape_of, value_of)
+from .masks import PACKED, read_mask
 
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
 MATMUL = (torch.matmul, operator.matmul, torch.Tensor.matmul, "matmul")
@@ -57,12 +62,12 @@ def sdpa_from_eager(gm: fx.GraphModule, example_inputs: Sequence = ()) -> PassRe
     example_inputs: the root graph's inputs, whose module buffers a torch.where mask may be read from."""
     res = PassResult("eager_attention")
     changed = []
-    buffers = _buffers(gm, example_inputs)
-    checked: dict = {}  # (where condition, mask) -> why not: HF shares one mask among all layers
-    for mod in graph_modules(gm):
+    ctx = _Context(gm, _buffers(gm, example_inputs))
+    for mod, outer_of in _graphs(gm):
+        ctx.outer_of = outer_of
         for sm in [n for n in mod.graph.nodes if is_call(n, *SOFTMAX)]:
             try:
-                _rewrite(mod.graph, sm, buffers if mod is gm else {}, checked)
+                _rewrite(mod.graph, sm, ctx)
             except CantRewrite as e:
                 res.skip(e.kind, _where(sm), e.detail)
                 sm.meta[EAGER_REFUSAL] = e.detail  # detect names it where it finds no SDPA
@@ -91,6 +96,14 @@ def _const(x: Any, what: str) -> float:
     raise CantRewrite("eager_attention", f"the scores are scaled by {x} ({what}), not a number known at compile time")
 
 
+@dataclasses.dataclass
+class _Context:
+    gm: fx.GraphModule  # the root graph
+    buffers: dict  # its placeholders that are module buffers -> their values (_buffers)
+    checked: dict = dataclasses.field(default_factory=dict)  # (condition, mask) -> why not: one mask, all layers
+    outer_of: Any = None  # the graph being rewritten: node -> the root node it stands for
+
+
 def _buffers(gm: fx.GraphModule, example_inputs: Sequence) -> dict[fx.Node, torch.Tensor]:
     """Placeholder -> value of the root graph's inputs that are module buffers (Dynamo names them after
     their source, `..._buffers_<name>_`), where a real tensor was given for them."""
@@ -101,7 +114,7 @@ def _buffers(gm: fx.GraphModule, example_inputs: Sequence) -> dict[fx.Node, torc
             and not isinstance(t, torch._subclasses.FakeTensor)}
 
 
-def _rewrite(g: fx.Graph, sm: fx.Node, buffers: dict, checked: dict) -> None:
+def _rewrite(g: fx.Graph, sm: fx.Node, ctx: _Context) -> None:
     dim = sm.kwargs.get("dim", sm.args[1] if len(sm.args) > 1 else None)
     scores = sm.args[0]
     ndim = len(value_of(scores).shape) if isinstance(value_of(scores), torch.Tensor) else None
@@ -128,13 +141,9 @@ def _rewrite(g: fx.Graph, sm: fx.Node, buffers: dict, checked: dict) -> None:
         if not isinstance(mv, torch.Tensor) or mv.dim() > 4:
             raise CantRewrite("eager_attention", f"the mask {m} is not a tensor SDPA can broadcast over "
                                                  f"(batch, heads, queries, keys)")
-        if mv.dtype != torch.bool and mv.dtype != vals[0].dtype:
-            raise CantRewrite("eager_attention", f"a {mv.dtype} mask on {vals[0].dtype} queries")
-    key = (where[0] if where else None, mask)
-    if key not in checked:
-        checked[key] = (_why_a_row_may_be_empty(g, where[0], mask, buffers) if where else
-                        _why_an_input_mask_may_leave_a_query_no_key(g, mask, buffers) if mask is not None else None)
-    why = checked[key]
+        if m is mask and mv.dtype != vals[0].dtype:  # a bool added to the scores adds 0 or 1: SDPA reads a mask
+            raise CantRewrite("eager_attention", f"a {mv.dtype} tensor added to {vals[0].dtype} scores")
+    why = _why_a_query_may_see_no_key(ctx, where[0] if where else None, mask)
     if why:
         raise CantRewrite("eager_attention", why)
     if where and (value_of(where[0]).dtype != torch.bool or value_of(where[1]).dtype != vals[0].dtype):
@@ -281,57 +290,98 @@ def _min_clamp(node: fx.Node) -> bool:
     return value in {torch.finfo(t).min for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
-def _why_an_input_mask_may_leave_a_query_no_key(g: fx.Graph, mask: fx.Node, buffers: dict) -> str | None:
-    """None unless the additive mask reads an input and may leave a query no key (padding: not a packed
-    mask, where every token sees itself). A query that sees no key has every score at the mask value: the
-    eager softmax averages every value alike, SDPA's fused backward recomputes the probabilities from a
-    log-sum-exp that rounds to the mask value (measured on CPU: parameter gradients off by 3e3), and
-    passes.masks cannot make its segments (FLOAT_PADDING). HF's loss reads that row (the last left pad)."""
-    from .masks import PACKED, read_mask
+def _why_a_query_may_see_no_key(ctx: _Context, cond: fx.Node | None, add: fx.Node | None) -> str | None:
+    """None when every query keeps a key under [where(cond, s, fill)] [+ add]; else why that is not proven.
 
-    inputs = [n for n in _ancestors(mask) if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor)
-              and n not in buffers]
-    if not inputs:
+    A query that sees no key has every score at the bottom of the range, and HF's loss reads such a row (the
+    last left pad predicts the first real token). The model averages every value there; SDPA does not
+    reproduce it: under a torch.where the model passes no gradient to the masked scores, SDPA's additive mask
+    to all of them (GPT-Neo, left padding: parameter gradients off by up to 4e2 at an equal loss); SDPA's
+    fused CPU backward recomputes the probabilities from a log-sum-exp that rounds to the mask value (eager
+    Llama, left padding: off by 3e3); and passes.masks cannot make such a mask segments (FLOAT_PADDING).
+
+    Proven where the masks are causal (every query sees itself; passes.causal, at many lengths when the
+    length is symbolic), or evaluated at compile time from constants and module buffers (`ctx.buffers`,
+    their values when compiled: Dynamo does not guard buffer data); an additive mask read from an input
+    only when packed (every token sees itself). A checkpoint body's mask is checked as the root-graph
+    operand it views."""
+    parts = []
+    for what, m in (("torch.where condition", cond), ("mask", add)):
+        if m is not None:
+            root = _root_of(ctx, m)
+            if isinstance(root, str):
+                return f"the {what} ({m.name}) {root}"
+            parts.append((what, root))
+    if not parts:  # no mask: every query sees every key
         return None
-    kind, _ = read_mask(g.owning_module, mask)
-    if kind == PACKED:
-        return None
-    return (f"the mask ({mask.name}) reads the input {inputs[0].name} and may leave a query no key (left "
-            f"padding), whose eager softmax SDPA's fused backward does not reproduce")
+    key = tuple(parts)
+    if key not in ctx.checked:
+        ctx.checked[key] = _why_rows_unproven(ctx, parts)
+    return ctx.checked[key]
 
 
-def _why_a_row_may_be_empty(g: fx.Graph, cond: fx.Node, add: fx.Node | None, buffers: dict) -> str | None:
-    """None when every query keeps a key under where(cond, s, fill) [+ add], proven by evaluating cond and
-    add, built from shapes, constants and module buffers (`buffers`: placeholder -> its tensor at compile
-    time; GPT-Neo's causal buffer). A query that sees no key gets a uniform softmax over scores at the
-    bottom of the range; the model's torch.where passes that row's gradient only to the scores it kept,
-    SDPA's additive mask to every score of the row (measured: GPT-Neo with left padding, where the last pad
-    token predicts the first real one, parameter gradients off by up to 4e2 at an equal loss)."""
+def _root_of(ctx: _Context, node: fx.Node) -> fx.Node | str:
+    """The root-graph node `node` stands for (itself in the root; in a checkpoint body, the operand its
+    placeholder receives, reached through views and casts that keep the last two sizes), or why not."""
+    n = node
+    while n.op != "placeholder" and n.graph is not ctx.gm.graph:
+        if not (_is_cast(n) or is_call(n, operator.getitem, "view", "reshape", "expand", "to", "contiguous")):
+            return f"is computed inside a checkpointed layer ({_op(n)})"
+        n = n.args[0]
+    outer = ctx.outer_of(n)
+    if not isinstance(outer, fx.Node) or outer.graph is not ctx.gm.graph:
+        return "is computed inside a checkpointed layer"
+    inner, out = shape_of(node), shape_of(outer)
+    if inner is None or out is None or len(out) < 2 or not all(same_size(a, b) for a, b in zip(inner[-2:], out[-2:])):
+        return f"is a slice of {outer.name} inside a checkpointed layer"
+    return outer
+
+
+def _why_rows_unproven(ctx: _Context, parts: list) -> str | None:
+    """_why_a_query_may_see_no_key for root-graph nodes: parts = [(what, node)], condition first."""
+    gm = ctx.gm
+    for what, m in parts:
+        if isinstance(why := producers(m), str):
+            return f"the {what} ({m.name}) {why}"
+    if len(parts) == 1 and parts[0][0] == "mask":  # additive only: packed, causal, or evaluated below
+        mask = parts[0][1]
+        inputs = _tensor_inputs(ctx, mask)
+        if inputs:
+            if read_mask(gm, mask)[0] == PACKED:
+                return None
+            return (f"the mask ({mask.name}) reads the input {inputs[0].name} and may leave a query no key "
+                    f"(left padding), whose eager softmax SDPA does not reproduce")
+        if _why_not_causal(gm, mask) is None:
+            return None
     keep = None
-    for what, m in (("condition", cond), ("added mask", add)):
-        if m is None:
-            continue
-        nodes = _ancestors(m)
-        inputs = tuple(n for n in nodes if n.op == "placeholder")
-        if any(n not in buffers for n in inputs):
-            name = next(n.name for n in inputs if n not in buffers)
-            return (f"the torch.where {what} ({m.name}) reads the input {name} (padding?): a query it leaves no "
-                    f"key would get gradient through the keys torch.where masks")
-        if (w := written_in_place(nodes)) is not None:
-            return f"the torch.where {what} ({m.name}) is written in place by {w.name}"
-        if value_of(m).numel() * 4 > FULL_EVAL_BYTES:
-            return f"the torch.where {what} ({m.name}) is too large to check at compile time"
+    for what, m in parts:
+        inputs = _tensor_inputs(ctx, m)
+        if inputs:
+            return (f"the {what} ({m.name}) reads the input {inputs[0].name} and may leave a query no key "
+                    f"(left padding), whose eager softmax SDPA does not reproduce")
+        nodes = producers(m)
+        free = tuple(n for n in nodes if n.op == "placeholder")
+        if any(n not in ctx.buffers for n in free):
+            return f"the {what} ({m.name}) depends on a symbolic size: its rows are not checked at other lengths"
+        if value_of(m).numel() * value_of(m).element_size() > FULL_EVAL_BYTES:
+            return f"the {what} ({m.name}) is too large to check at compile time"
         try:
             with torch.no_grad():
-                value = _subgraph(g.owning_module, nodes, m, inputs=inputs)(*(buffers[n] for n in inputs))
+                value = _subgraph(gm, nodes, m, inputs=free)(*(ctx.buffers[n] for n in free))
+            value = value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2
         except Exception as e:  # anything odd: not proven
-            return f"could not evaluate the torch.where {what} {m.name}: ({type(e).__name__}: {e})"
-        value = value.bool() if m is cond else value > torch.finfo(value.dtype).min / 2
+            return f"could not evaluate the {what} ({m.name}): {type(e).__name__}: {e}"
         keep = value if keep is None else keep & value
     if not keep.any(-1).all():
-        return ("a query sees no key under the torch.where mask: SDPA would pass its gradient to the keys "
-                "torch.where masks")
+        return "a query sees no key under the mask, whose eager softmax SDPA does not reproduce"
     return None
+
+
+def _tensor_inputs(ctx: _Context, node: fx.Node) -> list[fx.Node]:
+    """The root graph's tensor inputs among node's producers, module buffers aside."""
+    nodes = producers(node)
+    return [n for n in (nodes if isinstance(nodes, list) else _ancestors(node))
+            if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor) and n not in ctx.buffers]
 
 
 def _range_bottom(fill: Any) -> bool:

@@ -41,9 +41,9 @@ import torch.fx as fx
 
 from lemo_compile import traced
 
-from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _ancestors, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
+from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
 from .common import (SDPA_TARGETS, CantRewrite, PassResult, attention_dropout, eliminate_dead_code, fake_apply, finish,
-                     is_call, shape_of, size_hint, value_of, written_in_place)
+                     is_call, producers, shape_of, size_hint, value_of)
 
 PADDING, PACKED = "padding", "packed"
 # A left-padded query sees no key. Under a bool mask SDPA gives it 0, as the segments do; under a float
@@ -231,9 +231,9 @@ def read_mask(gm: fx.GraphModule, mask: fx.Node) -> tuple[str | None, fx.Node | 
     mshape = shape_of(mask)
     if mshape is None or len(mshape) != 4:
         return None, "mask is not 4-D"
-    nodes = _ancestors(mask)
-    if (w := written_in_place(nodes)) is not None:
-        return None, f"mask is written in place by {w.name}"
+    nodes = producers(mask)
+    if isinstance(nodes, str):
+        return None, f"mask {nodes}"
     inputs = [n for n in nodes if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor)]
     for n in nodes:
         if n.op not in ("placeholder", "call_function", "call_method", "get_attr"):

@@ -122,11 +122,21 @@ def where_full_row(q, k, v, m):  # scaled, then where; row 3 sees no key: unifor
     return torch.matmul(torch.softmax(torch.where(allowed, s, torch.tensor(-3.4e38)), -1), v)
 
 
-def where_written_in_place(q, k, v, m):  # the same row cleared in place: its producers alone do not say so
+def where_written_in_place(q, k, v, m):  # the same row cleared in place after the condition is built
     s = torch.matmul(q, k.transpose(-1, -2)) * 0.3
     allowed = torch.ones(N, N, dtype=torch.bool).tril()
     allowed[3] = False
     return torch.matmul(torch.softmax(torch.where(allowed, s, torch.tensor(-3.4e38)), -1), v)
+
+
+def plain_empty_row(q, k, v, m):  # a constant additive mask under which query 3 sees no key
+    allowed = torch.ones(N, N, dtype=torch.bool).tril() & (torch.arange(N) != 3)[:, None]
+    return plain(q, k, v, torch.zeros(N, N).masked_fill(~allowed, torch.finfo(torch.float32).min))
+
+
+def bool_added(q, k, v, m):  # a bool tensor added to the scores adds 0 or 1; SDPA would read a mask
+    s = torch.matmul(q, k.transpose(-1, -2)) + torch.ones(N, N, dtype=torch.bool).tril()
+    return torch.matmul(torch.softmax(s, -1), v)
 
 
 def plain_mask_input(q, k, v, m):  # the mask an input: it may leave a query no key
@@ -221,7 +231,9 @@ def _call(gm, args):
     (where_masked_input, "eager_attention", "reads the input"),
     (plain_mask_input, "eager_attention", "may leave a query no key"),
     (where_full_row, "eager_attention", "a query sees no key"),
-    (where_written_in_place, "eager_attention", "written in place"),
+    (where_written_in_place, "eager_attention", "written in place by setitem"),
+    (plain_empty_row, "eager_attention", "a query sees no key"),
+    (bool_added, "eager_attention", "torch.bool tensor added to torch.float32 scores"),
 ])
 def test_what_sdpa_cannot_express_is_left_as_written_with_the_reason(fn, kind, words):
     gm = _captured(fn)
@@ -239,7 +251,7 @@ def test_a_mask_of_another_dtype_is_refused():
     torch.compile(plain, backend=lambda gm, ex: graphs.append(gm) or gm, fullgraph=True)(
         *(t.double() for t in _qkv()), _mask())
     res = sdpa_from_eager(graphs[0])
-    assert res.skips and "torch.float32 mask on torch.float64 queries" in res.skips[0].detail
+    assert res.skips and "a torch.float32 tensor added to torch.float64 scores" in res.skips[0].detail
 
 
 # -- a whole model -----------------------------------------------------------------------------------
@@ -298,6 +310,23 @@ def test_eager_llama_with_a_padding_mask_stays_eager_and_equals_the_model(eager_
     skips = [s for r in got[2] if r.eager_attention for s in r.eager_attention.skips]
     assert len(skips) == 4 and all("may leave a query no key" in s.detail for s in skips), skips
     _close(tuple(got[:2]), _step(eager_llama, eager_llama, batch))
+
+
+def test_checkpointed_eager_llama_checks_the_mask_its_layers_receive(eager_llama):
+    """Under gradient checkpointing each layer's mask is an operand of the checkpoint: the pass checks the
+    root-graph mask it stands for (packed: every query keeps a key), rewrites every layer and equals the
+    model."""
+    eager_llama.gradient_checkpointing_enable()
+    eager_llama.train()
+    try:
+        batch = _batch(eager_llama)
+        got = _compiled(eager_llama, LemoConfig(inner="eager", keep_ratio=1.0), batch)
+        assert sum(r.eager_attention.counters["attention_rewritten"] for r in got[2] if r.eager_attention) == 4
+        assert not [s for r in got[2] if r.eager_attention for s in r.eager_attention.skips]
+        _close(tuple(got[:2]), _step(eager_llama, eager_llama, batch))
+    finally:
+        eager_llama.gradient_checkpointing_disable()
+        eager_llama.eval()
 
 
 def test_switched_off_it_leaves_eager_layers_dense_and_says_why(eager_llama):
