@@ -398,7 +398,8 @@ def test_gpt_neo_where_mask_is_sdpa_only_where_every_query_keeps_a_key(kind):
         assert not skips and sum(r.eager_attention.counters["attention_rewritten"] for r in recs) == 4
         assert any(r.sparsified for r in recs)
     else:
-        assert len(skips) == 4 and all("reads the input l_kwargs_attention_mask_" in s.detail for s in skips), skips
+        assert len(skips) == 4 and all("attention_mask" in s.detail and "may leave a query no key" in s.detail
+                                       for s in skips), skips  # the input's name differs across torch versions
         assert not any(r.sparsified for r in recs)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
     _close((loss, grads), want)
