@@ -222,12 +222,14 @@ class _FlippedMaskAttention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.parametrize("whole_limit, made", [(1 << 31, 1), (0, 0)])
-def test_mask_that_is_not_row_local_needs_whole_evaluation(monkeypatch, whole_limit, made):
+def _qkv70():
+    return [torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+def _made_causal(module, q, k, v):
+    """module(q, k, v) compiled with a backend that runs passes.causal alone: (output, CausalResult)."""
     from lemo_compile.passes import causal
 
-    monkeypatch.setattr(causal, "FULL_EVAL_BYTES", whole_limit)
-    q, k, v = (torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     got = {}
 
     def backend(gm, example_inputs):
@@ -235,10 +237,18 @@ def test_mask_that_is_not_row_local_needs_whole_evaluation(monkeypatch, whole_li
         return gm
 
     torch._dynamo.reset()
-    out = torch.compile(_FlippedMaskAttention(), backend=backend)(q, k, v)
+    return torch.compile(module, backend=backend)(q, k, v), got["res"]
+
+
+@pytest.mark.parametrize("whole_limit, made", [(1 << 31, 1), (0, 0)])
+def test_mask_that_is_not_row_local_needs_whole_evaluation(monkeypatch, whole_limit, made):
+    from lemo_compile.passes import causal
+
+    monkeypatch.setattr(causal, "FULL_EVAL_BYTES", whole_limit)
+    q, k, v = _qkv70()
+    out, res = _made_causal(_FlippedMaskAttention(), q, k, v)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, ref)
-    res = got["res"]
     assert res.counters["sdpa_made_causal"] == made
     if not made:
         assert "not row-local" in res.skips[0].detail
@@ -264,19 +274,9 @@ class _CausalThenClearedInPlace(torch.nn.Module):
 
 @pytest.mark.parametrize("through_alias", [False, True])
 def test_mask_written_in_place_is_not_proven_causal(through_alias):
-    from lemo_compile.passes import causal
-
-    q, k, v = (torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    got = {}
-
-    def backend(gm, example_inputs):
-        got["res"] = causal.make_causal(gm)
-        return gm
-
-    torch._dynamo.reset()
-    out = torch.compile(_CausalThenClearedInPlace(through_alias), backend=backend)(q, k, v)
+    q, k, v = _qkv70()
+    out, res = _made_causal(_CausalThenClearedInPlace(through_alias), q, k, v)
     torch.testing.assert_close(out, _CausalThenClearedInPlace(through_alias)(q, k, v))
-    res = got["res"]
     assert res.counters["sdpa_made_causal"] == 0 and res.skips, res.skips
 
 
