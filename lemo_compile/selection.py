@@ -55,13 +55,15 @@ def resolve_forced(forced: Sequence[int], nb: int) -> list[int]:
 
 
 def pad_tokens(t: torch.Tensor, after, before=0, value=0) -> torch.Tensor:
-    """t (b, n, ...) with `before` and `after` entries of `value` added on the token axis (1), by
-    torch.cat. Not F.pad: its kernel needs concrete sizes, and lemo runs these functions outside Dynamo
-    too (fake propagation of the rewritten graph's metadata), where a symbolic pad made CPU raise and
-    CUDA specialize the length (a new graph at every length). No branch on the sizes either: a guard
-    on `pad != 0` would split multiples of the block from other lengths."""
-    shape = (t.shape[0], before, *t.shape[2:]), (t.shape[0], after, *t.shape[2:])
-    return torch.cat([t.new_full(shape[0], value), t, t.new_full(shape[1], value)], 1)
+    """t (b, n, ...) with `before` and `after` entries of `value` added on the token axis (1), written
+    into a full-size tensor. Not F.pad: its kernel needs concrete sizes, and lemo runs these functions
+    outside Dynamo too (fake propagation of the rewritten graph's metadata), where a symbolic pad made CPU
+    raise and CUDA specialize the length (a new graph at every length). No tensor of the pad's size
+    either: a pad of 0 or 1 at the traced length is specialized (a guard that splits multiples of the
+    block from other lengths)."""
+    n = t.shape[1]
+    full = t.new_full((t.shape[0], before + n + after, *t.shape[2:]), value)
+    return full.slice_scatter(t, dim=1, start=before, end=before + n)
 
 
 def block_validity(token_valid: torch.Tensor, block: int) -> torch.Tensor:
