@@ -216,17 +216,6 @@ def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.N
     return None
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]  # graph order
-
-
 def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node, inputs: tuple = (),
               fixed: dict | None = None, band: tuple | None = None) -> fx.GraphModule:
     """`nodes` (ancestors of `out`, in graph order) as a module of (*inputs[, band positions]): nodes in

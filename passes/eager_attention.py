@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .causal import FULL_EVAL_BYTES, _ancestors, _graphs, _subgraph, _why_not_causal
+from .causal import FULL_EVAL_BYTES, _graphs, _subgraph, _why_not_causal
 from .common import (EAGER_REFUSAL, CantRewrite, PassResult, fake_apply, finish, is_call, module_stack,
                      producers, same_size, shape_of, value_of)
 from .masks import PACKED, read_mask
@@ -340,34 +340,31 @@ def _root_of(ctx: _Context, node: fx.Node) -> fx.Node | str:
 def _why_rows_unproven(ctx: _Context, parts: list) -> str | None:
     """_why_a_query_may_see_no_key for root-graph nodes: parts = [(what, node)], condition first."""
     gm = ctx.gm
+    deps = {}  # node -> producers(node), computed once
     for what, m in parts:
-        if isinstance(why := producers(m), str):
-            return f"the {what} ({m.name}) {why}"
+        if isinstance(deps.setdefault(m, producers(m)), str):
+            return f"the {what} ({m.name}) {deps[m]}"
+    inputs = {m: [n for n in deps[m] if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor)
+                  and n not in ctx.buffers] for _, m in parts}  # tensor inputs, module buffers aside
     if len(parts) == 1 and parts[0][0] == "mask":  # additive only: packed, causal, or evaluated below
         mask = parts[0][1]
-        inputs = _tensor_inputs(ctx, mask)
-        if inputs:
-            if read_mask(gm, mask)[0] == PACKED:
-                return None
-            return (f"the mask ({mask.name}) reads the input {inputs[0].name} and may leave a query no key "
-                    f"(left padding), whose eager softmax SDPA does not reproduce")
-        if _why_not_causal(gm, mask) is None:
+        if inputs[mask] and read_mask(gm, mask)[0] == PACKED:
+            return None
+        if not inputs[mask] and _why_not_causal(gm, mask) is None:
             return None
     keep = None
     for what, m in parts:
-        inputs = _tensor_inputs(ctx, m)
-        if inputs:
-            return (f"the {what} ({m.name}) reads the input {inputs[0].name} and may leave a query no key "
+        if inputs[m]:
+            return (f"the {what} ({m.name}) reads the input {inputs[m][0].name} and may leave a query no key "
                     f"(left padding), whose eager softmax SDPA does not reproduce")
-        nodes = producers(m)
-        free = tuple(n for n in nodes if n.op == "placeholder")
+        free = tuple(n for n in deps[m] if n.op == "placeholder")
         if any(n not in ctx.buffers for n in free):
             return f"the {what} ({m.name}) depends on a symbolic size: its rows are not checked at other lengths"
         if value_of(m).numel() * value_of(m).element_size() > FULL_EVAL_BYTES:
             return f"the {what} ({m.name}) is too large to check at compile time"
         try:
             with torch.no_grad():
-                value = _subgraph(gm, nodes, m, inputs=free)(*(ctx.buffers[n] for n in free))
+                value = _subgraph(gm, deps[m], m, inputs=free)(*(ctx.buffers[n] for n in free))
             value = value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2
         except Exception as e:  # anything odd: not proven
             return f"could not evaluate the {what} ({m.name}): {type(e).__name__}: {e}"
@@ -375,13 +372,6 @@ def _why_rows_unproven(ctx: _Context, parts: list) -> str | None:
     if not keep.any(-1).all():
         return "a query sees no key under the mask, whose eager softmax SDPA does not reproduce"
     return None
-
-
-def _tensor_inputs(ctx: _Context, node: fx.Node) -> list[fx.Node]:
-    """The root graph's tensor inputs among node's producers, module buffers aside."""
-    nodes = producers(node)
-    return [n for n in (nodes if isinstance(nodes, list) else _ancestors(node))
-            if n.op == "placeholder" and isinstance(value_of(n), torch.Tensor) and n not in ctx.buffers]
 
 
 def _range_bottom(fill: Any) -> bool:

@@ -10,6 +10,7 @@ import torch
 import lemo_compile
 from lemo_compile import LemoConfig
 from lemo_compile.backend import clear_records
+from lemo_compile.passes.common import producers
 from lemo_compile.testing.models import ARCHS, random_batch, tiny_model, trainable_grads
 
 # tiny models have 4 layers; Gemma3's sliding-window layers (window 96 < 150 tokens) keep their mask
@@ -151,7 +152,7 @@ def test_mask_rows_evaluated_band_by_band_equal_the_whole_mask(arch):
     gm, masks = _capture_masks(tiny_model(arch), batch)
     assert masks
     for mask in masks:
-        nodes = causal._ancestors(mask)
+        nodes = producers(mask)
         n = shape_of(mask)[-1]
         whole = causal._evaluate(gm, nodes, mask)
         bands = causal._row_bands(gm, nodes, mask, n)
@@ -178,7 +179,7 @@ def test_band_evaluation_accepts_dunder_method_nodes():
     batch = random_batch(256, 1, 150, seed=4)
     del batch["attention_mask"]
     gm, masks = _capture_masks(tiny_model("llama"), batch)
-    nodes = causal._ancestors(masks[0])
+    nodes = producers(masks[0])
     whole = causal._evaluate(gm, nodes, masks[0])
     renamed = 0
     for node in nodes:
