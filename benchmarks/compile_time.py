@@ -88,6 +88,16 @@ class _CacheLog:
                 logger.setLevel(logging.INFO)
 
 
+def _compile_phases(top: int = 30) -> dict:
+    """Seconds per timed compile phase of this process (Dynamo's dynamo_timed regions: tracing, AOT
+    autograd, partitioning, Inductor lowering, code generation, waiting for kernel compiles), summed
+    over calls, the `top` largest. Nested: a phase's time includes the phases inside it."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    sums = {name: round(sum(times), 2) for name, times in compilation_time_metrics.items() if times}
+    return dict(sorted(sums.items(), key=lambda kv: -kv[1])[:top])
+
+
 def worker(args) -> dict:
     import torch
     from torch._dynamo.utils import counters
@@ -136,7 +146,8 @@ def worker(args) -> dict:
            "attention_paths": [getattr(r, "attention_path", None) for r in recs],
            "sparse_layers": sum(len(r.sparsify.layers) for r in recs if r.sparsify is not None),
            "shared_layers": sum(r.regions.layers_shared for r in recs if getattr(r, "regions", None) is not None),
-           "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None}
+           "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,
+           "compile_phases_s": _compile_phases()}
     if args.worker != "varying":
         res["median_step_s"] = statistics.median(times[1:])
         res["compile_s"] = times[0] - res["median_step_s"]

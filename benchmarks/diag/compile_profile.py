@@ -6,6 +6,7 @@ Dynamo tracing, lemo's graph passes, AOT autograd + the forward's Inductor compi
 Inductor compile (lazily, at the first backward). Profiling slows everything; the shares are the point.
 
     python benchmarks/diag/compile_profile.py --layers 16 --out benchmarks/results/compile_profile_cpu.json
+    python benchmarks/diag/compile_profile.py --layers 16 --regional --out benchmarks/results/compile_profile_regional_cpu.json
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--regional", action="store_true", help="LemoConfig(regional=True): shared layer bodies")
+    ap.add_argument("--top", type=int, default=25, help="functions listed by their own time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
@@ -59,7 +62,7 @@ def main() -> None:
     model = tiny_model("llama", lora=True, layers=args.layers).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.get_base_model().disable_input_require_grads()
-    compiled = torch.compile(model, backend=lemo_compile.backend(lemo_compile.LemoConfig(logits="drop")))
+    compiled = torch.compile(model, backend=lemo_compile.backend(lemo_compile.LemoConfig(logits="drop", regional=args.regional)))
     ids = torch.randint(3, 200, (1, args.seq), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
@@ -78,9 +81,13 @@ def main() -> None:
         phases["dynamo_tracing"] = round(phases["dynamo_frame"] - phases["lemo_backend"], 2)
     if None not in (phases["lemo_backend"], phases["inner_compile"]):
         phases["lemo_passes"] = round(phases["lemo_backend"] - phases["inner_compile"], 2)
+    own = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[: args.top]  # type: ignore[attr-defined]
+    top = [{"function": f"{os.path.relpath(path) if os.path.isabs(path) else path}:{line}:{func}",
+            "own_s": round(row[2], 2), "cumulative_s": round(row[3], 2), "calls": row[1]}
+           for (path, line, func), row in own]
     doc = {"benchmark": "compile_profile", "command": "python " + " ".join(sys.argv), "env": environment(),
            "config": vars(args), "first_step_s_profiled": round(first, 1), "second_step_s": round(second, 3),
-           "phases_cumulative_s": phases}
+           "phases_cumulative_s": phases, "top_own_time": top}
     print(json.dumps(doc["phases_cumulative_s"], indent=1), f"first step {first:.1f} s (profiled)")
     if args.out:
         save_json(args.out, doc)
