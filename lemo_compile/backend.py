@@ -338,7 +338,7 @@ class JointPasses(_compat.custom_graph_pass_base()):
         self.record = record
 
     def __call__(self, graph: fx.Graph) -> None:
-        from .memory import _nbytes
+        from .memory import storage_bytes
         must_save = _compat.must_save_policy()
         tagged = offload = 0
         if _shared_body(self.record, graph):
@@ -349,7 +349,7 @@ class JointPasses(_compat.custom_graph_pass_base()):
                 tagged += 1
             # activation offload: the partitioner moves the tagged values it saves (forward outputs)
             if (self.cfg.offload and node.op == "call_function"
-                    and _nbytes(node.meta.get("val")) >= self.cfg.offload_min_bytes):
+                    and storage_bytes(node.meta.get("val")) >= self.cfg.offload_min_bytes):
                 node.meta["should_offload"] = True
                 offload += 1
         if self.record is not None:

@@ -57,11 +57,11 @@ def _hint(x: Any) -> int:
 def exchanged_bytes(graph: fx.Graph) -> int:
     """Bytes a graph hands to all-to-all collectives (sequence parallelism), at its traced sizes."""
     from .passes.common import op_name
-    return sum(_nbytes(n.args[0].meta.get("val")) for n in graph.nodes
+    return sum(storage_bytes(n.args[0].meta.get("val")) for n in graph.nodes
                if n.op == "call_function" and op_name(n.target).endswith("::all_to_all_single"))
 
 
-def _nbytes(val: Any) -> int:
+def storage_bytes(val: Any) -> int:
     """Bytes a saved value holds: its storage's size (an expanded index is a view of a small tensor)."""
     if not isinstance(val, torch.Tensor):
         return 0
@@ -98,7 +98,7 @@ def forward_values(gm: fx.GraphModule) -> dict[str, tuple[str, str, int]]:
     for n in gm.graph.nodes:
         if n.op in ("call_function", "call_method", "placeholder"):
             layer, block = attribute(n)
-            out[n.name] = (layer, block, _nbytes(n.meta.get("val")))
+            out[n.name] = (layer, block, storage_bytes(n.meta.get("val")))
     return out
 
 
@@ -111,7 +111,7 @@ def saved_values(fw: dict[str, tuple[str, str, int]], bw_graph: fx.Graph) -> lis
         name = n.name.removeprefix(_compat.OFFLOAD_PREFIX)  # offloaded (LemoConfig.offload): its source
         layer, block, nbytes = fw.get(name, ("other", "other", None))
         if nbytes is None or name != n.name:  # unknown to the forward, or the host copy's own size
-            nbytes = _nbytes(n.meta.get("val"))
+            nbytes = storage_bytes(n.meta.get("val"))
         res.append(SavedValue(n.name, layer, block, nbytes))
     return res
 
@@ -121,7 +121,7 @@ def offloaded_values(fw_graph: fx.Graph) -> list[SavedValue]:
     (passes.memory.offloaded_outputs), attributed to their layer and block through the saved value."""
     from lemo_compile.passes.memory import offloaded_outputs
 
-    return [SavedValue(src.name, *attribute(src), _nbytes(out.meta.get("val")))
+    return [SavedValue(src.name, *attribute(src), storage_bytes(out.meta.get("val")))
             for out, src in offloaded_outputs(fw_graph)]
 
 

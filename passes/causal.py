@@ -38,14 +38,13 @@ order on the compacted rows is causal order on the original positions).
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 
 import torch
 import torch.fx as fx
 
-from .common import (SDPA_TARGETS, PassResult, attention_dropout, finish, is_call, same_size, shape_of, size_hint,
-                     producers, subgraph_modules, value_of)
+from .common import (SDPA_TARGETS, PassResult, attention_dropout, finish, hop_graphs, is_call, producers, same_size,
+                     sdpa_mask, shape_of, size_hint, static_nbytes, value_of)
 
 
 # Largest mask evaluated whole when its rows cannot be evaluated band by band.
@@ -75,60 +74,26 @@ def make_causal(gm: fx.GraphModule) -> CausalResult:
     res = CausalResult("causal")
     verdicts: dict[fx.Node, str | None] = {}  # outer mask node -> None (causal) or why not
     changed = []
-    for mod, outer_of in _graphs(gm):
+    for mod, outer_of in hop_graphs(gm):
         for node in list(mod.graph.nodes):
             if not is_call(node, *SDPA_TARGETS):
                 continue
-            mask = _mask_arg(node)
+            mask = sdpa_mask(node)
             if mask is None:
                 continue
             src = outer_of(mask)
             if src not in verdicts:
-                verdicts[src] = _why_not_causal(gm, src)
+                verdicts[src] = why_not_causal(gm, src)
             why = verdicts[src] or _why_not_square(node)
             if why:
                 res.skip("mask_not_causal", node.name, why)
-                res.largest_mask_left = max(res.largest_mask_left, _nbytes(src))
+                res.largest_mask_left = max(res.largest_mask_left, static_nbytes(src))
                 continue
             _set_causal(node)
             res.counters["sdpa_made_causal"] += 1
             changed.append(mod)
     finish(gm, changed, dead_code=False)
     return res
-
-
-def _graphs(gm: fx.GraphModule):
-    """(graph module, map from its node to the root graph node it stands for): the root, and HOP
-    bodies (activation checkpoint) whose placeholders are the HOP call's operands."""
-    yield gm, lambda n: n
-    for _, sub, get_attr in subgraph_modules(gm):
-        calls = [u for u in get_attr.users if u.op == "call_function" and u.args and u.args[0] is get_attr]
-        if len(calls) != 1:
-            continue
-        operands = calls[0].args[1:]
-        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-
-        def outer(n, placeholders=placeholders, operands=operands):
-            if n.op == "placeholder" and n in placeholders:
-                i = placeholders.index(n)
-                return operands[i] if i < len(operands) else n
-            return n
-
-        yield sub, outer
-
-
-def _nbytes(node: fx.Node) -> int:
-    """Bytes of a node's value from its fake tensor; 0 for symbolic sizes (reading those as ints would
-    add a guard, i.e. specialize a dynamic length)."""
-    val = node.meta.get("example_value", node.meta.get("val"))
-    if not isinstance(val, torch.Tensor) or not all(type(d) is int for d in val.shape):
-        return 0
-    return math.prod(val.shape) * val.element_size()
-
-
-def _mask_arg(node: fx.Node):
-    m = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-    return m if isinstance(m, fx.Node) else None
 
 
 def _why_not_square(node: fx.Node) -> str | None:
@@ -142,7 +107,7 @@ def _why_not_square(node: fx.Node) -> str | None:
     return None
 
 
-def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
+def why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
     if mask.graph is not gm.graph:
         return "mask is computed outside the root graph"
     shp = shape_of(mask)
@@ -163,7 +128,7 @@ def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
     if any(n.op == "placeholder" for n in nodes):
         return "mask reads a symbolic size, but its shape is static"
     n = shp[-1]
-    bands = _row_bands(gm, nodes, mask, n)
+    bands = row_bands(gm, nodes, mask, n)
     try:
         if bands is not None:
             step = max(1, BAND_ELEMENTS // n)
@@ -182,7 +147,7 @@ def _why_not_causal(gm: fx.GraphModule, mask: fx.Node) -> str | None:
 
 
 def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node) -> str | None:
-    """_why_not_causal for a mask whose length is symbolic (see the module doc): None, and the graph
+    """why_not_causal for a mask whose length is symbolic (see the module doc): None, and the graph
     guarded to DYNAMIC_MAX_LENGTH, when the mask is causal at every length checked."""
     shp = shape_of(mask)
     length = shp[-1]
@@ -196,7 +161,7 @@ def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.N
     others = {p: size_hint(v) for p, v in scalars.items() if p is not sym[0]}
     if any(v is None for v in others.values()):
         return "mask reads a symbolic size without a hint"
-    bands = _row_bands(gm, nodes, mask, length, inputs=(sym[0],), fixed=others)
+    bands = row_bands(gm, nodes, mask, length, inputs=(sym[0],), fixed=others)
     if bands is None:
         return "mask rows of a dynamic length are not row-local in one arange"
     try:
@@ -216,7 +181,7 @@ def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.N
     return None
 
 
-def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node, inputs: tuple = (),
+def nodes_as_module(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node, inputs: tuple = (),
               fixed: dict | None = None, band: tuple | None = None) -> fx.GraphModule:
     """`nodes` (ancestors of `out`, in graph order) as a module of (*inputs[, band positions]): nodes in
     `fixed` become those constants; with band = (arange, rows of _propagate_rows) that arange becomes
@@ -239,7 +204,7 @@ def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node, inputs: tu
 
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> torch.Tensor:
     with torch.no_grad():
-        return _subgraph(gm, nodes, out)()
+        return nodes_as_module(gm, nodes, out)()
 
 
 # Row-local operations: row i of the output depends only on row i of the row-indexed inputs.
@@ -333,11 +298,11 @@ def _propagate_rows(nodes: list[fx.Node], start: fx.Node, n: int) -> dict[fx.Nod
     return rows
 
 
-def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int, inputs: tuple = (),
+def row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int, inputs: tuple = (),
                fixed: dict | None = None):
     """A function (r0, rows, *input values) -> mask[..., r0:r0 + rows, :], computed without the rest of
     the mask, or None when no arange of the subgraph indexes the mask's rows row-locally. `inputs` and
-    `fixed` as in _subgraph."""
+    `fixed` as in nodes_as_module."""
     for a in nodes:
         if not (is_call(a, torch.arange) and len(shape_of(a) or ()) == 1 and same_size(shape_of(a)[0], n)):
             continue
@@ -345,7 +310,7 @@ def _row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int, 
         rows = _propagate_rows(nodes, a, n) if bounds is not None else None
         if rows is None or rows.get(mask) != -2:
             continue
-        fn = _subgraph(gm, nodes, mask, inputs, fixed, band=(a, rows))
+        fn = nodes_as_module(gm, nodes, mask, inputs, fixed, band=(a, rows))
         start, kwargs = bounds
 
         def evaluate(r0: int, count: int, *values, fn=fn, start=start, kwargs=kwargs) -> torch.Tensor:

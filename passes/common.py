@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import dataclasses
 import operator
 import re
@@ -209,6 +210,59 @@ def attention_dropout(sdpa: fx.Node) -> Any:
 def shape_of(node: Any) -> tuple | None:
     v = value_of(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def hop_graphs(gm: fx.GraphModule):
+    """(graph module, map from its node to the root graph node it stands for): the root, and HOP
+    bodies (activation checkpoint) whose placeholders are the HOP call's operands."""
+    yield gm, lambda n: n
+    for _, sub, get_attr in subgraph_modules(gm):
+        calls = [u for u in get_attr.users if u.op == "call_function" and u.args and u.args[0] is get_attr]
+        if len(calls) != 1:
+            continue
+        operands = calls[0].args[1:]
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+
+        def outer(n, placeholders=placeholders, operands=operands):
+            if n.op == "placeholder" and n in placeholders:
+                i = placeholders.index(n)
+                return operands[i] if i < len(operands) else n
+            return n
+
+        yield sub, outer
+
+
+def static_nbytes(node: fx.Node) -> int:
+    """Bytes of a node's value from its fake tensor; 0 for symbolic sizes (reading those as ints would
+    add a guard, i.e. specialize a dynamic length)."""
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(val, torch.Tensor) or not all(type(d) is int for d in val.shape):
+        return 0
+    return math.prod(val.shape) * val.element_size()
+
+
+def sdpa_mask(node: fx.Node):
+    """The attn_mask node of an SDPA call, or None."""
+    m = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    return m if isinstance(m, fx.Node) else None
+
+
+def softmax_scale(sdpa: fx.Node) -> float:
+    """SDPA's softmax scale as a Python float, for the attn_mode="backward" ops. HF passes the module's
+    `scaling` attribute; with dynamic shapes, torch >= 2.12 lifts such float attributes into the graph
+    (a tensor input read by .item()), and then the value it had at compile time is used: a model
+    constant that HF never changes."""
+    scale = sdpa.kwargs.get("scale")
+    if scale is None:
+        return shape_of(sdpa.args[0])[-1] ** -0.5
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    v = value_of(scale)
+    hint = getattr(getattr(v, "node", None), "hint", None) if isinstance(v, torch.SymFloat) else None
+    if hint is None:
+        raise CantRewrite("attention_scale", f"the softmax scale of {sdpa.name} is {scale} with no value at "
+                                             f"compile time; attn_mode='backward' needs it as a number")
+    return float(hint)
 
 
 def closure_back(start: fx.Node, allowed: set[fx.Node], stop: Iterable[fx.Node] = ()) -> set[fx.Node]:

@@ -42,8 +42,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .causal import FULL_EVAL_BYTES, _graphs, _subgraph, _why_not_causal
-from .common import (EAGER_REFUSAL, CantRewrite, PassResult, fake_apply, finish, is_call, module_stack,
+from .causal import FULL_EVAL_BYTES, nodes_as_module, why_not_causal
+from .common import (EAGER_REFUSAL, CantRewrite, PassResult, fake_apply, finish, hop_graphs, is_call, module_stack,
                      producers, same_size, shape_of, value_of)
 from .masks import PACKED, read_mask
 
@@ -63,7 +63,7 @@ def sdpa_from_eager(gm: fx.GraphModule, example_inputs: Sequence = ()) -> PassRe
     res = PassResult("eager_attention")
     changed = []
     ctx = _Context(gm, _buffers(gm, example_inputs))
-    for mod, outer_of in _graphs(gm):
+    for mod, outer_of in hop_graphs(gm):
         ctx.outer_of = outer_of
         for sm in [n for n in mod.graph.nodes if is_call(n, *SOFTMAX)]:
             try:
@@ -350,7 +350,7 @@ def _why_rows_unproven(ctx: _Context, parts: list) -> str | None:
         mask = parts[0][1]
         if inputs[mask] and read_mask(gm, mask)[0] == PACKED:
             return None
-        if not inputs[mask] and _why_not_causal(gm, mask) is None:
+        if not inputs[mask] and why_not_causal(gm, mask) is None:
             return None
     keep = None
     for what, m in parts:
@@ -364,7 +364,7 @@ def _why_rows_unproven(ctx: _Context, parts: list) -> str | None:
             return f"the {what} ({m.name}) is too large to check at compile time"
         try:
             with torch.no_grad():
-                value = _subgraph(gm, deps[m], m, inputs=free)(*(ctx.buffers[n] for n in free))
+                value = nodes_as_module(gm, deps[m], m, inputs=free)(*(ctx.buffers[n] for n in free))
             value = value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2
         except Exception as e:  # anything odd: not proven
             return f"could not evaluate the {what} ({m.name}): {type(e).__name__}: {e}"

@@ -41,9 +41,10 @@ import torch.fx as fx
 
 from lemo_compile import traced
 
-from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, _graphs, _mask_arg, _nbytes, _row_bands, _subgraph
+from .causal import BAND_ELEMENTS, FULL_EVAL_BYTES, nodes_as_module, row_bands
 from .common import (SDPA_TARGETS, CantRewrite, PassResult, attention_dropout, eliminate_dead_code, fake_apply, finish,
-                     is_call, producers, shape_of, size_hint, value_of)
+                     hop_graphs, is_call, producers, sdpa_mask, shape_of, size_hint, softmax_scale, static_nbytes,
+                     value_of)
 
 PADDING, PACKED = "padding", "packed"
 # A left-padded query sees no key. Under a bool mask SDPA gives it 0, as the segments do; under a float
@@ -66,10 +67,10 @@ def structure_masks(gm: fx.GraphModule) -> MasksResult:
     """Replace every readable mask of the root graph by `traced.segment_mask(seg)` (see the module doc)."""
     res = MasksResult("masks")
     users: dict[fx.Node, list[tuple[fx.GraphModule, fx.Node]]] = {}
-    for mod, outer_of in _graphs(gm):
+    for mod, outer_of in hop_graphs(gm):
         for node in mod.graph.nodes:
-            if is_call(node, *SDPA_TARGETS) and _mask_arg(node) is not None:
-                users.setdefault(outer_of(_mask_arg(node)), []).append((mod, node))
+            if is_call(node, *SDPA_TARGETS) and sdpa_mask(node) is not None:
+                users.setdefault(outer_of(sdpa_mask(node)), []).append((mod, node))
     for mask, sdpas in users.items():
         if mask.op == "placeholder" or is_call(mask, traced.segment_mask):
             continue
@@ -77,31 +78,30 @@ def structure_masks(gm: fx.GraphModule) -> MasksResult:
         kind, src = (None, None) if why else read_mask(gm, mask)
         if kind is None:
             res.skip("mask_kept", mask.name, why or src)
-            res.largest_mask_left = max(res.largest_mask_left, _nbytes(mask))
+            res.largest_mask_left = max(res.largest_mask_left, static_nbytes(mask))
             continue
         _rewrite(gm, mask, kind, src)
         res.structured[mask.name] = kind
         res.counters[f"masks_{kind}"] += 1
         res.counters["attention_calls"] += len(sdpas)
     if res.structured:
-        finish(gm, [mod for mod, _ in _graphs(gm)])
+        finish(gm, [mod for mod, _ in hop_graphs(gm)])
     return res
 
 
 def lower_segment_attention(gm: fx.GraphModule) -> int:
     """SDPA calls whose mask is an `traced.segment_mask` node -> lemo::segment_attention. Returns how many."""
-    from .sparsify import _softmax_scale
 
     count, changed = 0, []
-    for mod, _ in _graphs(gm):
+    for mod, _ in hop_graphs(gm):
         for node in list(mod.graph.nodes):
             if not is_call(node, *SDPA_TARGETS):
                 continue
-            mask = _mask_arg(node)
+            mask = sdpa_mask(node)
             if not (isinstance(mask, fx.Node) and is_call(mask, traced.segment_mask)) or _why_not_plain(node):
                 continue
             try:
-                scale = _softmax_scale(node)
+                scale = softmax_scale(node)
             except Exception:
                 continue
             q, k, v = node.args[:3]
@@ -126,7 +126,6 @@ def lower_causal_attention(gm: fx.GraphModule) -> int:
     `graphsafe_run_with_rng_state` op: Inductor's FX graph cache refuses such graphs, so a second process
     compiled an 8B model for 137 s again (benchmarks/results/compile_time_8b_regional.json, cache_reasons),
     and a body shared by several layers (passes.regions) failed to compile. Returns how many calls."""
-    from .sparsify import _softmax_scale
 
     count = 0
     for call in gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.tag_activation_checkpoint):
@@ -136,7 +135,7 @@ def lower_causal_attention(gm: fx.GraphModule) -> int:
             if not _plain_causal(node):
                 continue
             try:
-                scale = _softmax_scale(node)
+                scale = softmax_scale(node)
             except CantRewrite:
                 continue
             with body.graph.inserting_before(node):
@@ -157,7 +156,7 @@ def lower_causal_attention(gm: fx.GraphModule) -> int:
 def _plain_causal(node: fx.Node) -> bool:
     """SDPA self-attention with is_causal, no mask, no dropout, and no argument lemo::attention_lse lacks."""
     kw = node.kwargs
-    if (not is_call(node, *SDPA_TARGETS) or len(node.args) > 3 or _mask_arg(node) is not None
+    if (not is_call(node, *SDPA_TARGETS) or len(node.args) > 3 or sdpa_mask(node) is not None
             or not kw.get("is_causal", False) or attention_dropout(node) not in (0, 0.0)
             or set(kw) - {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}):
         return False
@@ -201,7 +200,7 @@ def _why_not_sdpa_only(gm: fx.GraphModule, mask: fx.Node, sdpas: list) -> str | 
         if why:
             return f"{node.name}: {why}"
     for user in mask.users:
-        if is_call(user, *SDPA_TARGETS) and _mask_arg(user) is mask:
+        if is_call(user, *SDPA_TARGETS) and sdpa_mask(user) is mask:
             continue
         if user.op == "call_function" and user.args and getattr(user.args[0], "op", None) == "get_attr":
             body = getattr(gm, user.args[0].target, None)
@@ -219,7 +218,7 @@ def _body_reads_only_sdpa(body: fx.GraphModule, call: fx.Node, mask: fx.Node) ->
         if i >= len(placeholders):
             return False
         for u in placeholders[i].users:
-            if not (is_call(u, *SDPA_TARGETS) and _mask_arg(u) is placeholders[i]):
+            if not (is_call(u, *SDPA_TARGETS) and sdpa_mask(u) is placeholders[i]):
                 return False
     return any(a is mask for a in call.args[1:])
 
@@ -286,12 +285,12 @@ def _evaluator(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, src: fx.
     call): banded (HF's masks: rows row-local in one arange) or whole (small masks), symbolic sizes
     fixed to their hints; None when neither applies."""
     scalars = _scalar_inputs(nodes)
-    bands = _row_bands(gm, nodes, mask, shape_of(mask)[-1], inputs=(src,), fixed=scalars)
+    bands = row_bands(gm, nodes, mask, shape_of(mask)[-1], inputs=(src,), fixed=scalars)
     if bands is not None:
         return (lambda probe, r0, count: bands(r0, count, probe)), max(1, BAND_ELEMENTS // n)
     if _hint(shape_of(mask)[0]) * n * n > FULL_EVAL_BYTES:
         return None
-    fn = _subgraph(gm, nodes, mask, inputs=(src,), fixed=scalars)
+    fn = nodes_as_module(gm, nodes, mask, inputs=(src,), fixed=scalars)
 
     def whole(probe, r0, count):
         with torch.no_grad():

@@ -34,7 +34,7 @@ from lemo_compile import ops, traced
 from lemo_compile.config import AttnMode, LemoConfig, MlpMode
 
 from .common import (LINEAR_TARGETS, MOVES, SDPA_TARGETS, CantRewrite, PassResult, closure_back, finish,
-                     is_call, same_size, shape_of, stream_base, value_of)
+                     is_call, same_size, shape_of, softmax_scale, stream_base, value_of)
 from .detect import Block, DetectResult, Layer
 from .masks import segments_of
 from . import seq_axis
@@ -121,7 +121,7 @@ def _rewrite_layer(layer: Layer, keep: Fraction, cfg: LemoConfig,
                               f"mlp_mode={cfg.mlp_mode.value}: supported are "
                               + ", ".join(f"{a.value}/{b.value}" for a, b in ok_modes))
     _check_sequence_parallel(attn, n, cfg)
-    scale = _softmax_scale(sdpa) if cfg.attn_mode is AttnMode.BACKWARD else None
+    scale = softmax_scale(sdpa) if cfg.attn_mode is AttnMode.BACKWARD else None
     predictor, weights = cfg.predictor, None
     if cfg.predictor == "pooled":
         try:
@@ -328,7 +328,6 @@ def _out_features(linear: fx.Node) -> Any:
     return shape_of(_weight_bias(linear)[0])[0]
 
 
-
 def _probe_qk_rows(attn: Block, heads: int, hd: int):
     """(q linear, q rows, k linear, k rows): which output features of which projection become SDPA's query
     and key, head by head, found by running the data movement between them (views, transposes, chunks,
@@ -488,24 +487,6 @@ def _attn_keys(g, attn: Block, seq_ext, idx, ok, m) -> None:
         kwargs["attn_mask"] = mask_k
     kwargs["is_causal"] = False
     sdpa.args, sdpa.kwargs = tuple(args), kwargs
-
-
-def _softmax_scale(sdpa: fx.Node) -> float:
-    """SDPA's softmax scale as a Python float, for the attn_mode="backward" ops. HF passes the module's
-    `scaling` attribute; with dynamic shapes, torch >= 2.12 lifts such float attributes into the graph
-    (a tensor input read by .item()), and then the value it had at compile time is used: a model
-    constant that HF never changes."""
-    scale = sdpa.kwargs.get("scale")
-    if scale is None:
-        return shape_of(sdpa.args[0])[-1] ** -0.5
-    if isinstance(scale, (int, float)):
-        return float(scale)
-    v = value_of(scale)
-    hint = getattr(getattr(v, "node", None), "hint", None) if isinstance(v, torch.SymFloat) else None
-    if hint is None:
-        raise CantRewrite("attention_scale", f"the softmax scale of {sdpa.name} is {scale} with no value at "
-                                             f"compile time; attn_mode='backward' needs it as a number")
-    return float(hint)
 
 
 def _attn_backward(g, attn: Block, seq_ext, idx, ok, m, scale, save_rows: bool = False) -> tuple[fx.Node, fx.Node]:

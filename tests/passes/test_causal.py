@@ -124,14 +124,14 @@ def test_dynamic_length_graph_is_guarded_to_the_lengths_checked(monkeypatch):
 
 def _capture_masks(model, batch):
     """Dynamo graph of the model and the distinct SDPA masks in it (HF's mask functions)."""
-    from lemo_compile.passes.causal import _mask_arg
+    from lemo_compile.passes.common import sdpa_mask
     from lemo_compile.passes.common import is_call
     from lemo_compile.passes.common import SDPA_TARGETS
 
     got = {}
 
     def backend(gm, example_inputs):
-        masks = [_mask_arg(n) for n in gm.graph.nodes if is_call(n, *SDPA_TARGETS)]
+        masks = [sdpa_mask(n) for n in gm.graph.nodes if is_call(n, *SDPA_TARGETS)]
         got["gm"], got["masks"] = gm, list(dict.fromkeys(m for m in masks if m is not None))
         return gm
 
@@ -155,7 +155,7 @@ def test_mask_rows_evaluated_band_by_band_equal_the_whole_mask(arch):
         nodes = producers(mask)
         n = shape_of(mask)[-1]
         whole = causal._evaluate(gm, nodes, mask)
-        bands = causal._row_bands(gm, nodes, mask, n)
+        bands = causal.row_bands(gm, nodes, mask, n)
         assert bands is not None, mask.name
         rows = torch.cat([bands(r0, min(37, n - r0)) for r0 in range(0, n, 37)], dim=-2)
         assert torch.equal(rows.expand_as(whole), whole), mask.name
@@ -189,7 +189,7 @@ def test_band_evaluation_accepts_dunder_method_nodes():
             renamed += 1
     assert renamed >= 2
     n = shape_of(masks[0])[-1]
-    bands = causal._row_bands(gm, nodes, masks[0], n)
+    bands = causal.row_bands(gm, nodes, masks[0], n)
     assert bands is not None
     rows = torch.cat([bands(r0, min(64, n - r0)) for r0 in range(0, n, 64)], dim=-2)
     assert torch.equal(rows.expand_as(whole), whole)
