@@ -52,7 +52,7 @@ def _norm_dim(d: int, ndim: int) -> int:
 # Side facts ride in `axes` under tuple keys: ("rank", node) -> its rank axis, ("global", node) -> P.
 
 
-def _is_all_to_all(node: fx.Node) -> bool:
+def is_all_to_all(node: fx.Node) -> bool:
     return node.op == "call_function" and op_name(node.target).endswith("::all_to_all_single")
 
 
@@ -63,9 +63,9 @@ def _is_wait(node: fx.Node) -> bool:
 def propagate(node: fx.Node, axes: dict, m: fx.Node) -> tuple[Any, tuple, dict]:
     """Sequence axis of `node`'s output given its inputs' axes, and its args rewritten for m rows."""
     src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if src is not None and src in axes and (_is_all_to_all(node) or _is_wait(node)):
+    if src is not None and src in axes and (is_all_to_all(node) or _is_wait(node)):
         a = axes[src]
-        if _is_all_to_all(node):
+        if is_all_to_all(node):
             splits = [x for x in node.args[1:3] if x is not None]
             if a == 0 or any(not isinstance(x, (list, tuple)) or len(set(x)) != 1 for x in splits):
                 raise CantRewrite("sequence_axis", f"cannot follow the sequence axis through {node.name} (all-to-all): "

@@ -211,7 +211,7 @@ def sequence_parallel_ranks(attn: Block) -> int:
 
 
 def _exchange(attn: Block) -> fx.Node | None:
-    return next((n for n in attn.nodes if seq_axis._is_all_to_all(n) and isinstance(n.args[1], (list, tuple))), None)
+    return next((n for n in attn.nodes if seq_axis.is_all_to_all(n) and isinstance(n.args[1], (list, tuple))), None)
 
 
 def _check_sequence_parallel(attn: Block, n: Any, cfg: LemoConfig) -> None:
