@@ -123,6 +123,7 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
     groups: dict[str, list[fx.Node]] = collections.OrderedDict()
     classes: dict[str, str] = {}
     hop_layers: set[str] = set()
+    hops: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -133,16 +134,28 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
         if is_call(node, torch.ops.higher_order.tag_activation_checkpoint) or node.op == "call_function" and \
                 isinstance(node.target, torch._ops.HigherOrderOperator):
             hop_layers.add(path)
+            hops.setdefault(path, []).append(node)
             continue
         groups.setdefault(path, []).append(node)
         classes[path] = cls
+    # a layer whose attention or projections run in this graph holds any higher-order op it calls (Bloom's
+    # GELU is an autograd.Function: Dynamo traces it as a HOP with forward/backward bodies); only a layer
+    # with no such compute here lives inside its HOP's body (an activation checkpoint)
+    inline = {path for path, nodes in groups.items()
+              if any(is_call(n, *SDPA_TARGETS, *LINEAR_TARGETS) for n in nodes)}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for path in inline & set(hops):
+        groups[path] = sorted(groups[path] + hops[path], key=order.__getitem__)
     for path, nodes in groups.items():
-        if path in hop_layers:
+        if path in hop_layers and path not in inline:
             continue  # only the call of a checkpointed layer lives here; its body is a subgraph
         _add_layer(res, Layer(path=path, cls=classes[path], index=layer_index(path), gm=gm), nodes)
     if not groups and not hop_layers:
         _detect_root_layer(gm, res)
-    for name, sub, _ in subgraph_modules(gm):
+    for name, sub, get_attr in subgraph_modules(gm):
+        lo = next((layer_of(u) for u in get_attr.users), None)
+        if lo is not None and lo[0] in inline:
+            continue  # the body of an op inside an inline layer (part of one of its blocks)
         _detect_in(sub, res, where=f"{where}{name}.")
     # HOP nodes for layers whose body we did not find as a subgraph
     found = {l.path for l in res.layers} | {s.where for s in res.skips}

@@ -343,6 +343,8 @@ def probe_axis(node: fx.Node, axes: dict, fail) -> int:
             small[a] = full[a].index_select(axes[a], kept) if a in axes else full[a]
         elif isinstance(v, (bool, int, float)) and not isinstance(v, torch.SymInt):
             full[a] = small[a] = v
+        elif a.op == "get_attr" and isinstance(body := getattr(a.graph.owning_module, a.target, None), fx.GraphModule):
+            full[a] = small[a] = body  # a higher-order op's body (an autograd.Function's forward and backward)
         else:
             fail(f"unsupported op (input {a.name} is {type(v).__name__}, not a tensor or a constant)")
     if sum(t.numel() for t in full.values() if isinstance(t, torch.Tensor)) > _PROBE_MAX_NUMEL:
