@@ -339,8 +339,9 @@ def probe_axis(node: fx.Node, axes: dict, fail) -> int:
                 fail("unsupported op (an input has a size without a hint)")
             if a in axes:
                 shape[axes[a]] = _PROBE_ROWS
-            full[a] = _random(shape, v.dtype, gen)
-            small[a] = full[a].index_select(axes[a], kept) if a in axes else full[a]
+            # on the value's device: an op may only run there (a Triton kernel inside a fused Function)
+            full[a] = _random(shape, v.dtype, gen).to(v.device if v.device.type != "meta" else "cpu")
+            small[a] = full[a].index_select(axes[a], kept.to(full[a].device)) if a in axes else full[a]
         elif isinstance(v, (bool, int, float)) and not isinstance(v, torch.SymInt):
             full[a] = small[a] = v
         elif a.op == "get_attr" and isinstance(body := getattr(a.graph.owning_module, a.target, None), fx.GraphModule):
@@ -362,7 +363,7 @@ def probe_axis(node: fx.Node, axes: dict, fail) -> int:
         moved = [j for j in range(o.dim()) if o.shape[j] != p.shape[j]]
         if len(moved) != 1 or (o.shape[moved[0]], p.shape[moved[0]]) != (_PROBE_ROWS, len(_PROBE_KEPT)):
             fail("its output sizes do not follow the positions one to one")
-        if not _same(o.index_select(moved[0], kept), p):
+        if not _same(o.index_select(moved[0], kept.to(o.device)), p):
             fail("it mixes positions (the output at a position depends on other positions)")
         found.add(moved[0])
     if len(found) != 1:
@@ -402,7 +403,10 @@ def _run(node: fx.Node, env: dict[fx.Node, Any], fallback: bool = False) -> Any:
     args = fx.map_arg(node.args, arg)
     kwargs = fx.map_arg(node.kwargs, arg)
     args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)  # in-place ops
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    # manual_seed reseeds every CUDA device too: restore theirs as well, or a compile would reset the
+    # user's dropout stream
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
