@@ -70,7 +70,11 @@ CONFIG_FIXES: dict[str, dict[str, Any]] = {
     "dots1": dict(n_shared_experts=1),
     "lfm2_moe": dict(layer_types=["conv", "conv", "full_attention", "conv"]),
     "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
-    "dbrx": dict(attn_config=dict(rope_theta=10000.0)),  # modelling reads attn_config.rope_theta
+    # DBRX names its sizes d_model / n_heads / n_layers, its experts' in ffn_config, its KV heads in
+    # attn_config (whose rope_theta the modelling reads; clip_qkv=None fails in its clamp, DBRX ships 8)
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=LAYERS, max_seq_len=1024,
+                 attn_config=dict(rope_theta=10000.0, kv_n_heads=2, clip_qkv=8.0),
+                 ffn_config=dict(hidden_size=64, ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
 }
 
 
