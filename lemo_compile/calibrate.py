@@ -36,6 +36,11 @@ from .kernels import oracle
 
 FORMAT = "lemo-predictors/1"
 RULES = ("sum", "mean", "mass")
+# What `train` fits: "kl" distills the attention mass each key block receives (the dense attention's
+# block mass, normalized per chunk) into a softmax over the predictor's scores, a target tied to what
+# the kept set preserves of the model; "kept" fits the rule's top-k kept set (binary cross entropy), the
+# recall objective, which ignores how much mass a block carries.
+OBJECTIVES = ("kl", "kept")
 
 
 @dataclasses.dataclass
@@ -144,20 +149,28 @@ def kept_blocks(scores: torch.Tensor, keep: float, forced=(0,)) -> torch.Tensor:
     return out.scatter_(1, idx, True)
 
 
+def _mass_kept(cap: LayerCapture, kept: torch.Tensor) -> float:
+    """The attention mass that kept queries put on kept keys, over the kept queries' whole mass."""
+    keep2 = (kept[:, :, None] & kept[:, None, :]).float()
+    rows = cap.mass.sum(-1)  # real tokens per query block
+    mass_rows = (rows * kept.float()).sum().item()
+    return (cap.mass * keep2).sum().item() / mass_rows if mass_rows else 1.0
+
+
 def evaluate(scores: torch.Tensor, cap: LayerCapture, keep: float, rule: str, forced=(0,)) -> dict[str, float]:
     """Recall of `rule`'s kept blocks (forced blocks excluded from both sides) by the blocks `scores`
-    keep, and the attention mass that kept queries put on kept keys (tokens semantics)."""
+    keep; the attention mass that kept queries put on kept keys (tokens semantics), and that mass over
+    the one the "mass" oracle's kept set holds (its blocks receive the most attention)."""
     mine = kept_blocks(scores, keep, forced)
     ref = kept_blocks(oracle_scores(cap, rule), keep, forced)
     free = torch.ones_like(mine)
     free[:, selection.resolve_forced(forced, mine.shape[1])] = False
     hit = (mine & ref & free).sum().item()
     want = (ref & free).sum().item()
-    keep2 = (mine[:, :, None] & mine[:, None, :]).float()
-    mass_kept = (cap.mass * keep2).sum().item()
-    rows = cap.mass.sum(-1)  # real tokens per query block
-    mass_rows = (rows * mine.float()).sum().item()
-    return {"recall": hit / want if want else 1.0, "mass_kept": mass_kept / mass_rows if mass_rows else 1.0}
+    mass = _mass_kept(cap, mine)
+    oracle = _mass_kept(cap, kept_blocks(oracle_scores(cap, "mass"), keep, forced))
+    return {"recall": hit / want if want else 1.0, "mass_kept": mass,
+            "mass_vs_oracle": mass / oracle if oracle else 1.0}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -226,23 +239,37 @@ def _base_weight(linear: torch.nn.Module) -> torch.Tensor:
     return base.weight.detach()
 
 
+def _target(cap: LayerCapture, keep: float, rule: str, objective: str) -> torch.Tensor:
+    """(c, nb) what `train` fits for one layer (see OBJECTIVES)."""
+    if objective == "kl":
+        received = cap.mass.sum(-2)
+        return received / received.sum(-1, keepdim=True).clamp_min(1e-30)
+    if objective == "kept":
+        return kept_blocks(oracle_scores(cap, rule), keep).float()
+    raise ValueError(f"unknown calibration objective {objective!r}; objectives: {', '.join(OBJECTIVES)}")
+
+
 def train(pred: LowRankPredictor, caps: list[LayerCapture], keep: float, rule: str, steps: int = 200,
-          lr: float = 3e-3, progress: bool = True) -> list[float]:
-    """Fit every layer's factors to the oracle's kept set (binary cross entropy on standardized
-    scores with a learned scale and offset per layer). Returns the final loss per layer."""
+          lr: float = 3e-3, progress: bool = True, objective: str = "kl") -> list[float]:
+    """Fit every layer's factors (standardized scores with a learned scale and offset per layer) to the
+    objective: "kl", KL(received block mass || softmax of the scores) per chunk; "kept", binary cross
+    entropy against the rule's kept set at `keep`. Returns the final loss per layer."""
     from tqdm.auto import tqdm
 
-    targets = [kept_blocks(oracle_scores(c, rule), keep).float() for c in caps]
+    targets = [_target(c, keep, rule, objective) for c in caps]
     affine = torch.nn.Parameter(torch.tensor([[4.0, 0.0]] * len(caps)))
     opt = torch.optim.Adam(list(pred.parameters()) + [affine], lr=lr)
     losses = [math.nan] * len(caps)
-    for _ in tqdm(range(steps), desc="calibrate: train", disable=not progress):
+    for _ in tqdm(range(steps), desc=f"calibrate: train ({objective})", disable=not progress):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for i, cap in enumerate(caps):
             s = pred.scores(cap.layer, cap.block_means)
-            z = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + 1e-6)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(affine[i, 0] * z + affine[i, 1], targets[i])
+            z = affine[i, 0] * (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + 1e-6) + affine[i, 1]
+            if objective == "kl":
+                loss = torch.nn.functional.kl_div(z.log_softmax(-1), targets[i], reduction="batchmean")
+            else:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(z, targets[i])
             losses[i] = loss.item()
             total = total + loss
         total.backward()
@@ -332,13 +359,15 @@ def default_rank(model: torch.nn.Module) -> int:
 
 def run(model: torch.nn.Module, chunks: list[torch.Tensor], out: str, *, block: int = 64, keep: float = 0.4,
         rule: str = "mass", rank: int | None = None, steps: int = 200, held_out: list[torch.Tensor] | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, objective: str = "kl") -> dict:
     """Capture, initialize, train and save predictors for `model` to `out` (safetensors). Resumable:
     the capture (the slow part) is kept next to `out` (`out + ".capture.pt"`) and reused by a later
     call with the same model, chunks and block size. With `held_out` chunks, the report holds the
     recall and kept attention mass per layer of the training-free and trained predictors there."""
     if rule not in RULES:
         raise ValueError(f"unknown oracle rule {rule!r}; rules: {', '.join(RULES)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown calibration objective {objective!r}; objectives: {', '.join(OBJECTIVES)}")
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     rank = rank or default_rank(model)
@@ -357,8 +386,8 @@ def run(model: torch.nn.Module, chunks: list[torch.Tensor], out: str, *, block: 
         torch.save({"key": key, "caps": caps}, cache)
     free = LowRankPredictor.from_model(model, rank)
     pred = LowRankPredictor.from_model(model, rank)
-    losses = train(pred, caps, keep, rule, steps=steps, progress=progress)
-    report = {"rule": rule, "keep": keep, "rank": rank, "steps": steps, "block_size": block,
+    losses = train(pred, caps, keep, rule, steps=steps, progress=progress, objective=objective)
+    report = {"rule": rule, "objective": objective, "keep": keep, "rank": rank, "steps": steps, "block_size": block,
               "params_per_layer": pred.params_per_layer(),
               "params_over_hidden_sq": pred.params_per_layer() / fingerprint(model)["hidden_size"] ** 2,
               "train_loss": losses, "calibration_chunks": len(chunks), "tokens_per_chunk": chunks[0].shape[-1]}

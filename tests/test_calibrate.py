@@ -66,10 +66,13 @@ def test_rules_and_metrics(caps, rule):
     assert s.shape == cap.block_means.shape[:2]
     own = calibrate.evaluate(s, cap, 0.5, rule)
     assert own["recall"] == 1.0 and 0 < own["mass_kept"] <= 1.0 + 1e-6
+    if rule == "mass":  # the reference set of mass_vs_oracle
+        assert own["mass_vs_oracle"] == 1.0
     flipped = calibrate.evaluate(-s, cap, 0.5, rule)  # keeps the rule's worst blocks
-    assert flipped["recall"] < 1.0
+    assert flipped["recall"] < 1.0 and flipped["mass_vs_oracle"] < own["mass_vs_oracle"]
     everything = calibrate.evaluate(s, cap, 1.0, rule)
     assert everything["recall"] == 1.0 and abs(everything["mass_kept"] - 1.0) < 1e-5
+    assert abs(everything["mass_vs_oracle"] - 1.0) < 1e-6
 
 
 def test_lowrank_at_full_rank_is_the_pooled_predictor(model, caps):
@@ -88,11 +91,36 @@ def test_lowrank_at_full_rank_is_the_pooled_predictor(model, caps):
         calibrate.LowRankPredictor.from_model(model, att.head_dim + 1)
 
 
-def test_training_lowers_its_loss(model, caps):
+@pytest.mark.parametrize("objective", calibrate.OBJECTIVES)
+def test_training_lowers_its_loss(model, caps, objective):
     pred = calibrate.LowRankPredictor.from_model(model, 2)
-    first = calibrate.train(pred, caps, 0.5, "mass", steps=1, progress=False)
-    last = calibrate.train(pred, caps, 0.5, "mass", steps=40, progress=False)
+    first = calibrate.train(pred, caps, 0.5, "mass", steps=1, progress=False, objective=objective)
+    last = calibrate.train(pred, caps, 0.5, "mass", steps=40, progress=False, objective=objective)
     assert sum(last) < sum(first)
+
+
+def test_kl_objective_is_the_divergence_from_the_received_mass(caps):
+    """Fitting only the scale and offset, "kl" scores that are the log of each key block's received mass
+    reach a far lower loss than scores that ignore it (the loss measures that distribution)."""
+    cap = caps[1]
+    received = cap.mass.sum(-2)
+
+    class Fixed(calibrate.LowRankPredictor):
+        def __init__(self, s):
+            torch.nn.Module.__init__(self)
+            self.register_buffer("s", s)  # not trained: only train()'s scale and offset are
+
+        def scores(self, layer, block_means):
+            return self.s
+
+    def fitted(s):
+        return calibrate.train(Fixed(s), [cap], 0.5, "mass", steps=300, lr=3e-2, progress=False)[0]
+
+    exact = fitted((received / received.sum(-1, keepdim=True)).log())
+    unrelated = fitted(torch.randn(received.shape, generator=torch.Generator().manual_seed(0)))
+    assert exact < 0.25 * unrelated, (exact, unrelated)
+    with pytest.raises(ValueError, match="unknown calibration objective"):
+        calibrate.train(Fixed(received), [cap], 0.5, "mass", steps=1, progress=False, objective="recall")
 
 
 def test_file_round_trip_and_model_check(tmp_path, model):
@@ -189,7 +217,8 @@ def test_run_is_resumable_and_reports(tmp_path, model, monkeypatch):
     chunks, held = _chunks(2, 80, seed=1), _chunks(1, 80, seed=2)
     rep = calibrate.run(model, chunks, out, block=BLOCK, keep=0.5, steps=5, held_out=held, progress=False)
     assert rep["rank"] == calibrate.default_rank(model) and len(rep["held_out"]) == 4
-    assert calibrate.read_metadata(out)["rule"] == "mass"
+    assert calibrate.read_metadata(out)["rule"] == "mass" and calibrate.read_metadata(out)["objective"] == "kl"
+    assert all(row["trained"]["mass_vs_oracle"] > 0 for row in rep["held_out"])
     calls = []
     real = calibrate.capture
     monkeypatch.setattr(calibrate, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -199,6 +228,8 @@ def test_run_is_resumable_and_reports(tmp_path, model, monkeypatch):
     assert calls == [1]  # other text: captured again
     with pytest.raises(ValueError, match="unknown oracle rule"):
         calibrate.run(model, chunks, out, rule="best", progress=False)
+    with pytest.raises(ValueError, match="unknown calibration objective"):
+        calibrate.run(model, chunks, out, objective="recall", progress=False)
 
 
 def test_pooled_attention_scores_equal_pooled_qk_scores_of_a_linear_projection():
