@@ -168,7 +168,7 @@ def evaluate(scores: torch.Tensor, cap: LayerCapture, keep: float, rule: str, fo
     hit = (mine & ref & free).sum().item()
     want = (ref & free).sum().item()
     mass = _mass_kept(cap, mine)
-    oracle = _mass_kept(cap, kept_blocks(oracle_scores(cap, "mass"), keep, forced))
+    oracle = _mass_kept(cap, ref if rule == "mass" else kept_blocks(oracle_scores(cap, "mass"), keep, forced))
     return {"recall": hit / want if want else 1.0, "mass_kept": mass,
             "mass_vs_oracle": mass / oracle if oracle else 1.0}
 

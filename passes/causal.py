@@ -182,7 +182,7 @@ def _why_not_causal_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.N
 
 
 def nodes_as_module(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node, inputs: tuple = (),
-              fixed: dict | None = None, band: tuple | None = None) -> fx.GraphModule:
+                    fixed: dict | None = None, band: tuple | None = None) -> fx.GraphModule:
     """`nodes` (ancestors of `out`, in graph order) as a module of (*inputs[, band positions]): nodes in
     `fixed` become those constants; with band = (arange, rows of _propagate_rows) that arange becomes
     the last argument and the expands along the row axis keep the band's own row count."""
@@ -299,7 +299,7 @@ def _propagate_rows(nodes: list[fx.Node], start: fx.Node, n: int) -> dict[fx.Nod
 
 
 def row_bands(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node, n: int, inputs: tuple = (),
-               fixed: dict | None = None):
+              fixed: dict | None = None):
     """A function (r0, rows, *input values) -> mask[..., r0:r0 + rows, :], computed without the rest of
     the mask, or None when no arange of the subgraph indexes the mask's rows row-locally. `inputs` and
     `fixed` as in nodes_as_module."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
-import math
 import dataclasses
+import math
 import operator
 import re
 from typing import Any, Iterable

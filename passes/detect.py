@@ -122,8 +122,7 @@ def detect(gm: fx.GraphModule) -> DetectResult:
 def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
     groups: dict[str, list[fx.Node]] = collections.OrderedDict()
     classes: dict[str, str] = {}
-    hop_layers: set[str] = set()
-    hops: dict[str, list[fx.Node]] = {}
+    hops: dict[str, list[fx.Node]] = {}  # layer path -> its higher-order op calls here
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -133,7 +132,6 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
         path, cls, _ = lo
         if is_call(node, torch.ops.higher_order.tag_activation_checkpoint) or node.op == "call_function" and \
                 isinstance(node.target, torch._ops.HigherOrderOperator):
-            hop_layers.add(path)
             hops.setdefault(path, []).append(node)
             continue
         groups.setdefault(path, []).append(node)
@@ -147,10 +145,10 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
     for path in inline & set(hops):
         groups[path] = sorted(groups[path] + hops[path], key=order.__getitem__)
     for path, nodes in groups.items():
-        if path in hop_layers and path not in inline:
+        if path in hops and path not in inline:
             continue  # only the call of a checkpointed layer lives here; its body is a subgraph
         _add_layer(res, Layer(path=path, cls=classes[path], index=layer_index(path), gm=gm), nodes)
-    if not groups and not hop_layers:
+    if not groups and not hops:
         _detect_root_layer(gm, res)
     for name, sub, get_attr in subgraph_modules(gm):
         lo = next((layer_of(u) for u in get_attr.users), None)
@@ -159,7 +157,7 @@ def _detect_in(gm: fx.GraphModule, res: DetectResult, where: str) -> None:
         _detect_in(sub, res, where=f"{where}{name}.")
     # HOP nodes for layers whose body we did not find as a subgraph
     found = {l.path for l in res.layers} | {s.where for s in res.skips}
-    for path in hop_layers - set(groups):
+    for path in set(hops) - set(groups):
         if path not in found and not any(l.path == path for l in res.layers):
             res.skip("opaque_layer", path, "decoder layer hidden inside a higher-order op whose body "
                      "could not be inspected")
